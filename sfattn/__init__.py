@@ -1,0 +1,1 @@
+"""sfattn: sequence-parallel attention for Diffusion Transformer inference, over oneside."""

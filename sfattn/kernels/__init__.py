@@ -1,0 +1,1 @@
+"""Attention kernels: fused multi-block flash-attention forward (CuPy raw CUDA)."""
