@@ -1,0 +1,368 @@
+"""The runtime: one per process, between ``oneside.init()`` and ``finalize()``."""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from .bootstrap import Placement, parse_size, placement
+from .errors import NotInitializedError, OnesideError
+from .heap import ALIGN, Allocator, SymArray, dtype_name, itemsize
+from .mesh import Mesh, Team
+
+_SIGNAL_OPS = ("set", "add")
+_CMPS = ("eq", "ne", "gt", "ge", "lt", "le")
+BARRIER_SLOTS = 128
+_current: "Runtime | None" = None
+
+
+class TransferBatch:
+    """Many transfers of one kind (``'put'`` or ``'get'``), validated and packed once.
+
+    Build it at plan time with :meth:`Runtime.batch` and issue it per layer with
+    :meth:`issue`: the hot path is one backend call.
+    """
+
+    __slots__ = ("rt", "kind", "count", "nbytes", "_handle")
+
+    def __init__(self, rt: "Runtime", kind: str, handle: Any, count: int, nbytes: int):
+        self.rt, self.kind, self._handle, self.count, self.nbytes = rt, kind, handle, count, nbytes
+
+    def issue(self, stream: Any = None, nbi: bool = False) -> None:
+        """Start every transfer on ``stream`` (complete in stream order unless ``nbi``)."""
+        self.rt._check_open()
+        self.rt.backend.issue(self._handle, stream, nbi)
+
+
+class Runtime:
+    """Symmetric heap, transfers, signals and barriers of one rank.
+
+    Create it with :func:`oneside.init`. Collective calls (``alloc``, ``free``,
+    ``barrier_all``, ``finalize``) must be made by every rank in the same order.
+    """
+
+    def __init__(self, backend: Any, place: Placement, timeout: float):
+        self.backend, self.place, self.timeout = backend, place, timeout
+        self.rank, self.world_size = place.rank, place.world_size
+        self.mesh = Mesh(place.machines, place.world_size // place.machines)
+        self.world = self.mesh.world
+        self._open = True
+        self._epochs: dict[int, int] = {}
+        self._slot_team: dict[int, tuple[int, ...]] = {}
+        # Reserved area at the start of the arena: barrier rows, then the alloc check table.
+        self._barrier_bytes = BARRIER_SLOTS * self.world_size * 8
+        self._check_off = self._barrier_bytes
+        reserved = self._check_off + self.world_size * 32
+        reserved = -(-reserved // 4096) * 4096
+        if reserved >= backend.heap_size:
+            raise OnesideError(f"heap_size={backend.heap_size}: too small, need more than {reserved} bytes")
+        self.alloc_seq = 0
+        self._allocator = Allocator(reserved, backend.heap_size - reserved)
+        self._check_area = SymArray(self, self._check_off, (self.world_size, 4), "uint64", -1)
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def heap_size(self) -> int:
+        return self._allocator.size
+
+    @property
+    def heap_used(self) -> int:
+        return self._allocator.used
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise NotInitializedError("oneside runtime was finalized; call oneside.init() again")
+
+    def _check_live(self, a: SymArray) -> None:
+        self._check_open()
+        if a.rt is not self:
+            raise OnesideError(f"{a!r} belongs to another (finalized?) oneside runtime")
+        if a.alloc_offset >= 0 and a.alloc_offset not in self._allocator._used:
+            raise OnesideError(f"{a!r} was freed")
+
+    def _pe(self, pe: int, what: str = "pe") -> int:
+        if not isinstance(pe, (int, np.integer)) or not 0 <= pe < self.world_size:
+            raise ValueError(f"{what}={pe!r}: out of range, expected 0 <= {what} < {self.world_size}")
+        return int(pe)
+
+    def _sym(self, a: Any, what: str) -> SymArray:
+        if not isinstance(a, SymArray):
+            raise TypeError(
+                f"{what}: expected a SymArray on the symmetric heap (from rt.alloc()), got "
+                f"{type(a).__name__}; remote memory must be symmetric")
+        self._check_live(a)
+        return a
+
+    def _local(self, a: Any, what: str) -> tuple[int, int]:
+        if isinstance(a, SymArray):
+            self._check_live(a)
+            return a.ptr, a.nbytes
+        return self.backend.buffer_info(a, what)
+
+    # -- heap -------------------------------------------------------------------------
+    def alloc(self, shape: int | Sequence[int], dtype: Any = "float32", check: bool = True) -> SymArray:
+        """Collective: a symmetric array of ``shape`` and ``dtype`` (contents undefined).
+
+        With ``check`` (default), the ranks compare (sequence, offset, size) and raise if
+        they did not all make the same allocation.
+        """
+        self._check_open()
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise ValueError(f"shape={shape}: sizes must be >= 0")
+        name = dtype_name(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize(name)
+        off = self._allocator.alloc(nbytes)
+        self.alloc_seq += 1
+        if check:
+            try:
+                self._check_symmetric("alloc", off, nbytes)
+            except Exception:
+                self._allocator.free(off)
+                raise
+        return SymArray(self, off, shape, name, off)
+
+    def free(self, a: SymArray) -> None:
+        """Collective: return ``a``'s allocation (``a`` must be the array ``alloc`` gave)."""
+        self._sym(a, "a")
+        if a.offset != a.alloc_offset:
+            raise ValueError("free(a): a is a view; free the array that alloc() returned")
+        self._allocator.free(a.alloc_offset)
+
+    def _check_symmetric(self, what: str, off: int, nbytes: int) -> None:
+        if self.world_size == 1:
+            return
+        mine = np.array([self.alloc_seq, off, nbytes, 0x5EED], dtype=np.uint64)
+        row = self._check_area[self.rank]
+        self.backend.upload(row.local, mine)
+        others = [p for p in range(self.world_size) if p != self.rank]
+        self.batch("put", [(row, p, row) for p in others]).issue()
+        self.barrier_all()
+        self.backend.sync()
+        table = self.backend.download(self._check_area.local)
+        for p in others:
+            if tuple(table[p]) != tuple(mine):
+                seq, poff, pn, magic = (int(x) for x in table[p])
+                raise OnesideError(
+                    f"{what} is not symmetric: rank {p} made allocation #{seq} of {pn} bytes at offset "
+                    f"{poff}, rank {self.rank} made #{int(mine[0])} of {nbytes} bytes at {off}; every rank "
+                    f"must allocate the same sizes in the same order")
+        self.barrier_all()  # nobody overwrites the table before everyone has read it
+
+    # -- transfers --------------------------------------------------------------------
+    def batch(self, kind: str, transfers: Sequence[tuple[Any, int, Any]],
+              signal: SymArray | None = None, signal_value: int = 1, signal_op: str = "add") -> TransferBatch:
+        """Validate and pack many transfers for repeated issue.
+
+        ``kind='put'``: each transfer is ``(src_local, pe, dst_sym)``: push local memory
+        into ``dst_sym`` on rank ``pe`` (a ScatterPush). ``kind='get'``: each is
+        ``(dst_local, pe, src_sym)``: pull ``src_sym`` from rank ``pe`` (a GatherPull).
+        Local sides may be SymArrays, numpy/CuPy arrays or torch tensors (contiguous).
+        With ``signal`` (puts only), each transfer also applies ``signal_op`` with
+        ``signal_value`` to ``signal`` on its target after its data has landed.
+        """
+        self._check_open()
+        if kind not in ("put", "get"):
+            raise ValueError(f"kind={kind!r}: expected 'put' or 'get'")
+        local, offs, sizes, pes = [], [], [], []
+        for i, t in enumerate(transfers):
+            if len(t) != 3:
+                raise ValueError(f"transfers[{i}]: expected (local, pe, sym), got {len(t)} items")
+            loc, pe, sym = t
+            pe = self._pe(pe, f"transfers[{i}] pe")
+            sym = self._sym(sym, f"transfers[{i}] {'dst' if kind == 'put' else 'src'}")
+            ptr, n = self._local(loc, f"transfers[{i}] {'src' if kind == 'put' else 'dst'}")
+            if n != sym.nbytes:
+                raise ValueError(f"transfers[{i}]: size mismatch, local side has {n} bytes, "
+                                 f"symmetric side {sym.nbytes}")
+            local.append(ptr)
+            offs.append(sym.offset)
+            sizes.append(n)
+            pes.append(pe)
+        sig = None
+        if signal is not None:
+            if kind != "put":
+                raise ValueError("signal: only puts carry a signal (a get completes locally)")
+            sig = (self._signal(signal), int(signal_value), self._op(signal_op))
+        handle = self.backend.prepare(kind, local, offs, sizes, pes, sig)
+        return TransferBatch(self, kind, handle, len(local), sum(sizes))
+
+    def scatter_push(self, transfers: Sequence[tuple[Any, int, SymArray]], stream: Any = None,
+                     signal: SymArray | None = None, signal_value: int = 1, signal_op: str = "add",
+                     nbi: bool = False) -> None:
+        """Push many ``(src_local, pe, dst_sym)`` transfers in one call (see :meth:`batch`)."""
+        self.batch("put", transfers, signal, signal_value, signal_op).issue(stream, nbi)
+
+    def gather_pull(self, transfers: Sequence[tuple[Any, int, SymArray]], stream: Any = None,
+                    nbi: bool = False) -> None:
+        """Pull many ``(dst_local, pe, src_sym)`` transfers in one call (see :meth:`batch`)."""
+        self.batch("get", transfers).issue(stream, nbi)
+
+    def put(self, dst: SymArray, src: Any, pe: int, stream: Any = None, nbi: bool = False) -> None:
+        """Copy local ``src`` into ``dst`` on rank ``pe``."""
+        self.batch("put", [(src, pe, dst)]).issue(stream, nbi)
+
+    def get(self, dst: Any, src: SymArray, pe: int, stream: Any = None, nbi: bool = False) -> None:
+        """Copy ``src`` on rank ``pe`` into local ``dst``."""
+        self.batch("get", [(dst, pe, src)]).issue(stream, nbi)
+
+    def put_signal(self, dst: SymArray, src: Any, pe: int, signal: SymArray, value: int = 1,
+                   op: str = "add", stream: Any = None, nbi: bool = False) -> None:
+        """Put, then update ``signal`` on ``pe`` once the data is visible there."""
+        self.batch("put", [(src, pe, dst)], signal, value, op).issue(stream, nbi)
+
+    def _signal(self, signal: SymArray) -> int:
+        s = self._sym(signal, "signal")
+        if s.dtype != "uint64" or s.size != 1:
+            raise ValueError(f"signal: expected one uint64 element of the heap, got {s!r}")
+        return s.offset
+
+    @staticmethod
+    def _op(op: str) -> str:
+        if op not in _SIGNAL_OPS:
+            raise ValueError(f"op={op!r}: expected one of {_SIGNAL_OPS}")
+        return op
+
+    def signal_op(self, signal: SymArray, value: int, pe: int, op: str = "set", stream: Any = None) -> None:
+        """Set or add ``value`` to ``signal`` on rank ``pe``."""
+        self._check_open()
+        self.backend.signal_op(self._signal(signal), int(value), self._op(op), self._pe(pe), stream)
+
+    def signal_wait(self, signal: SymArray, value: int, cmp: str = "ge", stream: Any = None,
+                    timeout: float | None = None) -> None:
+        """Wait until the local ``signal`` compares ``cmp`` to ``value``.
+
+        With a GPU ``stream`` the wait is enqueued on it; with ``stream=None`` the host
+        waits (and raises :class:`CommTimeoutError` after ``timeout`` seconds).
+        """
+        self._check_open()
+        if cmp not in _CMPS:
+            raise ValueError(f"cmp={cmp!r}: expected one of {_CMPS}")
+        self.backend.signal_wait(self._signal(signal), cmp, int(value), stream, timeout)
+
+    def quiet(self, stream: Any = None) -> None:
+        """Complete every transfer this rank issued on ``stream`` (nbi ones included)."""
+        self._check_open()
+        self.backend.quiet(stream)
+
+    def barrier(self, team: Team, stream: Any = None, timeout: float | None = None) -> None:
+        """Barrier over ``team``: prior transfers of each member are complete and visible."""
+        self._check_open()
+        if not isinstance(team, Team):
+            raise TypeError(f"team: expected a oneside.Team, got {type(team).__name__}")
+        for r in team.ranks:
+            self._pe(r, "team rank")
+        me = team.index(self.rank)
+        if team.size == 1:
+            return
+        slot = team.slot % BARRIER_SLOTS
+        owner = self._slot_team.setdefault(slot, team.ranks)
+        if owner != team.ranks:
+            raise OnesideError(f"teams {owner} and {team.ranks} share barrier slot {slot} on rank "
+                               f"{self.rank}; use one of them or reorder its ranks")
+        epoch = self._epochs.get(slot, 0) + 1
+        self._epochs[slot] = epoch
+        self.backend.barrier(slot * self.world_size * 8, team.ranks, me, epoch, stream, timeout)
+
+    def barrier_all(self, stream: Any = None, timeout: float | None = None) -> None:
+        self.barrier(self.world, stream, timeout)
+
+    def sync(self, stream: Any = None) -> None:
+        """Block the host until ``stream`` (GPU) has finished; a no-op on the host backend."""
+        self.backend.sync(stream)
+
+    def close(self, failed: bool = False) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self.backend.close(failed=failed)
+
+
+def init(backend: str | None = None, heap_size: int | str | None = None, *, rank: int | None = None,
+         world_size: int | None = None, local_rank: int | None = None, machines: int | None = None,
+         job: str | None = None, timeout: float | None = None, device: int | None = None) -> Runtime:
+    """Start this rank's runtime (collective over all ranks).
+
+    ``backend``: ``'host'`` (CPU processes sharing memory), ``'nvshmem'`` (GPUs) or None
+    for ``$ONESIDE_BACKEND``, else nvshmem when a GPU and NVSHMEM are usable, else host.
+    Rank and sizes come from the arguments, else torchrun/mpirun/``oneside.launch``
+    variables; ``machines`` (or ``$ONESIDE_MACHINES``) splits the ranks into a
+    ``machines x gpus_per_machine`` mesh. ``heap_size`` (default ``$ONESIDE_HEAP_SIZE`` or
+    256 MiB) is the symmetric arena per rank; ``timeout`` (default ``$ONESIDE_TIMEOUT`` or
+    120 s) bounds every host-side wait.
+    """
+    global _current
+    if _current is not None and _current._open:
+        raise OnesideError("oneside.init: already initialized in this process; call finalize() first")
+    place = placement(rank, world_size, local_rank, machines, job)
+    size = parse_size(heap_size if heap_size is not None else os.environ.get("ONESIDE_HEAP_SIZE", "256MiB"))
+    if timeout is None:
+        timeout = float(os.environ.get("ONESIDE_TIMEOUT", "120"))
+    if timeout <= 0:
+        raise ValueError(f"timeout={timeout}: expected a positive number of seconds")
+    name = backend or os.environ.get("ONESIDE_BACKEND") or _default_backend()
+    if name == "host":
+        from .backends.host import HostBackend
+
+        be = HostBackend(place.rank, place.world_size, size, place.job, timeout)
+    elif name == "nvshmem":
+        from .backends.nvshmem import NvshmemBackend
+
+        be = NvshmemBackend(place, size, timeout, device)
+    else:
+        raise ValueError(f"backend={name!r}: expected 'host' or 'nvshmem'")
+    rt = Runtime(be, place, timeout)
+    _current = rt
+    try:
+        rt.barrier_all()
+        if hasattr(be, "after_rendezvous"):
+            be.after_rendezvous()
+    except BaseException:
+        rt.close(failed=True)
+        _current = None
+        raise
+    return rt
+
+
+def _default_backend() -> str:
+    from .backends import nvshmem_available
+
+    return "nvshmem" if nvshmem_available() else "host"
+
+
+def current() -> Runtime:
+    """The runtime of this process (NotInitializedError before init / after finalize)."""
+    if _current is None or not _current._open:
+        raise NotInitializedError("oneside is not initialized: call oneside.init() first")
+    return _current
+
+
+def finalize(failed: bool = False) -> None:
+    """Free the heap and leave (collective on success; safe to call twice or on error)."""
+    global _current
+    rt, _current = _current, None
+    if rt is None or not rt._open:
+        return
+    try:
+        if not failed:
+            rt.barrier_all()
+    finally:
+        rt.close(failed=failed)
+
+
+def _at_exit() -> None:
+    """At interpreter exit without finalize(): release without a barrier (peers may be gone)."""
+    global _current
+    rt, _current = _current, None
+    if rt is not None and rt._open:
+        rt.close(failed=True)
+
+
+atexit.register(_at_exit)
