@@ -24,9 +24,10 @@ def parse_size(value: int | str, what: str = "heap_size") -> int:
         s = str(value).strip().upper().replace(" ", "")
         num = s.rstrip("KMGIB")
         unit = s[len(num):]
-        if unit not in _UNITS or not num:
-            raise ValueError(f"{what}={value!r}: expected bytes or a size like '256MiB'")
-        n = int(float(num) * _UNITS[unit])
+        try:
+            n = int(float(num) * _UNITS[unit])
+        except (KeyError, ValueError):
+            raise ValueError(f"{what}={value!r}: expected bytes or a size like '256MiB'") from None
     if n <= 0:
         raise ValueError(f"{what}={value!r}: expected a positive size")
     return n

@@ -142,26 +142,28 @@ class SymArray:
         strides = [self.itemsize] * self.ndim
         for d in range(self.ndim - 2, -1, -1):
             strides[d] = strides[d + 1] * self.shape[d + 1]
-        off, shape, partial = self.offset, [], False
+        # The window stays contiguous iff, once an axis of length > 1 is kept, every later
+        # indexed axis is kept whole.
+        off, shape, kept = self.offset, [], False
         for d, ix in enumerate(idx):
             n = self.shape[d]
             if isinstance(ix, (int, np.integer)):
                 i = int(ix) + (n if ix < 0 else 0)
                 if not 0 <= i < n:
                     raise IndexError(f"index {ix} out of range for axis {d} of size {n}")
-                if partial:
-                    raise IndexError("SymArray views must stay contiguous: integer index after a partial slice")
+                if kept:
+                    raise IndexError(f"SymArray views must stay contiguous: integer index on axis {d} after a kept axis")
                 off += i * strides[d]
             elif isinstance(ix, slice):
                 start, stop, step = ix.indices(n)
                 if step != 1:
                     raise IndexError("SymArray views must stay contiguous: slice step must be 1")
                 length = max(0, stop - start)
-                if partial and length != n:
-                    raise IndexError("SymArray views must stay contiguous: partial slice after a partial slice")
+                if kept and length != n:
+                    raise IndexError(f"SymArray views must stay contiguous: partial slice on axis {d} after a kept axis")
                 off += start * strides[d]
                 shape.append(length)
-                partial = partial or length != n
+                kept = kept or length > 1
             else:
                 raise TypeError(f"SymArray index: expected int or slice, got {type(ix).__name__}")
         shape.extend(self.shape[len(idx):])

@@ -143,9 +143,9 @@ class Runtime:
         row = self._check_area[self.rank]
         self.backend.upload(row.local, mine)
         others = [p for p in range(self.world_size) if p != self.rank]
-        self.batch("put", [(row, p, row) for p in others]).issue()
+        self.batch("put", [(row, p, row) for p in others], engine="ce").issue()
         self.barrier_all()
-        self.backend.sync()
+        self.sync()
         table = self.backend.download(self._check_area.local)
         for p in others:
             if tuple(table[p]) != tuple(mine):
@@ -157,8 +157,8 @@ class Runtime:
         self.barrier_all()  # nobody overwrites the table before everyone has read it
 
     # -- transfers --------------------------------------------------------------------
-    def batch(self, kind: str, transfers: Sequence[tuple[Any, int, Any]],
-              signal: SymArray | None = None, signal_value: int = 1, signal_op: str = "add") -> TransferBatch:
+    def batch(self, kind: str, transfers: Sequence[tuple[Any, int, Any]], signal: SymArray | None = None,
+              signal_value: int = 1, signal_op: str = "add", engine: str | None = None) -> TransferBatch:
         """Validate and pack many transfers for repeated issue.
 
         ``kind='put'``: each transfer is ``(src_local, pe, dst_sym)``: push local memory
@@ -191,7 +191,7 @@ class Runtime:
             if kind != "put":
                 raise ValueError("signal: only puts carry a signal (a get completes locally)")
             sig = (self._signal(signal), int(signal_value), self._op(signal_op))
-        handle = self.backend.prepare(kind, local, offs, sizes, pes, sig)
+        handle = self.backend.prepare(kind, local, offs, sizes, pes, sig, engine)
         return TransferBatch(self, kind, handle, len(local), sum(sizes))
 
     def scatter_push(self, transfers: Sequence[tuple[Any, int, SymArray]], stream: Any = None,
@@ -274,9 +274,13 @@ class Runtime:
     def barrier_all(self, stream: Any = None, timeout: float | None = None) -> None:
         self.barrier(self.world, stream, timeout)
 
-    def sync(self, stream: Any = None) -> None:
-        """Block the host until ``stream`` (GPU) has finished; a no-op on the host backend."""
-        self.backend.sync(stream)
+    def sync(self, stream: Any = None, timeout: float | None = None) -> None:
+        """Block the host until ``stream`` (GPU; None: the current stream) has finished.
+
+        Raises :class:`CommTimeoutError` after ``timeout`` seconds; a no-op on the host backend.
+        """
+        self._check_open()
+        self.backend.sync(stream, timeout)
 
     def close(self, failed: bool = False) -> None:
         if not self._open:
@@ -322,6 +326,7 @@ def init(backend: str | None = None, heap_size: int | str | None = None, *, rank
     _current = rt
     try:
         rt.barrier_all()
+        rt.sync()
         if hasattr(be, "after_rendezvous"):
             be.after_rendezvous()
     except BaseException:
@@ -353,6 +358,7 @@ def finalize(failed: bool = False) -> None:
     try:
         if not failed:
             rt.barrier_all()
+            rt.sync()
     finally:
         rt.close(failed=failed)
 

@@ -216,7 +216,7 @@ class HostBackend:
 
     # -- transfers --------------------------------------------------------------------
     def prepare(self, kind: str, local: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
-                pes: Sequence[int], signal: tuple[int, int, str] | None):
+                pes: Sequence[int], signal: tuple[int, int, str] | None, engine: str | None = None):
         remote = [self.bases[p] + o for p, o in zip(pes, offsets)]
         if kind == "put":
             ops = list(zip(remote, local, nbytes))
@@ -296,7 +296,7 @@ class HostBackend:
             self.check_peers(late)
             backoff()
 
-    def sync(self, stream: Any = None) -> None:
+    def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         pass
 
     def close(self, failed: bool = False) -> None:

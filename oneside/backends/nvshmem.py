@@ -1,0 +1,314 @@
+"""NVSHMEM backend: GPUs, one symmetric arena from nvshmem4py, transfers through the native shim.
+
+Bootstrap: NVSHMEM's unique-id init, the id handed from rank 0 to the others through a
+``torch.distributed.TCPStore`` at MASTER_ADDR/MASTER_PORT (or mpi4py's broadcast when no
+master address is set). The arena is one ``nvshmem.core.buffer``; views of it are CuPy
+arrays and torch tensors with no copy. Two copy engines are available for batches:
+
+* ``ce`` - one ``nvshmemx_{put,get}mem[_nbi]_on_stream`` per transfer, all issued by one
+  native call (NVLink peers: DMA copy engines; other peers: NVSHMEM's proxy/network);
+* ``sm`` - one CUDA kernel that copies every transfer of the batch through the peers'
+  mapped addresses (``nvshmem_ptr``), for many small transfers between NVLink peers.
+
+``auto`` (default, or ``$ONESIDE_ENGINE``) picks ``sm`` for batches of several small
+transfers when every peer of the batch is NVLink-mapped, else ``ce``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..bootstrap import Placement
+from ..errors import CommTimeoutError, OnesideError
+
+_OPS = {"set": 0, "add": 1}
+_CMPS = {"eq": 0, "ne": 1, "gt": 2, "ge": 3, "lt": 4, "le": 5}
+SM_MAX_AVG_BYTES = 1 << 20  # auto engine: sm when the average transfer is at most this
+SM_MIN_COUNT = 4
+
+_COPY_KERNEL = r"""
+extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, const unsigned long long *src,
+                                              const unsigned long long *nbytes) {
+    const int i = blockIdx.y;
+    char *d = reinterpret_cast<char *>(dst[i]);
+    const char *s = reinterpret_cast<const char *>(src[i]);
+    const unsigned long long n = nbytes[i];
+    const unsigned long long start = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    if (((reinterpret_cast<unsigned long long>(d) | reinterpret_cast<unsigned long long>(s) | n) & 15ull) == 0) {
+        uint4 *d4 = reinterpret_cast<uint4 *>(d);
+        const uint4 *s4 = reinterpret_cast<const uint4 *>(s);
+        for (unsigned long long k = start; k < n / 16; k += step) d4[k] = s4[k];
+    } else {
+        for (unsigned long long k = start; k < n; k += step) d[k] = s[k];
+    }
+}
+"""
+
+
+def _device_of(place: Placement, device: int | None, ndev: int) -> int:
+    if device is None:
+        device = int(os.environ.get("ONESIDE_DEVICE", os.environ.get("ONESIDE_HOST_RANK", place.local_rank)))
+    return device % ndev
+
+
+class NvshmemBackend:
+    name = "nvshmem"
+    is_gpu = True
+
+    def __init__(self, place: Placement, heap_size: int, timeout: float, device: int | None = None):
+        import cupy
+
+        try:
+            import nvshmem.core as nv
+        except ImportError as e:
+            raise OnesideError("backend='nvshmem' needs nvshmem4py (pip install nvshmem4py-cu13)") from e
+        try:
+            from cuda.core import Device
+        except ImportError:  # older cuda-core
+            from cuda.core.experimental import Device
+        from .. import native
+
+        for k, v in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+            os.environ.setdefault(k, v)
+        self.cp, self.nv = cupy, nv
+        self.rank, self.world_size, self.heap_size, self.timeout = place.rank, place.world_size, heap_size, timeout
+        self.device = _device_of(place, device, cupy.cuda.runtime.getDeviceCount())
+        cupy.cuda.Device(self.device).use()
+        self._torch_set_device()
+        self._dev = Device(self.device)
+        self._dev.set_current()
+        self._store = None
+        self.mod = native.load()  # build before init: a failed build must not leave NVSHMEM half up
+        self.lib, self.ffi = self.mod.lib, self.mod.ffi
+        uid = self._exchange_uid(place)
+        nv.init(device=self._dev, uid=uid, rank=place.rank, nranks=place.world_size, initializer_method="uid")
+        if self.lib.os_my_pe() != place.rank or self.lib.os_n_pes() != place.world_size:
+            raise OnesideError("native shim and nvshmem4py see different NVSHMEM instances "
+                               f"(pe {self.lib.os_my_pe()}/{self.lib.os_n_pes()} vs rank {place.rank}/{place.world_size})")
+        self._buf = nv.buffer(heap_size)
+        self.heap_base = int(self._buf.handle)
+        cupy.cuda.runtime.memset(self.heap_base, 0, heap_size)
+        cupy.cuda.runtime.deviceSynchronize()
+        self.peer_base = [int(self.lib.os_ptr(self.heap_base, pe)) for pe in range(self.world_size)]
+        self._internal = cupy.cuda.Stream(non_blocking=True)
+        self._ext_streams: dict[int, Any] = {}
+        self._copy = cupy.RawKernel(_COPY_KERNEL, "oneside_copy_batch")
+        self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
+        self._store_barrier("heap-ready")  # every arena is zeroed before anyone signals into it
+
+    # -- bootstrap --------------------------------------------------------------------
+    def _torch_set_device(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.device)
+        except ImportError:
+            pass
+
+    def _exchange_uid(self, place: Placement):
+        nv = self.nv
+        if place.world_size == 1:
+            return nv.get_unique_id()
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            from datetime import timedelta
+
+            from torch.distributed import TCPStore
+
+            port = int(os.environ["MASTER_PORT"]) + int(os.environ.get("ONESIDE_PORT_OFFSET", "1"))
+            self._store = TCPStore(os.environ["MASTER_ADDR"], port, place.world_size, place.rank == 0,
+                                   timedelta(seconds=self.timeout))
+            key = f"oneside/{place.job}/uid"
+            if place.rank == 0:
+                uid = nv.get_unique_id()
+                self._store.set(key, uid._data.view(np.uint8).tobytes())
+            else:
+                uid = nv.get_unique_id(empty=True)
+                uid._data.view(np.uint8)[:] = np.frombuffer(self._store.get(key), np.uint8)
+            return uid
+        from mpi4py import MPI
+
+        uid = nv.get_unique_id(empty=place.rank != 0)
+        if place.rank == 0:
+            uid = nv.get_unique_id()
+        MPI.COMM_WORLD.Bcast(uid._data.view(np.int8), root=0)
+        return uid
+
+    def _store_barrier(self, name: str) -> None:
+        if self._store is None:
+            if self.world_size > 1:
+                from mpi4py import MPI
+
+                MPI.COMM_WORLD.Barrier()
+            return
+        key = f"oneside/{name}"
+        self._store.add(key, 1)
+        deadline = time.monotonic() + self.timeout
+        while self._store.add(key, 0) < self.world_size:
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(f"oneside.init: not every rank reached '{name}' within {self.timeout:.0f} s")
+            time.sleep(0.001)
+
+    # -- memory -----------------------------------------------------------------------
+    def local_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        cp = self.cp
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        mem = cp.cuda.UnownedMemory(self.heap_base + offset, max(n, 1), self, self.device)
+        return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+
+    @staticmethod
+    def torch_tensor(local):
+        import torch
+
+        return torch.from_dlpack(local)
+
+    @staticmethod
+    def upload(local, values: np.ndarray) -> None:
+        local.set(values)
+
+    @staticmethod
+    def download(local) -> np.ndarray:
+        return local.get()
+
+    def buffer_info(self, obj: Any, what: str) -> tuple[int, int]:
+        cp = self.cp
+        if isinstance(obj, cp.ndarray):
+            if not obj.flags.c_contiguous:
+                raise ValueError(f"{what}: expected a C-contiguous array, got strides {obj.strides}")
+            return obj.data.ptr, obj.nbytes
+        if type(obj).__module__.startswith("torch"):
+            if obj.device.type != "cuda":
+                raise ValueError(f"{what}: the nvshmem backend needs GPU memory, got a tensor on {obj.device}")
+            if not obj.is_contiguous():
+                raise ValueError(f"{what}: expected a contiguous tensor, got strides {obj.stride()}")
+            return obj.data_ptr(), obj.numel() * obj.element_size()
+        if isinstance(obj, np.ndarray):
+            raise TypeError(f"{what}: the nvshmem backend needs GPU memory, got a numpy array")
+        raise TypeError(f"{what}: expected a CuPy array, torch tensor or SymArray, got {type(obj).__name__}")
+
+    # -- streams ----------------------------------------------------------------------
+    def stream_handle(self, stream: Any) -> int:
+        if stream is None:
+            return self._current_stream()
+        if isinstance(stream, int):
+            return stream
+        for attr in ("cuda_stream", "ptr", "handle"):
+            h = getattr(stream, attr, None)
+            if h is not None:
+                return int(h)
+        raise TypeError(f"stream: expected a torch/CuPy/cuda.core stream or a cudaStream_t int, got {type(stream).__name__}")
+
+    def _current_stream(self) -> int:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            return int(torch.cuda.current_stream().cuda_stream)
+        return int(self.cp.cuda.get_current_stream().ptr)
+
+    def _cupy_stream(self, handle: int):
+        s = self._ext_streams.get(handle)
+        if s is None:
+            s = self._ext_streams[handle] = self.cp.cuda.ExternalStream(handle, self.device)
+        return s
+
+    def _wait_host(self, handle: int, what: str, timeout: float | None) -> None:
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record(self._cupy_stream(handle))
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        n = 0
+        while not ev.done:
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(f"{what}: GPU stream still blocked after {timeout:.1f} s "
+                                       "(a peer never signalled); this runtime cannot be used further")
+            n += 1
+            if n > 100:
+                time.sleep(min(1e-3, 1e-5 * n))
+
+    # -- transfers --------------------------------------------------------------------
+    def prepare(self, kind: str, local: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
+                pes: Sequence[int], signal: tuple[int, int, str] | None, engine: str | None = None):
+        n = len(local)
+        engine = engine or self.engine
+        if engine not in ("auto", "ce", "sm"):
+            raise ValueError(f"engine={engine!r}: expected 'auto', 'ce' or 'sm'")
+        mapped = all(self.peer_base[p] for p in pes)
+        if engine == "sm" and not mapped:
+            raise OnesideError(f"engine='sm': some of ranks {sorted(set(pes))} are not mapped into this GPU (no NVLink/P2P)")
+        if engine == "auto":
+            engine = "sm" if (mapped and signal is None and n >= SM_MIN_COUNT
+                              and sum(nbytes) <= SM_MAX_AVG_BYTES * n) else "ce"
+        if engine == "sm" and signal is not None:
+            raise ValueError("engine='sm' does not carry signals; use engine='ce' or signal after the batch")
+        loc = np.asarray(local, np.uint64)
+        size = np.asarray(nbytes, np.uint64)
+        if engine == "sm":
+            remote = np.asarray([self.peer_base[p] + o for p, o in zip(pes, offsets)], np.uint64)
+            dst, src = (remote, loc) if kind == "put" else (loc, remote)
+            desc = self.cp.asarray(np.stack([dst, src, size]))
+            per = int(size.max()) if n else 0
+            blocks = max(1, min(64, -(-per // (16 * 256))))
+            return ("sm", desc, (blocks, n, 1), n)
+        sym = np.asarray([self.heap_base + o for o in offsets], np.uint64)
+        dst, src = (sym, loc) if kind == "put" else (loc, sym)
+        pe = np.asarray(pes, np.int32)
+        c = self.ffi.cast
+        ptrs = (c("uint64_t *", dst.ctypes.data), c("uint64_t *", src.ctypes.data),
+                c("uint64_t *", size.ctypes.data), c("int32_t *", pe.ctypes.data))
+        fn = self.lib.os_put_batch if kind == "put" else self.lib.os_get_batch
+        if signal is not None:
+            off, value, op = signal
+            fn = self.lib.os_put_signal_batch
+            ptrs = (*ptrs, self.heap_base + off, value, _OPS[op])
+        return ("ce", fn, ptrs, n, (dst, src, size, pe))
+
+    def issue(self, handle, stream: Any = None, nbi: bool = False) -> None:
+        s = self.stream_handle(stream)
+        if handle[0] == "sm":
+            _, desc, grid, n = handle
+            if n:
+                self._copy(grid, (256,), (desc[0], desc[1], desc[2]), stream=self._cupy_stream(s))
+            return
+        _, fn, ptrs, n = handle[:4]
+        if len(ptrs) == 4:
+            fn(n, *ptrs, s, int(nbi))
+        else:
+            fn(n, *ptrs[:4], *ptrs[4:], s, int(nbi))
+
+    def signal_op(self, offset: int, value: int, op: str, pe: int, stream: Any = None) -> None:
+        self.lib.os_signal_op(self.heap_base + offset, value, _OPS[op], pe, self.stream_handle(stream))
+
+    def signal_wait(self, offset: int, cmp: str, value: int, stream: Any = None,
+                    timeout: float | None = None) -> None:
+        if stream is not None:
+            self.lib.os_signal_wait(self.heap_base + offset, _CMPS[cmp], value, self.stream_handle(stream))
+            return
+        h = int(self._internal.ptr)
+        self.lib.os_signal_wait(self.heap_base + offset, _CMPS[cmp], value, h)
+        self._wait_host(h, f"signal_wait(heap offset {offset}, {cmp} {value})", timeout)
+
+    def quiet(self, stream: Any = None) -> None:
+        self.lib.os_quiet(self.stream_handle(stream))
+
+    def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int,
+                stream: Any = None, timeout: float | None = None) -> None:
+        m = np.asarray(members, np.int32)
+        self.lib.os_barrier(self.heap_base + row_offset, self.ffi.cast("int32_t *", m.ctypes.data),
+                            len(m), my_index, epoch, self.stream_handle(stream))
+
+    def sync(self, stream: Any = None, timeout: float | None = None) -> None:
+        self._wait_host(self.stream_handle(stream), "sync", timeout)
+
+    def close(self, failed: bool = False) -> None:
+        if failed:
+            return  # peers may be gone: NVSHMEM's collective teardown could wait forever
+        try:
+            self.cp.cuda.runtime.deviceSynchronize()
+            self.nv.free(self._buf)
+        finally:
+            self.nv.finalize()
