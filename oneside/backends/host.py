@@ -77,7 +77,11 @@ class HostBackend:
         self._pids = [0] * world_size
         self._last_check = 0.0
         self._create_own()
-        self._rendezvous()
+        try:
+            self._rendezvous()
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     # -- setup ------------------------------------------------------------------------
     def _create_own(self) -> None:
