@@ -78,9 +78,12 @@ def main() -> None:
     sig.local[...] = 0
     rt.sync()
     rt.barrier_all()
+    with stream:  # sources are written on the stream that reads them
+        mine = cp.full(4, me, cp.int64)
+        tens = cp.full(4, 10 + me, cp.int64)
     for p in range(n):
         if p != me:
-            rt.put_signal(data[me], cp.full(4, me, cp.int64), p, sig, 1, "add", stream=stream)
+            rt.put_signal(data[me], mine, p, sig, 1, "add", stream=stream)
     rt.signal_wait(sig, n - 1, "ge", stream=stream)
     out = cp.empty((n, 4), cp.int64)
     with stream:
@@ -89,7 +92,7 @@ def main() -> None:
     for p in range(n):
         if p != me:
             assert (out[p] == p).all(), out
-    rt.scatter_push([(cp.full(4, 10 + me, cp.int64), p, data[me]) for p in range(n) if p != me],
+    rt.scatter_push([(tens, p, data[me]) for p in range(n) if p != me],
                     stream=stream, signal=sig, signal_value=2)
     rt.signal_wait(sig, 3 * (n - 1), "eq")  # host wait
     say("put_signal + signal_wait on stream and host")
@@ -113,8 +116,10 @@ def main() -> None:
     rt.barrier_all()
     for team in (mesh.machine_team(me), mesh.cross_team(me)):
         for it in range(3):
+            with stream:
+                val = cp.array([100 * it + me], cp.int64)
             for p in team:
-                rt.put(z[me:me + 1], cp.array([100 * it + me], cp.int64), p, stream=stream)
+                rt.put(z[me:me + 1], val, p, stream=stream)
             rt.barrier(team, stream)
             rt.sync(stream)
             for p in team:

@@ -49,6 +49,27 @@ extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, con
 """
 
 
+# Stream-ordered waits are a one-thread kernel spinning on local words, not NVSHMEM's
+# signal_wait_until_on_stream, which NVSHMEM refuses when several PEs share a GPU.
+_WAIT_KERNEL = r"""
+extern "C" __global__ void oneside_wait(const unsigned long long *words, int n, int skip, int cmp,
+                                        unsigned long long value) {
+    for (int i = 0; i < n; ++i) {
+        if (i == skip) continue;
+        const volatile unsigned long long *w = words + i;
+        for (;;) {
+            const unsigned long long v = *w;
+            const bool ok = cmp == 0 ? v == value : cmp == 1 ? v != value : cmp == 2 ? v > value
+                          : cmp == 3 ? v >= value : cmp == 4 ? v < value : v <= value;
+            if (ok) break;
+            __nanosleep(64);
+        }
+    }
+    __threadfence_system();
+}
+"""
+
+
 def _device_of(place: Placement, device: int | None, ndev: int) -> int:
     if device is None:
         device = int(os.environ.get("ONESIDE_DEVICE", os.environ.get("ONESIDE_HOST_RANK", place.local_rank)))
@@ -96,7 +117,9 @@ class NvshmemBackend:
         self.peer_base = [int(self.lib.os_ptr(self.heap_base, pe)) for pe in range(self.world_size)]
         self._internal = cupy.cuda.Stream(non_blocking=True)
         self._ext_streams: dict[int, Any] = {}
+        self._members: dict[tuple[int, ...], np.ndarray] = {}
         self._copy = cupy.RawKernel(_COPY_KERNEL, "oneside_copy_batch")
+        self._wait = cupy.RawKernel(_WAIT_KERNEL, "oneside_wait")
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
         self._store_barrier("heap-ready")  # every arena is zeroed before anyone signals into it
 
@@ -283,23 +306,31 @@ class NvshmemBackend:
     def signal_op(self, offset: int, value: int, op: str, pe: int, stream: Any = None) -> None:
         self.lib.os_signal_op(self.heap_base + offset, value, _OPS[op], pe, self.stream_handle(stream))
 
+    def _wait_words(self, addr: int, n: int, skip: int, cmp: int, value: int, handle: int) -> None:
+        cp = self.cp
+        self._wait((1,), (1,), (cp.uint64(addr), cp.int32(n), cp.int32(skip), cp.int32(cmp), cp.uint64(value)),
+                   stream=self._cupy_stream(handle))
+
     def signal_wait(self, offset: int, cmp: str, value: int, stream: Any = None,
                     timeout: float | None = None) -> None:
-        if stream is not None:
-            self.lib.os_signal_wait(self.heap_base + offset, _CMPS[cmp], value, self.stream_handle(stream))
-            return
-        h = int(self._internal.ptr)
-        self.lib.os_signal_wait(self.heap_base + offset, _CMPS[cmp], value, h)
-        self._wait_host(h, f"signal_wait(heap offset {offset}, {cmp} {value})", timeout)
+        h = int(self._internal.ptr) if stream is None else self.stream_handle(stream)
+        self._wait_words(self.heap_base + offset, 1, -1, _CMPS[cmp], value, h)
+        if stream is None:
+            self._wait_host(h, f"signal_wait(heap offset {offset}, {cmp} {value})", timeout)
 
     def quiet(self, stream: Any = None) -> None:
         self.lib.os_quiet(self.stream_handle(stream))
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int,
                 stream: Any = None, timeout: float | None = None) -> None:
-        m = np.asarray(members, np.int32)
-        self.lib.os_barrier(self.heap_base + row_offset, self.ffi.cast("int32_t *", m.ctypes.data),
-                            len(m), my_index, epoch, self.stream_handle(stream))
+        """Quiet, raise my word at every member (native call), wait for all words (kernel)."""
+        m = self._members.get(tuple(members))
+        if m is None:
+            m = self._members[tuple(members)] = np.asarray(members, np.int32)
+        h = self.stream_handle(stream)
+        row = self.heap_base + row_offset
+        self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, epoch, h)
+        self._wait_words(row, len(m), my_index, _CMPS["ge"], epoch, h)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         self._wait_host(self.stream_handle(stream), "sync", timeout)

@@ -12,10 +12,8 @@ extern "C" {
 namespace {
 inline cudaStream_t S(uint64_t s) { return reinterpret_cast<cudaStream_t>(s); }
 inline void *P(uint64_t p) { return reinterpret_cast<void *>(p); }
-// oneside's orders: ops (set, add); comparisons (eq, ne, gt, ge, lt, le).
+// oneside's order of signal ops: (set, add).
 const int kOps[2] = {NVSHMEM_SIGNAL_SET, NVSHMEM_SIGNAL_ADD};
-const int kCmps[6] = {NVSHMEM_CMP_EQ, NVSHMEM_CMP_NE, NVSHMEM_CMP_GT,
-                      NVSHMEM_CMP_GE, NVSHMEM_CMP_LT, NVSHMEM_CMP_LE};
 }  // namespace
 
 extern "C" {
@@ -63,22 +61,17 @@ void os_signal_op(uint64_t sig, uint64_t value, int op, int pe, uint64_t stream)
     nvshmemx_signal_op_on_stream(reinterpret_cast<uint64_t *>(sig), value, kOps[op], pe, S(stream));
 }
 
-void os_signal_wait(uint64_t sig, int cmp, uint64_t value, uint64_t stream) {
-    nvshmemx_signal_wait_until_on_stream(reinterpret_cast<uint64_t *>(sig), kCmps[cmp], value, S(stream));
-}
-
 void os_quiet(uint64_t stream) { nvshmemx_quiet_on_stream(S(stream)); }
 
-// Flat barrier on signals (works with several PEs per GPU, unlike NVSHMEM team barriers):
-// complete my transfers, raise my word at every member, then wait for every member's word.
-void os_barrier(uint64_t row, const int32_t *members, int n, int me, uint64_t epoch, uint64_t stream) {
+// First half of oneside's flat barrier (works with several PEs per GPU, unlike NVSHMEM's team
+// barriers): complete my transfers, then raise my word in every member's row. The second
+// half, waiting for every member's word, is a kernel launched by the Python side.
+void os_barrier_signal(uint64_t row, const int32_t *members, int n, int me, uint64_t epoch, uint64_t stream) {
     cudaStream_t s = S(stream);
     uint64_t *words = reinterpret_cast<uint64_t *>(row);
     nvshmemx_quiet_on_stream(s);
     for (int j = 0; j < n; ++j)
         if (j != me) nvshmemx_signal_op_on_stream(words + me, epoch, NVSHMEM_SIGNAL_SET, members[j], s);
-    for (int j = 0; j < n; ++j)
-        if (j != me) nvshmemx_signal_wait_until_on_stream(words + j, NVSHMEM_CMP_GE, epoch, s);
 }
 
 }  // extern "C"
