@@ -13,4 +13,8 @@ for n in ${ONESIDE_RANKS:-2 4}; do
   timeout 180 python3 -m oneside.launch -n $n --machines $m --backend nvshmem tests/gpu_primitives.py 2>&1 | tee "$OUT/gpu_primitives_$n.log" | grep -v "^WARN" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
+if [ "${ONESIDE_BENCH:-0}" = 1 ]; then
+  timeout 300 python3 -m oneside.launch -n 2 --backend nvshmem perf/bench_oneside.py --out "$OUT" 2>&1 | grep -v "^WARN" | tee "$OUT/bench_oneside.log" | tail -80
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 exit $status
