@@ -1,0 +1,155 @@
+"""Compilation of the attention kernels with nvcc, one cubin per configuration, cached on disk.
+
+No CuPy or GPU needed here: this module only runs nvcc (tests/test_kernels_compile.py uses it on
+machines without a GPU).  The cache lives in ``$SFATTN_CACHE`` or ``~/.cache/streamfusion/kernels``
+and is keyed by a hash of the sources, the options and the nvcc version.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent
+SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "attn_fa2.cu", "attn_sm90.cu", "attn_merge.cu")
+
+# tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
+FA2_NW, FA2_BN = 8, 64
+SM90_NWG, SM90_BN = 2, 128
+MAXQ, MAXKV = 16, 16
+
+MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compiled kernel: ``impl`` in {'fa2', 'sm90', 'merge'}, head dim, dtype, GPU arch."""
+
+    impl: str
+    head_dim: int
+    dtype: str
+    arch: str  # e.g. 'sm_90a', 'sm_80'
+
+    @property
+    def source(self) -> str:
+        return {"fa2": "attn_fa2.cu", "sm90": "attn_sm90.cu", "merge": "attn_merge.cu"}[self.impl]
+
+    @property
+    def func_name(self) -> str:
+        return {"fa2": "sf_attn_fa2", "sm90": "sf_attn_sm90", "merge": "sf_merge"}[self.impl]
+
+    @property
+    def threads(self) -> int:
+        return {"fa2": 32 * FA2_NW, "sm90": 128 * SM90_NWG, "merge": 256}[self.impl]
+
+    @property
+    def block_m(self) -> int:
+        """Q rows per thread block."""
+        return {"fa2": 16 * FA2_NW, "sm90": 64 * SM90_NWG, "merge": 0}[self.impl]
+
+    @property
+    def smem_bytes(self) -> int:
+        d = self.head_dim
+        if self.impl == "fa2":
+            return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
+        if self.impl == "sm90":
+            return (64 * SM90_NWG * d + 4 * SM90_BN * d) * 2 + 1024  # + alignment slack
+        return 0
+
+    def defines(self) -> list[str]:
+        if self.impl == "merge":
+            return [f"-DMERGE_T={MERGE_TYPES[self.dtype]}"]
+        return [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
+                f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}", f"-DFA2_NW={FA2_NW}",
+                f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}"]
+
+    def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:
+        num = self.arch.split("_", 1)[1]
+        gencode = f"-gencode=arch=compute_{num},code={self.arch if fmt == 'cubin' else 'compute_' + num}"
+        return ["-std=c++17", "-O3", f"-{fmt}", gencode, "-I", str(KERNEL_DIR), *self.defines(),
+                "-o", str(out), str(KERNEL_DIR / self.source)]
+
+
+def all_configs(archs: tuple[str, ...] = ("sm_90a", "sm_80")) -> list[KernelConfig]:
+    """Every configuration the package may compile: sm90 kernels for sm_90a, fa2 for each arch."""
+    cfgs = []
+    for arch in archs:
+        impls = ("sm90", "fa2") if arch == "sm_90a" else ("fa2",)
+        for impl in impls:
+            for d in (64, 128):
+                for dt in ("bf16", "fp16"):
+                    cfgs.append(KernelConfig(impl, d, dt, arch))
+        for dt in MERGE_TYPES:
+            cfgs.append(KernelConfig("merge", 0, dt, arch))
+    return cfgs
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc: $SFATTN_NVCC, $CUDA_HOME/bin/nvcc, PATH, /usr/local/cuda/bin/nvcc."""
+    cands = [os.environ.get("SFATTN_NVCC")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            cands.append(os.path.join(os.environ[var], "bin", "nvcc"))
+    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+_NVCC_VERSION: dict[str, str] = {}
+
+
+def _nvcc_version(nvcc: str) -> str:
+    if nvcc not in _NVCC_VERSION:
+        _NVCC_VERSION[nvcc] = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                                             check=True).stdout
+    return _NVCC_VERSION[nvcc]
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("SFATTN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                        "streamfusion", "kernels")
+    return Path(d)
+
+
+def _key(cfg: KernelConfig, nvcc: str, fmt: str) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((KERNEL_DIR / name).read_bytes())
+    h.update(repr((cfg, fmt, _nvcc_version(nvcc))).encode())
+    return h.hexdigest()[:24]
+
+
+def compile_kernel(cfg: KernelConfig, out: Path | None = None, *, fmt: str = "cubin",
+                   nvcc: str | None = None, extra: tuple[str, ...] = ()) -> Path:
+    """Compile ``cfg`` to a cubin (or ptx).  With ``out`` None, use/fill the disk cache.
+
+    Raises RuntimeError with nvcc's output on failure, FileNotFoundError without nvcc.
+    """
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (set SFATTN_NVCC or CUDA_HOME); it is needed to "
+                                "build the sfattn attention kernels")
+    if out is None:
+        d = cache_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        out = d / f"{cfg.impl}_d{cfg.head_dim}_{cfg.dtype}_{cfg.arch}_{_key(cfg, nvcc, fmt)}.{fmt}"
+        if out.exists():
+            return out
+        fd, tmp = tempfile.mkstemp(dir=d, suffix="." + fmt)
+        os.close(fd)
+        target = Path(tmp)
+    else:
+        target = Path(out)
+    res = subprocess.run([nvcc, *cfg.nvcc_args(target, fmt), *extra], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {cfg}:\n{res.stdout}\n{res.stderr}")
+    if target != out:
+        os.replace(target, out)  # atomic: concurrent builders never see a partial file
+    return out

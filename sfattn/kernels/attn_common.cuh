@@ -1,0 +1,247 @@
+// Shared pieces of the fused multi-block attention kernels (sfattn.kernels).
+//
+// Compile-time configuration (set by sfattn/kernels/_build.py):
+//   SF_D      head dim (64 or 128)
+//   SF_FP16   1 for fp16 inputs, 0 for bf16
+//   SF_MAXQ / SF_MAXKV  capacity of the block tables in the parameter struct
+//
+// One launch attends every Q block to every K/V block.  All block pointers, lengths and
+// strides travel by value in SfParams (a __grid_constant__ kernel parameter: no device
+// descriptor upload per call).  Every field is 8 bytes so the host side can fill a flat
+// int64 buffer (see _launch.py: the field order here and there must match).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#ifndef SF_D
+#define SF_D 128
+#endif
+#ifndef SF_FP16
+#define SF_FP16 0
+#endif
+#ifndef SF_MAXQ
+#define SF_MAXQ 16
+#endif
+#ifndef SF_MAXKV
+#define SF_MAXKV 16
+#endif
+
+#if SF_FP16
+typedef __half sf_elem;
+#else
+typedef __nv_bfloat16 sf_elem;
+#endif
+
+struct SfQBlk {
+  long long q, o;              // device pointers (q block, output block)
+  long long qsb, qss, qsh;     // q strides in elements (batch, seq, head); head-dim stride is 1
+  long long osb, oss, osh;     // output strides
+  long long len;               // rows in this block (> 0)
+  long long tile0;             // exclusive prefix sum of Q tiles over the blocks before it
+  long long row0;              // first state row of this block
+};
+
+struct SfKVBlk {
+  long long k, v;
+  long long ksb, kss, ksh;
+  long long vsb, vss, vsh;
+  long long len;               // keys in this block (> 0)
+};
+
+struct SfParams {
+  long long nq, nkv, H, flags;
+  double scale_log2;           // softmax scale * log2(e)
+  long long acc, m, l, lse;    // state (float32) and optional lse (float32) pointers
+  long long acc_sb, acc_ss, acc_sh;
+  long long ml_sb, ml_sh;      // m and l strides (batch, head); row stride 1
+  long long lse_sb, lse_sh;    // lse strides (batch, head); row stride 1
+  SfQBlk q[SF_MAXQ];
+  SfKVBlk kv[SF_MAXKV];
+};
+
+enum { SF_INIT = 1, SF_FINALIZE = 2, SF_STATE = 4, SF_LSE = 8 };
+
+#define SF_LOG2E 1.4426950408889634f
+#define SF_LN2 0.6931471805599453f
+
+__device__ __forceinline__ uint32_t sf_smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; zero-fills when !pred (no global read then).
+__device__ __forceinline__ void sf_cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int sz = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz)
+               : "memory");
+}
+__device__ __forceinline__ void sf_cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void sf_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint32_t sf_pack2(float a, float b) {
+#if SF_FP16
+  __half2 h = __floats2half2_rn(a, b);
+#else
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+#endif
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Shared-memory tile layout used by both kernels: a [ROWS, D] tile is stored as D/64 panels of
+// [ROWS, 64] elements (128-byte rows); inside a panel, the 16-byte chunk c of row r sits at chunk
+// c ^ (r % 8) (the 128-byte swizzle of wgmma/TMA).  Tiles must start 1024-byte aligned.
+template <int ROWS>
+__device__ __forceinline__ uint32_t sf_tile_off(int r, int chunk) {
+  return (uint32_t)((chunk >> 3) * (ROWS * 128) + r * 128 + (((chunk & 7) ^ (r & 7)) << 4));
+}
+
+// Asynchronously load rows [0, nvalid) of a [ROWS, SF_D] tile (row stride rs elements) into
+// shared memory at sbase; rows >= nvalid are zero-filled.
+template <int ROWS, int NT>
+__device__ __forceinline__ void sf_load_tile(uint32_t sbase, const sf_elem* g, long long rs,
+                                             int nvalid, int tid) {
+  constexpr int CPR = SF_D / 8;
+  constexpr int TOTAL = ROWS * CPR;
+  static_assert(TOTAL % NT == 0, "tile chunks must divide evenly among the threads");
+#pragma unroll
+  for (int i = 0; i < TOTAL / NT; ++i) {
+    const int idx = tid + i * NT;
+    const int r = idx / CPR, c = idx % CPR;
+    const bool ok = r < nvalid;
+    const sf_elem* src = ok ? g + (long long)r * rs + c * 8 : g;
+    sf_cp_async16(sbase + sf_tile_off<ROWS>(r, c), src, ok);
+  }
+}
+
+// Binary search of the Q block that owns Q tile `tile` (last block whose tile0 <= tile).
+__device__ __forceinline__ int sf_find_qblock(const SfParams& p, int tile) {
+  int lo = 0, hi = (int)p.nq - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (p.q[mid].tile0 <= tile) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Load the running state of the two rows (r, r+8) a thread owns in the mma C layout.
+// o[j][0..3]: (row r, col 8j+2t), (r, 8j+2t+1), (r+8, 8j+2t), (r+8, 8j+2t+1); t = lane % 4.
+// Only lane t == 0 of each quad loads l (the quad's partial sums are added at the end).
+template <int NJ>
+__device__ __forceinline__ void sf_load_state(const SfParams& p, int b, int h, long long srow,
+                                              int nrow_ok, int t, float (&o)[NJ][4],
+                                              float (&mr)[2], float (&lr)[2]) {
+  const bool init = p.flags & SF_INIT;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const bool ok = !init && i < nrow_ok;
+    const long long row = srow + 8 * i;
+    if (ok) {
+      const long long mi = b * p.ml_sb + h * p.ml_sh + row;
+      mr[i] = reinterpret_cast<const float*>(p.m)[mi] * SF_LOG2E;
+      lr[i] = (t == 0) ? reinterpret_cast<const float*>(p.l)[mi] : 0.f;
+      const float* a = reinterpret_cast<const float*>(p.acc) + b * p.acc_sb + row * p.acc_ss +
+                       h * p.acc_sh + 2 * t;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        const float2 v = *reinterpret_cast<const float2*>(a + 8 * j);
+        o[j][2 * i] = v.x;
+        o[j][2 * i + 1] = v.y;
+      }
+    } else {
+      mr[i] = -INFINITY;
+      lr[i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) { o[j][2 * i] = 0.f; o[j][2 * i + 1] = 0.f; }
+    }
+  }
+}
+
+// Quad-reduce l, then store the state and/or the normalised output and lse.
+template <int NJ>
+__device__ __forceinline__ void sf_store(const SfParams& p, const SfQBlk& qb, int b, int h,
+                                         long long srow, long long lrow, int nrow_ok, int t,
+                                         float (&o)[NJ][4], const float (&mr)[2], float (&lr)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    lr[i] += __shfl_xor_sync(0xffffffffu, lr[i], 1);
+    lr[i] += __shfl_xor_sync(0xffffffffu, lr[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (i >= nrow_ok) continue;
+    const long long row = srow + 8 * i;
+    const float m_nat = mr[i] * SF_LN2;  // -inf stays -inf
+    if (p.flags & SF_STATE) {
+      float* a = reinterpret_cast<float*>(p.acc) + b * p.acc_sb + row * p.acc_ss + h * p.acc_sh +
+                 2 * t;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+        *reinterpret_cast<float2*>(a + 8 * j) = make_float2(o[j][2 * i], o[j][2 * i + 1]);
+      if (t == 0) {
+        const long long mi = b * p.ml_sb + h * p.ml_sh + row;
+        reinterpret_cast<float*>(p.m)[mi] = m_nat;
+        reinterpret_cast<float*>(p.l)[mi] = lr[i];
+      }
+    }
+    if (p.flags & SF_FINALIZE) {
+      const bool empty = !(lr[i] > 0.f);
+      const float inv = empty ? 0.f : 1.f / lr[i];
+      sf_elem* out = reinterpret_cast<sf_elem*>(qb.o) + b * qb.osb + (lrow + 8 * i) * qb.oss +
+                     h * qb.osh + 2 * t;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+        *reinterpret_cast<uint32_t*>(out + 8 * j) = sf_pack2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+      if ((p.flags & SF_LSE) && t == 0) {
+        reinterpret_cast<float*>(p.lse)[b * p.lse_sb + h * p.lse_sh + row] =
+            empty ? -INFINITY : m_nat + logf(lr[i]);
+      }
+    }
+  }
+}
+
+// Online-softmax update of one S tile held in the mma C layout (NS n8-chunks of 16 rows),
+// already scaled to log2 units.  Turns s into unnormalised probabilities p, rescales o.
+template <int NS, int NJ>
+__device__ __forceinline__ void sf_softmax_update(float (&s)[NS][4], float (&o)[NJ][4],
+                                                  float (&mr)[2], float (&lr)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(mr[i], mx);
+    const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // guards -inf - -inf
+    const float alpha = exp2f(mr[i] - m_use);
+    mr[i] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      s[j][2 * i] = exp2f(s[j][2 * i] - m_use);
+      s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - m_use);
+      sum += s[j][2 * i] + s[j][2 * i + 1];
+    }
+    lr[i] = lr[i] * alpha + sum;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) { o[j][2 * i] *= alpha; o[j][2 * i + 1] *= alpha; }
+  }
+}
+
+// Scale S to log2 units and mask key columns >= nvalid (column of s[j][e] is 8j + 2t + (e & 1)).
+template <int NS>
+__device__ __forceinline__ void sf_scale_mask(float (&s)[NS][4], float scale_log2, int nvalid,
+                                              int t) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = 8 * j + 2 * t + (e & 1);
+      s[j][e] = (col < nvalid) ? s[j][e] * scale_log2 : -INFINITY;
+    }
+}

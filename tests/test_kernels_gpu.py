@@ -1,0 +1,230 @@
+"""GPU tests of sfattn.kernels against a float64 reference (skipped without CuPy, torch or a GPU).
+
+Fresh random inputs every case, poisoned outputs/state, odd lengths, strided views, several q and
+kv blocks, chained calls, both dtypes, both head dims, both implementations available on the GPU.
+"""
+import math
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cp = pytest.importorskip("cupy")
+torch = pytest.importorskip("torch")
+try:
+    _NDEV = cp.cuda.runtime.getDeviceCount()
+except Exception:  # noqa: BLE001 - no driver / no device
+    _NDEV = 0
+if _NDEV == 0 or not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from sfattn import kernels as K  # noqa: E402
+from sfattn import reference as R  # noqa: E402
+
+CC = torch.cuda.get_device_capability(0)
+IMPLS = ["fa2"] + (["sm90"] if CC == (9, 0) else [])
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TOL = 1e-2
+
+
+def _gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _rand(shape, dtype, g, scale=1.0):
+    return (torch.randn(shape, generator=g, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+
+def _strided(B, S, H, D, dtype, g):
+    """A [B, S, H, D] view inside a bigger buffer (padded seq and heads), 16-byte aligned rows."""
+    big = _rand((B, S + 5, H + 3, D + 8), dtype, g)
+    return big[:, 2:2 + S, 1:1 + H, 8:8 + D]
+
+
+def ref_attn(q, k, v, scale):
+    """float64 attention on the GPU (same math as sfattn.reference.attention_ref)."""
+    qd, kd, vd = q.double(), k.double(), v.double()
+    if k.shape[1] == 0:
+        B, S, H, _ = q.shape
+        return torch.zeros_like(qd), torch.full((B, H, S), -math.inf, device=q.device,
+                                                dtype=torch.float64)
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]), vd)
+    return o, lse
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
+
+
+def _split(x, lens):
+    out, r = [], 0
+    for n in lens:
+        out.append(x[:, r:r + n])
+        r += n
+    return out
+
+
+def _state(B, S, H, D):
+    st = K.empty_state(B, S, H, D, like=torch.empty(1, device="cuda"))
+    for a in (st.acc, st.m, st.l):
+        a.fill_(float("nan"))  # init=True must ignore it
+    return st
+
+
+def test_reference_on_gpu_matches_cpu_reference():
+    g = _gen(0)
+    q, k, v = (_rand((1, 33, 2, 64), torch.float32, g) for _ in range(3))
+    o, lse = ref_attn(q, k, v, 0.2)
+    o2, lse2 = R.attention_ref(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), 0.2)
+    assert np.abs(o.cpu().numpy() - o2).max() < 1e-10 and np.abs(lse.cpu().numpy() - lse2).max() < 1e-10
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (77, 1000), (4099, 77), (1000, 4099)])
+def test_single_block_pair(impl, dtype, D, sq, sk):
+    g = _gen(sq * 7 + sk + D)
+    B, H = 2, 3
+    q = _strided(B, sq, H, D, DT[dtype], g)
+    k = _strided(B, sk, H, D, DT[dtype], g)
+    v = _strided(B, sk, H, D, DT[dtype], g)
+    scale = 1.0 / math.sqrt(D)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, sq), float("nan"), device="cuda")
+    K.attn_blocks([q], [k], [v], None, scale, init=True, finalize=True, out=[out], lse=lse,
+                  impl=impl)
+    torch.cuda.synchronize()
+    o_ref, lse_ref = ref_attn(q, k, v, scale)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert rel(out, o_ref) < TOL
+    assert (lse.double() - lse_ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_many_blocks_chained_strided(impl, dtype, D):
+    g = _gen(D + len(dtype))
+    B, H = 1, 4
+    qlens = [77, 0, 300, 1, 129]
+    klens = [5, 128, 0, 1000, 333, 64, 1]
+    q = _strided(B, sum(qlens), H, D, DT[dtype], g)
+    k = _strided(B, sum(klens), H, D, DT[dtype], g)
+    v = _strided(B, sum(klens), H, D, DT[dtype], g)
+    scale = 0.7 / math.sqrt(D)
+    qb, kb, vb = _split(q, qlens), _split(k, klens), _split(v, klens)
+    S = sum(qlens)
+    # one call over every kv block
+    st1 = _state(B, S, H, D)
+    out1 = [torch.full_like(x, float("nan")) for x in qb]
+    lse1 = torch.full((B, H, S), float("nan"), device="cuda")
+    K.attn_blocks(qb, kb, vb, st1, scale, init=True, finalize=True, out=out1, lse=lse1, impl=impl)
+    # the same kv blocks over three chained calls, on a side stream
+    st2 = _state(B, S, H, D)
+    out2 = [torch.full_like(x, float("nan")) for x in qb]
+    lse2 = torch.full((B, H, S), float("nan"), device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        K.attn_blocks(qb, kb[:2], vb[:2], st2, scale, init=True, impl=impl)
+        K.attn_blocks(qb, kb[2:5], vb[2:5], st2, scale, impl=impl, stream=s)
+        K.attn_blocks(qb, kb[5:], vb[5:], st2, scale, finalize=True, out=out2, lse=lse2,
+                      impl=impl)
+    torch.cuda.synchronize()
+    o_ref, lse_ref = ref_attn(q, k, v, scale)
+    for out, lse in ((out1, lse1), (out2, lse2)):
+        o = torch.cat(out, dim=1)
+        assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+        assert rel(o, o_ref) < TOL
+        assert (lse.double() - lse_ref).abs().max().item() < 1e-3
+    assert rel(torch.cat(out2, 1), torch.cat(out1, 1)) < TOL
+    # the chained state is the state of the single call
+    assert rel(st2.acc, st1.acc) < TOL and (st2.m - st1.m).abs().max().item() < 1e-3
+    assert rel(st2.l, st1.l) < TOL
+    # the state's own normalisation matches the reference
+    o_st = st1.acc.double() / st1.l.double().transpose(1, 2)[..., None]
+    assert rel(o_st, o_ref) < TOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_more_blocks_than_one_launch_holds(impl):
+    g = _gen(11)
+    B, H, D = 1, 2, 64
+    qlens = [40] * 20
+    klens = [50] * 19 + [3]
+    q, k, v = (_rand((B, sum(n), H, D), torch.bfloat16, g) for n in (qlens, klens, klens))
+    st = _state(B, sum(qlens), H, D)
+    out = [torch.full_like(x, float("nan")) for x in _split(q, qlens)]
+    K.attn_blocks(_split(q, qlens), _split(k, klens), _split(v, klens), st, 0.125, init=True,
+                  finalize=True, out=out, impl=impl)
+    torch.cuda.synchronize()
+    assert rel(torch.cat(out, 1), ref_attn(q, k, v, 0.125)[0]) < TOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_without_keys(impl):
+    g = _gen(12)
+    q = _rand((1, 70, 2, 128), torch.bfloat16, g)
+    e = q[:, :0]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((1, 2, 70), float("nan"), device="cuda")
+    K.attn_blocks([q], [e, e], [e, e], None, 0.1, init=True, finalize=True, out=[out], lse=lse,
+                  impl=impl)
+    torch.cuda.synchronize()
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_cupy_arrays_fp16_and_merge():
+    rs = cp.random.RandomState(5)
+    B, H, D = 1, 2, 128
+    q = rs.standard_normal((B, 200, H, D), dtype=cp.float32).astype(cp.float16)
+    k = rs.standard_normal((B, 300, H, D), dtype=cp.float32).astype(cp.float16)
+    v = rs.standard_normal((B, 300, H, D), dtype=cp.float32).astype(cp.float16)
+    scale = 1 / math.sqrt(D)
+    parts = []
+    for sl in (slice(0, 120), slice(120, 300)):
+        o = cp.full(q.shape, cp.nan, dtype=cp.float16)
+        lse = cp.full((B, H, 200), cp.nan, dtype=cp.float32)
+        K.attn_blocks([q], [k[:, sl]], [v[:, sl]], None, scale, init=True, finalize=True, out=[o],
+                      lse=lse, stream=cp.cuda.get_current_stream())
+        parts.append((o, lse))
+    out, lse = K.merge(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    cp.cuda.get_current_stream().synchronize()
+    o_ref, lse_ref = R.attention_ref(q.get(), k.get(), v.get(), scale)
+    o = out.get().astype(np.float64)
+    assert np.linalg.norm(o - o_ref) / np.linalg.norm(o_ref) < TOL
+    assert np.abs(lse.get() - lse_ref).max() < 1e-3
+    # in place into the first operand, bf16 torch tensors
+    qt, kt, vt = (torch.as_tensor(x, device="cuda").to(torch.bfloat16) for x in (q, k, v))
+    o1, l1 = ref_attn(qt, kt[:, :100], vt[:, :100], scale)
+    o2, l2 = ref_attn(qt, kt[:, 100:], vt[:, 100:], scale)
+    a, la = o1.to(torch.bfloat16), l1.float()
+    K.merge(a, la, o2.to(torch.bfloat16), l2.float(), out=a, lse_out=la)
+    torch.cuda.synchronize()
+    o_full, l_full = ref_attn(qt, kt, vt, scale)
+    assert rel(a, o_full) < TOL and (la.double() - l_full).abs().max().item() < 1e-3
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.zeros((1, 8, 2, 96), device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim"):
+        K.attn_blocks([q], [q], [q], None, 0.1, init=True, finalize=True, out=[q.clone()])
+    q = torch.zeros((1, 8, 2, 64), device="cuda", dtype=torch.float32)
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        K.attn_blocks([q], [q], [q], None, 0.1, init=True, finalize=True, out=[q.clone()])
+    q = torch.zeros((1, 8, 2, 64), device="cuda", dtype=torch.bfloat16)
+    kt = torch.zeros((1, 64, 2, 8), device="cuda", dtype=torch.bfloat16).transpose(1, 3)
+    with pytest.raises(ValueError, match=r"k_blocks\[0\].*contiguous"):
+        K.attn_blocks([q], [kt], [kt], None, 0.1, init=True, finalize=True, out=[q.clone()])
+    with pytest.raises(TypeError, match=r"v_blocks\[0\].*dtype"):
+        K.attn_blocks([q], [q], [q.half()], None, 0.1, init=True, finalize=True, out=[q.clone()])
+    st = K.empty_state(1, 9, 2, 64, like=q)
+    with pytest.raises(ValueError, match="state.acc"):
+        K.attn_blocks([q], [q], [q], st, 0.1, init=True)
+    with pytest.raises(ValueError, match="scale"):
+        K.attn_blocks([q], [q], [q], None, -1.0, init=True, finalize=True, out=[q.clone()])
