@@ -205,18 +205,28 @@ class Runtime:
         """Pull many ``(dst_local, pe, src_sym)`` transfers in one call (see :meth:`batch`)."""
         self.batch("get", transfers).issue(stream, nbi)
 
+    def _one(self, kind: str, local: Any, pe: int, sym: Any, signal: tuple[int, int, str] | None,
+             stream: Any, nbi: bool) -> None:
+        self._check_open()
+        pe = self._pe(pe)
+        sym = self._sym(sym, "dst" if kind == "put" else "src")
+        ptr, n = self._local(local, "src" if kind == "put" else "dst")
+        if n != sym.nbytes:
+            raise ValueError(f"size mismatch: local side has {n} bytes, symmetric side {sym.nbytes}")
+        self.backend.transfer(kind, ptr, sym.offset, n, pe, signal, stream, nbi)
+
     def put(self, dst: SymArray, src: Any, pe: int, stream: Any = None, nbi: bool = False) -> None:
         """Copy local ``src`` into ``dst`` on rank ``pe``."""
-        self.batch("put", [(src, pe, dst)]).issue(stream, nbi)
+        self._one("put", src, pe, dst, None, stream, nbi)
 
     def get(self, dst: Any, src: SymArray, pe: int, stream: Any = None, nbi: bool = False) -> None:
         """Copy ``src`` on rank ``pe`` into local ``dst``."""
-        self.batch("get", [(dst, pe, src)]).issue(stream, nbi)
+        self._one("get", dst, pe, src, None, stream, nbi)
 
     def put_signal(self, dst: SymArray, src: Any, pe: int, signal: SymArray, value: int = 1,
                    op: str = "add", stream: Any = None, nbi: bool = False) -> None:
         """Put, then update ``signal`` on ``pe`` once the data is visible there."""
-        self.batch("put", [(src, pe, dst)], signal, value, op).issue(stream, nbi)
+        self._one("put", src, pe, dst, (self._signal(signal), int(value), self._op(op)), stream, nbi)
 
     def _signal(self, signal: SymArray) -> int:
         s = self._sym(signal, "signal")

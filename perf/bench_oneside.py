@@ -53,6 +53,14 @@ def main() -> None:
     big_dst = rt.alloc(SIZES[-1], "uint8")
     local = torch.empty(SIZES[-1], dtype=torch.uint8, device=dev)
     results: dict[str, dict[int, float]] = {}
+    peer_dst = None
+    if me == 0 and torch.cuda.device_count() > 1:
+        with cp.cuda.Device(1 - dev.index):
+            peer_dst = cp.empty(SIZES[-1], cp.uint8)
+        try:
+            cp.cuda.runtime.deviceEnablePeerAccess(1 - dev.index)
+        except cp.cuda.runtime.CUDARuntimeError:
+            pass  # already enabled
 
     def record(name: str, size: int, seconds: float) -> None:
         results.setdefault(name, {})[size] = seconds
@@ -82,18 +90,22 @@ def main() -> None:
         pull8 = rt.batch("get", [(loc[i * chunks:(i + 1) * chunks], 1, src.window(i * chunks, chunks)) for i in range(k)],
                          engine="ce")
         on_rank0("put", size, lambda: put.issue(stream))
+        if size >= (16 << 20):  # the same put on one copy engine (no striping), for reference
+            stripes, rt.backend._stripes = rt.backend._stripes, rt.backend._stripes[:1]
+            put1 = rt.batch("put", [(src, 1, dst)], engine="ce")
+            rt.backend._stripes = stripes
+            on_rank0("put (1 copy engine)", size, lambda: put1.issue(stream))
         on_rank0("get", size, lambda: get.issue(stream))
         on_rank0("put (sm kernel)", size, lambda: put_sm.issue(stream))
         on_rank0("scatter_push x8", size, lambda: push8.issue(stream))
         on_rank0("gather_pull x8", size, lambda: pull8.issue(stream))
-        # plain peer copy, GPU 0 -> GPU 1, from rank 0's process
-        if me == 0 and torch.cuda.device_count() > 1:
-            other = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", 1 - dev.index))
-            srct = big_src.torch()[:size]
+        # plain peer copy, GPU 0 -> GPU 1 (cudaMemcpyPeerAsync), from rank 0's process
+        if me == 0 and peer_dst is not None:
+            srcp, s_ptr = big_src.ptr, stream.cuda_stream
             with torch.cuda.stream(stream):
-                record("peer copy (memcpyPeer)", size,
-                       time_cuda(lambda: other.copy_(srct, non_blocking=True), stream, iters_for(size)))
-            del other
+                record("peer copy (memcpyPeer)", size, time_cuda(
+                    lambda: cp.cuda.runtime.memcpyPeerAsync(peer_dst.data.ptr, 1 - dev.index, srcp, dev.index,
+                                                            size, s_ptr), stream, iters_for(size)))
         # NCCL send/recv: both ranks loop, rank 0 times its sends
         t = local[:size]
         iters = iters_for(size)
@@ -134,7 +146,7 @@ def main() -> None:
     results["barrier_all"] = {0: bar}
     # host-side issue cost per transfer, batch of 64 x 4 KiB (prebuilt batch), both engines
     issue = {}
-    for engine in ("ce", "sm"):
+    for engine in ("auto", "ce", "sm"):
         batch = rt.batch("put", [(big_src.window(i * 4096, 4096), 1, big_dst.window(i * 4096, 4096))
                                  for i in range(64)], engine=engine)
         samples = []

@@ -113,7 +113,7 @@ def main() -> None:
     z = rt.alloc((n,), "int64")
     z.local[...] = -1
     rt.sync()
-    rt.barrier_all()
+    rt.barrier_all(stream)  # the puts below go on `stream`: order them after this barrier
     for team in (mesh.machine_team(me), mesh.cross_team(me)):
         for it in range(3):
             with stream:

@@ -241,6 +241,17 @@ class HostBackend:
             for p, off, value, op in sig:
                 self.signal_op(off, value, op, p)
 
+    def transfer(self, kind: str, local: int, offset: int, nbytes: int, pe: int,
+                 signal: tuple[int, int, str] | None, stream: Any = None, nbi: bool = False) -> None:
+        """One transfer without building a batch."""
+        remote = self.bases[pe] + offset
+        if kind == "put":
+            ctypes.memmove(remote, local, nbytes)
+        else:
+            ctypes.memmove(local, remote, nbytes)
+        if signal is not None:
+            self.signal_op(signal[0], signal[1], signal[2], pe)
+
     def signal_op(self, offset: int, value: int, op: str, pe: int, stream: Any = None) -> None:
         addr = self.bases[pe] + offset
         if op == "set":
