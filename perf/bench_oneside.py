@@ -90,11 +90,6 @@ def main() -> None:
         pull8 = rt.batch("get", [(loc[i * chunks:(i + 1) * chunks], 1, src.window(i * chunks, chunks)) for i in range(k)],
                          engine="ce")
         on_rank0("put", size, lambda: put.issue(stream))
-        if size >= (16 << 20):  # the same put on one copy engine (no striping), for reference
-            stripes, rt.backend._stripes = rt.backend._stripes, rt.backend._stripes[:1]
-            put1 = rt.batch("put", [(src, 1, dst)], engine="ce")
-            rt.backend._stripes = stripes
-            on_rank0("put (1 copy engine)", size, lambda: put1.issue(stream))
         on_rank0("get", size, lambda: get.issue(stream))
         on_rank0("put (sm kernel)", size, lambda: put_sm.issue(stream))
         on_rank0("scatter_push x8", size, lambda: push8.issue(stream))

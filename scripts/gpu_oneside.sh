@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -m oneside.native > "$OUT/shim-build.log" 2>&1 || { tail -30 "$OUT/shim-build.log"; exit 1; }
 status=0
-for n in ${ONESIDE_RANKS:-2 4}; do
+for n in ${ONESIDE_RANKS-2 4}; do
   m=$(( n >= 4 ? 2 : 1 ))
   timeout 180 python3 -m oneside.launch -n $n --machines $m --backend nvshmem tests/gpu_primitives.py 2>&1 | tee "$OUT/gpu_primitives_$n.log" | grep -v "^WARN" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

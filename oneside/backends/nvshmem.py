@@ -11,10 +11,7 @@ arrays and torch tensors with no copy. Two copy engines are available for batche
   mapped addresses (``nvshmem_ptr``), for many small transfers between NVLink peers.
 
 ``auto`` (default, or ``$ONESIDE_ENGINE``) picks ``sm`` for batches of several small
-transfers when every peer of the batch is NVLink-mapped, else ``ce``. Large ``ce``
-transfers (>= 16 MiB, no signal) are striped over ``$ONESIDE_CE_STREAMS`` (default 4)
-internal streams forked from and joined back to the caller's stream, so that several copy
-engines drive the link at once.
+transfers when every peer of the batch is NVLink-mapped, else ``ce``.
 """
 from __future__ import annotations
 
@@ -31,7 +28,7 @@ _OPS = {"set": 0, "add": 1}
 _CMPS = {"eq": 0, "ne": 1, "gt": 2, "ge": 3, "lt": 4, "le": 5}
 SM_MAX_AVG_BYTES = 1 << 20  # auto engine: sm when the average transfer is at most this
 SM_MIN_COUNT = 4
-STRIPE_MIN = 16 << 20  # ce engine: transfers from this size are split over several copy streams
+SM_MAX_BLOCKS = 1024  # sm engine: thread blocks per transfer, at most
 
 _COPY_KERNEL = r"""
 extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, const unsigned long long *src,
@@ -125,10 +122,6 @@ class NvshmemBackend:
         self._copy = cupy.RawKernel(_COPY_KERNEL, "oneside_copy_batch")
         self._wait = cupy.RawKernel(_WAIT_KERNEL, "oneside_wait")
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
-        self._stripes = [cupy.cuda.Stream(non_blocking=True)
-                         for _ in range(max(1, int(os.environ.get("ONESIDE_CE_STREAMS", "4"))))]
-        self._fork = cupy.cuda.Event(disable_timing=True)
-        self._joins = [cupy.cuda.Event(disable_timing=True) for _ in self._stripes]
         self._one = self.ffi.new("uint64_t[3]")  # single-transfer fast path
         self._one_pe = self.ffi.new("int32_t[1]")
         self._store_barrier("heap-ready")  # every arena is zeroed before anyone signals into it
@@ -278,38 +271,23 @@ class NvshmemBackend:
                               and sum(nbytes) <= SM_MAX_AVG_BYTES * n) else "ce"
         if engine == "sm" and signal is not None:
             raise ValueError("engine='sm' does not carry signals; use engine='ce' or signal after the batch")
-        loc = np.asarray(local, np.uint64)
-        size = np.asarray(nbytes, np.uint64)
         if engine == "sm":
+            loc, size = np.asarray(local, np.uint64), np.asarray(nbytes, np.uint64)
             remote = np.asarray([self.peer_base[p] + o for p, o in zip(pes, offsets)], np.uint64)
             dst, src = (remote, loc) if kind == "put" else (loc, remote)
             desc = self.cp.asarray(np.stack([dst, src, size]))
             per = int(size.max()) if n else 0
-            blocks = max(1, min(64, -(-per // (16 * 256))))
+            blocks = max(1, min(SM_MAX_BLOCKS, -(-per // (16 * 256 * 4))))
             return ("sm", desc, (blocks, n, 1), n)
         sym = [self.heap_base + o for o in offsets]
         dst, src = (sym, list(local)) if kind == "put" else (list(local), sym)
         sizes, pes = list(nbytes), list(pes)
         if signal is not None:
             off, value, op = signal
-            return ("ce", [self._ce_call(self.lib.os_put_signal_batch, dst, src, sizes, pes,
-                                         (self.heap_base + off, value, _OPS[op]))], False)
+            return ("ce", self._ce_call(self.lib.os_put_signal_batch, dst, src, sizes, pes,
+                                        (self.heap_base + off, value, _OPS[op])))
         fn = self.lib.os_put_batch if kind == "put" else self.lib.os_get_batch
-        k = len(self._stripes)
-        if k == 1 or not sizes or max(sizes) < STRIPE_MIN:
-            return ("ce", [self._ce_call(fn, dst, src, sizes, pes)], False)
-        # stripe: split large transfers into k pieces (16-byte aligned), piece i on stream i
-        parts: list[list[list[int]]] = [[[], [], [], []] for _ in range(k)]
-        for d, s_, n, p in zip(dst, src, sizes, pes):
-            if n < STRIPE_MIN:
-                pieces = [(0, n)]
-            else:
-                step = ((n // k + 15) // 16) * 16
-                pieces = [(a, min(step, n - a)) for a in range(0, n, step)]
-            for i, (a, m) in enumerate(pieces):
-                for lst, v in zip(parts[i % k], (d + a, s_ + a, m, p)):
-                    lst.append(v)
-        return ("ce", [self._ce_call(fn, *pt) for pt in parts if pt[0]], True)
+        return ("ce", self._ce_call(fn, dst, src, sizes, pes))
 
     def _ce_call(self, fn, dst, src, sizes, pes, signal=()):
         arrays = (np.asarray(dst, np.uint64), np.asarray(src, np.uint64), np.asarray(sizes, np.uint64),
@@ -326,27 +304,12 @@ class NvshmemBackend:
             if n:
                 self._copy(grid, (256,), (desc[0], desc[1], desc[2]), stream=self._cupy_stream(s))
             return
-        _, calls, striped = handle
-        if not striped:
-            fn, n, ptrs, sig, _ = calls[0]
-            fn(n, *ptrs, *sig, s, int(nbi))
-            return
-        rt = self.cp.cuda.runtime
-        rt.eventRecord(self._fork.ptr, s)
-        for (fn, n, ptrs, sig, _), st, join in zip(calls, self._stripes, self._joins):
-            rt.streamWaitEvent(st.ptr, self._fork.ptr, 0)
-            fn(n, *ptrs, *sig, st.ptr, int(nbi))
-            if nbi:
-                self.lib.os_quiet(st.ptr)
-            rt.eventRecord(join.ptr, st.ptr)
-            rt.streamWaitEvent(s, join.ptr, 0)
+        _, (fn, n, ptrs, sig, _) = handle
+        fn(n, *ptrs, *sig, s, int(nbi))
 
     def transfer(self, kind: str, local: int, offset: int, nbytes: int, pe: int,
                  signal: tuple[int, int, str] | None, stream: Any = None, nbi: bool = False) -> None:
         """One transfer without building a batch (the rt.put / rt.get fast path)."""
-        if nbytes >= STRIPE_MIN and signal is None and len(self._stripes) > 1:
-            self.issue(self.prepare(kind, [local], [offset], [nbytes], [pe], None, "ce"), stream, nbi)
-            return
         one, sym = self._one, self.heap_base + offset
         one[0], one[1], one[2] = (sym, local, nbytes) if kind == "put" else (local, sym, nbytes)
         self._one_pe[0] = pe
