@@ -57,7 +57,7 @@ class KernelConfig:
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
         if self.impl == "sm90":
-            return (64 * SM90_NWG * d + 4 * SM90_BN * d) * 2 + 1024  # + alignment slack
+            return (64 * SM90_NWG * d + 5 * SM90_BN * d) * 2 + 1024  # 2 K + 3 V stages, align slack
         return 0
 
     def defines(self) -> list[str]:

@@ -1,8 +1,12 @@
 // Hopper (sm_90a) fused multi-block attention forward: wgmma tensor-core path.
 //
 // Thread block: SM90_NWG warpgroups, each owning 64 Q rows (BM = 64 * SM90_NWG); K/V tiles of
-// SM90_BN keys in 128-byte-swizzled shared memory, double-buffered with cp.async (the blocks have
-// arbitrary strides and tails, which cp.async's zero-fill handles without tensor maps).
+// SM90_BN keys in 128-byte-swizzled shared memory, loaded with cp.async two tiles ahead (the blocks
+// have arbitrary strides and tails, which cp.async's zero-fill handles without tensor maps);
+// 2 K stages, 3 V stages.
+// Software pipeline per warpgroup (FlashAttention-3's intra-warpgroup overlap): iteration t issues
+// S_t = Q K_t^T and O += P_{t-1} V_{t-1} back to back, waits for S_t only, computes the softmax of
+// S_t while the tensor cores run the P V product, then waits for it and rescales O.
 //   S = Q K^T : wgmma m64nBNk16, A (Q) and B (K) from shared memory, both K-major.
 //   O += P V  : wgmma m64nDk16, A (P, bf16/fp16) from registers, B (V) MN-major (transposed).
 // The fp32 accumulators of both GEMMs have the mma.sync C layout per warp, so the softmax,
@@ -46,20 +50,56 @@ __device__ __forceinline__ void reg_fence(float (&r)[NJ][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(r[j][e])::"memory");
 }
+template <int N>
+__device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[j][e])::"memory");
+}
 __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Softmax statistics of one S tile (raw logits, masked entries -inf): new running max (log2
+// units, scale folded into the exponent), p = exp2(s * sl2 - m) in place, alpha = rescale factor
+// of the previous state, l updated.  O is rescaled separately (it may still be in flight).
+template <int NS>
+__device__ __forceinline__ void sm90_softmax(float (&s)[NS][4], float sl2, float (&mr)[2],
+                                             float (&lr)[2], float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(mr[i], mx * sl2);
+    const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // guards -inf - -inf
+    alpha[i] = exp2f(mr[i] - m_use);
+    mr[i] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      s[j][2 * i] = exp2f(fmaf(s[j][2 * i], sl2, -m_use));
+      s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], sl2, -m_use));
+      sum += s[j][2 * i] + s[j][2 * i + 1];
+    }
+    lr[i] = lr[i] * alpha[i] + sum;
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(SM90_NT, 1)
 sf_attn_sm90(const __grid_constant__ SfParams p) {
   constexpr int D = SF_D, BM = SM90_BM, BN = SM90_BN, NT = SM90_NT;
   constexpr int NJ = D / 8, NS = BN / 8;
+  constexpr uint32_t TILE = BN * D * 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // 1024-byte alignment of every tile (the swizzle pattern repeats every 1024 bytes)
   const uint32_t s0 = (sf_smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = s0;
-  const uint32_t sK = sQ + BM * D * 2;
-  const uint32_t sV = sK + 2 * BN * D * 2;
+  const uint32_t sK = sQ + BM * D * 2;  // 2 stages
+  const uint32_t sV = sK + 2 * TILE;    // 3 stages
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, t = lane & 3;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -72,20 +112,27 @@ sf_attn_sm90(const __grid_constant__ SfParams p) {
                         (long long)qrow0 * qb.qss;
   sf_load_tile<BM, NT>(sQ, qptr, qb.qss, qvalid, tid);
 
-  auto issue_kv = [&](int kbi, int n0, int stage) {
-    const SfKVBlk& kv = p.kv[kbi];
-    const int nvalid = min(BN, (int)kv.len - n0);
-    const sf_elem* kp = reinterpret_cast<const sf_elem*>(kv.k) + b * kv.ksb + h * kv.ksh +
-                        (long long)n0 * kv.kss;
-    const sf_elem* vp = reinterpret_cast<const sf_elem*>(kv.v) + b * kv.vsb + h * kv.vsh +
-                        (long long)n0 * kv.vss;
-    sf_load_tile<BN, NT>(sK + stage * BN * D * 2, kp, kv.kss, nvalid, tid);
-    sf_load_tile<BN, NT>(sV + stage * BN * D * 2, vp, kv.vss, nvalid, tid);
+  // load cursor: next tile to fetch (block index, first key), tile counter
+  int lkb = 0, ln0 = 0, lt = 0;
+  const int nkv = (int)p.nkv;
+  auto issue_next = [&]() {
+    if (lkb < nkv) {
+      const SfKVBlk& kv = p.kv[lkb];
+      const int nvalid = min(BN, (int)kv.len - ln0);
+      const sf_elem* kp = reinterpret_cast<const sf_elem*>(kv.k) + b * kv.ksb + h * kv.ksh +
+                          (long long)ln0 * kv.kss;
+      const sf_elem* vp = reinterpret_cast<const sf_elem*>(kv.v) + b * kv.vsb + h * kv.vsh +
+                          (long long)ln0 * kv.vss;
+      sf_load_tile<BN, NT>(sK + (lt & 1) * TILE, kp, kv.kss, nvalid, tid);
+      sf_load_tile<BN, NT>(sV + (lt % 3) * TILE, vp, kv.vss, nvalid, tid);
+      ln0 += BN;
+      if (ln0 >= (int)kv.len) { ++lkb; ln0 = 0; }
+      ++lt;
+    }
+    sf_cp_async_commit();  // always commit: keeps the group count uniform
   };
-
-  bool has = p.nkv > 0;
-  if (has) issue_kv(0, 0, 0);
-  sf_cp_async_commit();
+  issue_next();  // with the Q tile
+  issue_next();
 
   const int lr0 = qrow0 + wg * 64 + warp * 16 + (lane >> 2);
   const long long srow = qb.row0 + lr0;
@@ -93,23 +140,20 @@ sf_attn_sm90(const __grid_constant__ SfParams p) {
   float o[NJ][4], mr[2], lr[2];
   sf_load_state<NJ>(p, b, h, srow, nrow_ok, t, o, mr, lr);
 
-  // descriptor bases: Q rows of this warpgroup; K/V per stage
   const uint32_t qdesc_base = sQ + wg * 64 * 128;
   const float sl2 = (float)p.scale_log2;
-  int cur_kb = 0, cur_n0 = 0, stage = 0;
-  while (has) {
-    int nkb = cur_kb, nn0 = cur_n0 + BN;
-    if (nn0 >= (int)p.kv[nkb].len) { ++nkb; nn0 = 0; }
-    const bool has_next = nkb < (int)p.nkv;
-    if (has_next) issue_kv(nkb, nn0, stage ^ 1);
-    sf_cp_async_commit();
-    sf_cp_async_wait<1>();
-    fence_async_smem();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
-    __syncthreads();
+  uint32_t pa[BN / 16][4];  // P_{t-1} as the A operand (mma A-fragment layout)
+  float s[NS][4];
+  float alpha[2];
+  int ckb = 0, cn0 = 0, ct = 0;  // compute cursor
 
-    const uint32_t kbase = sK + stage * BN * D * 2, vbase = sV + stage * BN * D * 2;
-    float s[NS][4];
-    wg_fence();
+  auto wait_tile = [&]() {
+    sf_cp_async_wait<1>();  // tile ct has landed (this thread's copies)
+    fence_async_smem();     // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+    __syncthreads();        // ... everybody's copies
+  };
+  auto issue_s = [&]() {  // S = Q K_ct^T
+    const uint32_t kbase = sK + (ct & 1) * TILE;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint64_t da = sf_desc(qdesc_base + (kk >> 2) * (BM * 128) + (kk & 3) * 32, 16, 1024);
@@ -117,34 +161,72 @@ sf_attn_sm90(const __grid_constant__ SfParams p) {
       WGMMA_S(s, da, db, kk > 0);
     }
     wg_commit();
-    wg_wait<0>();
+  };
+  auto issue_pv = [&]() {  // O += P_{ct-1} V_{ct-1}
+    const uint32_t vbase = sV + ((ct + 2) % 3) * TILE;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
+    wg_commit();
+  };
+  auto softmax = [&]() {
     reg_fence<NS>(s);
-
-    const int nvalid = min(BN, (int)p.kv[cur_kb].len - cur_n0);
-    sf_scale_mask<NS>(s, sl2, nvalid, t);
-    sf_softmax_update<NS, NJ>(s, o, mr, lr);
-
-    uint32_t pa[BN / 16][4];  // P as the A operand (mma A-fragment layout), packed first so
-#pragma unroll                // no register is written between the wgmma issues
+    const int nvalid = (int)p.kv[ckb].len - cn0;
+    if (nvalid < BN) {
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = -INFINITY;
+    }
+    sm90_softmax<NS>(s, sl2, mr, lr, alpha);
+  };
+  auto rescale_pack_next = [&]() {
+    reg_fence<NJ>(o);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+    }
+#pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       pa[kk][0] = sf_pack2(s[2 * kk][0], s[2 * kk][1]);
       pa[kk][1] = sf_pack2(s[2 * kk][2], s[2 * kk][3]);
       pa[kk][2] = sf_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = sf_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
+    reg_fence<NJ>(o);
+    reg_fence_u<BN / 16>(pa);
+    __syncthreads();  // K stage ct&1 and V stage (ct-1)%3 are free for tile ct+2
+    issue_next();
+    cn0 += BN;
+    if (cn0 >= (int)p.kv[ckb].len) { ++ckb; cn0 = 0; }
+    ++ct;
+  };
+
+  if (nkv > 0) {
+    // tile 0: nothing to overlap with yet
+    wait_tile();
     wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
-    wg_commit();
+    issue_s();
+    wg_wait<0>();
+    softmax();
+    rescale_pack_next();
+    while (ckb < nkv) {
+      wait_tile();
+      wg_fence();
+      issue_s();
+      issue_pv();
+      wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
+      softmax();     // overlaps the P V product on the tensor cores
+      wg_wait<0>();  // O and pa are ours again
+      rescale_pack_next();
+    }
+    wg_fence();  // the last P V product
+    issue_pv();
     wg_wait<0>();
     reg_fence<NJ>(o);
-    __syncthreads();  // this stage is refilled by the next iteration's prefetch
-    stage ^= 1;
-    cur_kb = nkb;
-    cur_n0 = nn0;
-    has = has_next;
   }
-  sf_cp_async_wait<0>();  // no copy may outlive the block (nkv == 0: the Q tile)
+  sf_cp_async_wait<0>();  // no copy may outlive the block
   sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
 }
