@@ -108,6 +108,9 @@ def _stream_ptr(stream: Any, torch_inputs: bool, dev: int) -> int:
     if stream is None:
         if torch_inputs:
             import torch
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            if raw is not None:
+                return int(raw(dev))
             return int(torch.cuda.current_stream(dev).cuda_stream)
         return int(_cupy().cuda.get_current_stream().ptr)
     if isinstance(stream, int):
@@ -229,7 +232,9 @@ class AttnLaunch:
                     base = _HDR + MAXQ * _QF + j * _KVF
                     p[base:base + _KVF] = (k.ptr, v.ptr, k.strides[0], k.strides[1], k.strides[2],
                                            v.strides[0], v.strides[1], v.strides[2], k.shape[1])
-                self._launches.append((p, tiles, gi == 0, gi == len(kvgroups) - 1))
+                argv = (ctypes.c_void_p * 1)(p.ctypes.data)  # kernelParams[0] -> the struct
+                self._launches.append((p, argv, ctypes.addressof(argv), tiles, gi == 0,
+                                       gi == len(kvgroups) - 1))
         self.has_out = od is not None
         self.has_lse = ld is not None
         if len(kvgroups) > 1 and st is None:
@@ -247,16 +252,14 @@ class AttnLaunch:
         drv = _cupy().cuda.driver
         sp = _stream_ptr(stream, self.torch_inputs, self.device)
         k = self.kernel
-        for p, gx, first, last in self._launches:
+        for p, _argv, argp, gx, first, last in self._launches:
             if gx == 0:
                 continue
             flags = (_INIT if (init and first) else 0) | (_FINALIZE if (finalize and last) else 0)
             flags |= (_STATE if self.has_state else 0) | (_LSE if (self.has_lse and finalize and last)
                                                           else 0)
-            p[3] = flags
-            argv = (ctypes.c_void_p * 1)(p.ctypes.data)  # kernelParams[0] -> the struct
-            drv.launchKernel(k.fptr, gx, self.H, self.B, k.threads, 1, 1, k.smem, sp,
-                             ctypes.addressof(argv), 0)
+            p[3] = flags  # the driver copies the parameters at launch: reuse is safe
+            drv.launchKernel(k.fptr, gx, self.H, self.B, k.threads, 1, 1, k.smem, sp, argp, 0)
 
 
 def empty_state(B: int, S: int, H: int, D: int, like: Any) -> AttnState:
@@ -282,9 +285,38 @@ def attn_blocks(q_blocks: Sequence[Any], k_blocks: Sequence[Any], v_blocks: Sequ
     ``impl``: 'sm90' (Hopper wgmma) or 'fa2' (portable mma.sync); default by device.
     Asynchronous like any kernel launch.
     """
-    AttnLaunch(q_blocks, k_blocks, v_blocks, state, scale, out=out if finalize else None,
-               lse=lse if finalize else None, impl=impl, finalize=finalize, init=init)(
-        init=init, finalize=finalize, stream=stream)
+    if not finalize:
+        out = lse = None
+    try:
+        key = (tuple(map(_key_of, q_blocks)), tuple(map(_key_of, k_blocks)),
+               tuple(map(_key_of, v_blocks)),
+               None if state is None else (_key_of(state.acc), _key_of(state.m), _key_of(state.l)),
+               None if out is None else tuple(map(_key_of, out)),
+               None if lse is None else _key_of(lse), float(scale), impl, init, finalize)
+    except (TypeError, AttributeError):
+        key = None  # unusual inputs: no caching, full checks below raise a clear error
+    launch = _cache.get(key) if key is not None else None
+    if launch is None:
+        launch = AttnLaunch(q_blocks, k_blocks, v_blocks, state, scale, out=out, lse=lse,
+                            impl=impl, finalize=finalize, init=init)
+        if key is not None:
+            if len(_cache) >= _CACHE_MAX:
+                _cache.pop(next(iter(_cache)))
+            _cache[key] = launch
+    launch(init=init, finalize=finalize, stream=stream)
+
+
+_CACHE_MAX = 1024
+_cache: dict = {}
+
+
+def _key_of(x: Any) -> tuple:
+    """Cheap identity of an array for the launch cache: pointer, shape, strides, dtype."""
+    if isinstance(x, TensorDesc):
+        return (x.ptr, x.shape, x.strides, x.dtype, x.device)
+    if hasattr(x, "data_ptr"):
+        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+    return (x.data.ptr, x.shape, x.strides, x.dtype.char, x.device.id)
 
 
 def merge(o1: Any, lse1: Any, o2: Any, lse2: Any, out: Any | None = None,
