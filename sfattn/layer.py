@@ -1,0 +1,236 @@
+"""One sequence-parallel attention layer: a :class:`~sfattn.plan.Plan` bound to a runtime.
+
+Per call (design.md section 3, one-sided throughout):
+
+1. pack Q, K, V into the Ulysses send buffer; one ScatterPush of all U x T pieces; BarrierAll;
+2. all GatherPulls of the Torus (Q chunks first, then K/V chunks) and of the Ring (the
+   stationary K/V of every ring peer) issued at once on two communication streams;
+3. compute, chunk by chunk, waiting per chunk: Pull Q stages (stationary chunk first), Pull KV
+   stages (each received K/V chunk - and its ring peers' copies, pulled from them once they
+   signal - against all gathered Q); on the last stage the rows of other machines first,
+   each pushed to its owner (Push O) while the stationary rows finish;
+4. BarrierAll; one ScatterPush of O back (reverse Ulysses); barrier; unpack.
+
+Buffers come from the symmetric heap once, at construction; a call allocates nothing.
+Sequences that do not divide by the ranks are padded per rank and the padded keys masked
+(each K/V block is attended with its true length).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import oneside
+
+from .local import GpuAttention, HostAttention
+from .plan import Plan
+
+
+class SPAttention:
+    """Sequence-parallel attention for fixed shapes: ``layer(q, k, v) -> o`` (local shards).
+
+    ``q, k, v``: this rank's shard ``[batch, L, heads, head_dim]`` (BSHD) where L is
+    :meth:`shard_len` of this rank (ranks hold consecutive slices of the sequence, the last
+    ones shorter when it does not divide); numpy arrays on the host backend, CuPy arrays or
+    torch tensors on GPUs. Returns the attention output for the same rows.
+    """
+
+    def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
+                 scale: float | None = None):
+        if plan.world_size != rt.world_size:
+            raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
+        if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
+            raise ValueError(f"plan: made for mesh {plan.mesh}, the runtime's is {rt.mesh}")
+        if batch < 1:
+            raise ValueError(f"batch={batch}: expected >= 1")
+        self.rt, self.plan, self.batch = rt, plan, batch
+        self.dtype = oneside.heap.dtype_name(dtype)
+        self.scale = 1.0 / math.sqrt(plan.head_dim) if scale is None else float(scale)
+        W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
+        T, U, R = plan.T, plan.U, plan.R
+        self.Sl = Sl = -(-S // W)
+        self.lens = [max(0, min(Sl, S - r * Sl)) for r in range(W)]
+        self.Ht = Ht = H // (U * T)
+        me = rt.rank
+        self.t, self.u, self.r = t, u, r = plan.coords(me)
+        self.Ut, self.Tt, self.Rt = plan.team("u", me), plan.team("t", me), plan.team("r", me)
+        self.local = GpuAttention(rt.backend.device) if rt.backend.is_gpu else HostAttention()
+        B = batch
+        piece = (B, Sl, Ht, D)
+        a = lambda shape: rt.alloc(shape, self.dtype)  # noqa: E731
+        # Ulysses send [dest u, torus group g]; after Ulysses [g, source u]
+        self.SU = {x: a((U, T, *piece)) for x in "qkv"}
+        self.RU = {x: a((T, U, *piece)) for x in "qkv"}
+        self.TQ = a((T, U, *piece))            # Q chunks pulled from torus peers, by source
+        self.TK, self.TV = a((T, U, *piece)), a((T, U, *piece))
+        self.RK, self.RV = a((R, T, U, *piece)), a((R, T, U, *piece))  # ring peers' K/V, by peer, chunk
+        self.TO = a((T, U, *piece))            # outputs of other machines' rows, before Push O
+        self.RO = a((T, U, *piece))            # my chunk's outputs, by torus group
+        self.FO = a((U, T, *piece))            # after reverse Ulysses: [ulysses group, torus group]
+        self.ready = rt.alloc((T, R), "uint64")  # ring peers' "chunk p pulled" epochs
+        self.ready.local[...] = 0
+        self.states = [self.local.state(B, U * Sl, Ht, D) for _ in range(T)]
+        self.epoch = 0
+        self._build()
+        rt.sync()
+        rt.barrier_all()
+        rt.sync()
+
+    # -- plan-time preparation ----------------------------------------------------------
+    def shard_len(self, rank: int | None = None) -> int:
+        return self.lens[self.rt.rank if rank is None else rank]
+
+    def _kv_len(self, p: int, i: int, rr: int) -> int:
+        """Valid rows of the K/V block from torus chunk p, ring member rr, ulysses index i."""
+        return self.lens[self.plan.rank(p, i, rr)]
+
+    def _build(self) -> None:
+        rt, plan = self.rt, self.plan
+        T, U, R = plan.T, plan.U, plan.R
+        t, u, r = self.t, self.u, self.r
+        # 1. Ulysses: piece (j, g) of my send buffer -> member j's RU[g, u]
+        if U > 1:
+            self.ulysses = rt.batch("put", [(self.SU[x][j, g], self.Ut[j], self.RU[x][g, u])
+                                            for x in "qkv" for j in range(U) for g in range(T)])
+            self.ulysses_back = rt.batch("put", [(self.RO[g, i], self.Ut[i], self.FO[u, g])
+                                                 for i in range(U) for g in range(T)])
+        # 2. Torus pulls, in schedule order: Q chunks (stages 1..T-1), then K/V chunks
+        src = [(t - i) % T for i in range(T)]
+        self.q_pulls = [rt.batch("get", [(self.TQ[p], self.Tt[p], self.RU["q"][t])]) for p in src[1:]]
+        self.kv_pulls = [rt.batch("get", [(self.TK[p], self.Tt[p], self.RU["k"][t]),
+                                          (self.TV[p], self.Tt[p], self.RU["v"][t])]) for p in src[1:]]
+        # Ring: stationary chunk from every ring peer; other chunks from their torus copies
+        peers = [(r + j) % R for j in range(1, R)]
+        self.ring_stationary = rt.batch("get", [(self.RK[rr, t], self.Rt[rr], self.RU["k"][t]) for rr in peers]
+                                        + [(self.RV[rr, t], self.Rt[rr], self.RU["v"][t]) for rr in peers]) \
+            if R > 1 else None
+        self.ring_chunk = {p: rt.batch("get", [(self.RK[rr, p], self.Rt[rr], self.TK[p]) for rr in peers]
+                                       + [(self.RV[rr, p], self.Rt[rr], self.TV[p]) for rr in peers])
+                           for p in src[1:]} if R > 1 else {}
+        self.ring_peers = peers
+        # 3. Push O: my finished rows of chunk p -> member p's RO[t]
+        self.push_o = {p: rt.batch("put", [(self.TO[p], self.Tt[p], self.RO[t])]) for p in src[1:]}
+        # compute calls
+        L = self.local
+
+        def q_blocks(p: int):
+            buf = self.RU["q"][t] if p == t else self.TQ[p]
+            return [buf[i] for i in range(U)]
+
+        def kv_blocks(p: int):
+            ks, vs = [], []
+            for rr in range(R):
+                kb, vb = (self.RU["k"][t], self.RU["v"][t]) if (rr == r and p == t) else \
+                    (self.TK[p], self.TV[p]) if rr == r else (self.RK[rr, p], self.RV[rr, p])
+                for i in range(U):
+                    n = self._kv_len(p, i, rr)
+                    ks.append((kb[i], n))
+                    vs.append((vb[i], n))
+            return ks, vs
+
+        def out_blocks(p: int):
+            buf = self.RO[t] if p == t else self.TO[p]
+            return [buf[i] for i in range(U)]
+
+        kv = {p: kv_blocks(p) for p in range(T)}
+        self.q_stage = []   # Pull Q stage i: chunk src[i] against the stationary K/V
+        for i, p in enumerate(src):
+            fin = T == 1
+            self.q_stage.append(L.prepare(q_blocks(p), *kv[t], self.states[p], self.scale, init=True,
+                                          finalize=fin, out=out_blocks(p) if fin else None))
+        self.kv_stage = []  # Pull KV stage j: every Q chunk against K/V chunk src[j]
+        for j, pk in enumerate(src[1:], start=1):
+            last = j == T - 1
+            order = [p for p in src if p != t] + [t] if last else src
+            self.kv_stage.append([(p, L.prepare(q_blocks(p), *kv[pk], self.states[p], self.scale, init=False,
+                                                finalize=last, out=out_blocks(p) if last else None))
+                                  for p in order])
+        # the SymArray views used per call
+        self._send_views = {x: self.SU[x] if U > 1 else self.RU[x] for x in "qkv"}
+        self._src = src
+
+    # -- per call ------------------------------------------------------------------------
+    def _pack(self, x: Any, buf: oneside.SymArray) -> None:
+        """x [B, L, H, D] -> buf [U, T, B, Sl, Ht, D] (or [T, 1, ...] without Ulysses)."""
+        plan, B, L = self.plan, self.batch, self.shard_len()
+        U, T, Ht, D = plan.U, plan.T, self.Ht, plan.head_dim
+        dst = buf.local
+        if self.local.xp is not np and self.dtype == "bfloat16":
+            dst = buf.torch()
+        view = dst.reshape(U, T, B, self.Sl, Ht, D) if U > 1 else dst.reshape(T, 1, B, self.Sl, Ht, D)
+        src = x.reshape(B, L, U, T, Ht, D)
+        if U > 1:
+            view[:, :, :, :L] = src.permute(2, 3, 0, 1, 4, 5) if hasattr(src, "permute") else src.transpose(2, 3, 0, 1, 4, 5)
+        else:
+            s = src[:, :, 0]
+            view[:, 0, :, :L] = s.permute(2, 0, 1, 3, 4) if hasattr(s, "permute") else s.transpose(2, 0, 1, 3, 4)
+
+    def _unpack(self, out: Any) -> None:
+        plan, B, L = self.plan, self.batch, self.shard_len()
+        U, T, Ht, D = plan.U, plan.T, self.Ht, plan.head_dim
+        if U > 1:
+            fo = self.FO.torch() if (self.local.xp is not np and self.dtype == "bfloat16") else self.FO.local
+            src = fo[:, :, :, :L]  # [U, T, B, L, Ht, D]
+        else:
+            ro = self.RO.torch() if (self.local.xp is not np and self.dtype == "bfloat16") else self.RO.local
+            src = ro[:, 0, :, :L][None]  # [1, T, B, L, Ht, D]
+        perm = (2, 3, 0, 1, 4, 5)
+        out.reshape(B, L, U, T, Ht, D)[...] = src.permute(*perm) if hasattr(src, "permute") else src.transpose(perm)
+
+    def __call__(self, q: Any, k: Any, v: Any, out: Any = None) -> Any:
+        rt, plan = self.rt, self.plan
+        T, U, R = plan.T, plan.U, plan.R
+        expect = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if tuple(x.shape) != expect:
+                raise ValueError(f"{name}: expected this rank's shard of shape {expect} (B, L, H, D), "
+                                 f"got {tuple(x.shape)}")
+        self.epoch += 1
+        for x, a in (("q", q), ("k", k), ("v", v)):
+            self._pack(a, self._send_views[x])
+        rt.sync()
+        if U > 1:
+            self.ulysses.issue()
+        rt.barrier_all()
+        # issue every pull up front (host backend: they complete here, in schedule order)
+        for b in self.q_pulls:
+            b.issue()
+        for j, b in enumerate(self.kv_pulls, start=1):
+            b.issue()
+            if R > 1:
+                p = self._src[j]
+                for rr in self.ring_peers:
+                    rt.signal_op(self.ready[p, self.r], self.epoch, self.Rt[rr], "set")
+        if R > 1:
+            self.ring_stationary.issue()
+        # Pull Q stages
+        for run in self.q_stage:
+            run()
+        # Pull KV stages
+        for j, stage in enumerate(self.kv_stage, start=1):
+            pk = self._src[j]
+            if R > 1:
+                for rr in self.ring_peers:
+                    rt.signal_wait(self.ready[pk, rr], self.epoch, "ge")
+                self.ring_chunk[pk].issue()
+            last = j == T - 1
+            for p, run in stage:
+                run()
+                if last and p != self.t:
+                    self.push_o[p].issue()
+        rt.barrier_all()
+        if U > 1:
+            self.ulysses_back.issue()
+            rt.barrier(self.Ut)
+        if out is None:
+            out = self.local.xp.empty(expect, dtype=q.dtype) if not hasattr(q, "new_empty") else q.new_empty(expect)
+        self._unpack(out)
+        return out
+
+    def close(self) -> None:
+        """Return every buffer to the heap (collective)."""
+        for b in (*self.SU.values(), *self.RU.values(), self.TQ, self.TK, self.TV, self.RK, self.RV,
+                  self.TO, self.RO, self.FO, self.ready):
+            self.rt.free(b)
