@@ -28,23 +28,32 @@ from .local import GpuAttention, HostAttention
 from .plan import Plan
 
 
+def _swap12(x: Any) -> Any:
+    """BHSD <-> BSHD view (numpy, CuPy or torch; no copy)."""
+    return x.transpose(1, 2) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
+
+
 class SPAttention:
     """Sequence-parallel attention for fixed shapes: ``layer(q, k, v) -> o`` (local shards).
 
-    ``q, k, v``: this rank's shard ``[batch, L, heads, head_dim]`` (BSHD) where L is
+    ``q, k, v``: this rank's shard ``[batch, L, heads, head_dim]`` (``layout='bshd'``, the
+    default; ``'bhsd'``: ``[batch, heads, L, head_dim]``, any strides) where L is
     :meth:`shard_len` of this rank (ranks hold consecutive slices of the sequence, the last
     ones shorter when it does not divide); numpy arrays on the host backend, CuPy arrays or
     torch tensors on GPUs. Returns the attention output for the same rows.
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
-                 scale: float | None = None):
+                 scale: float | None = None, layout: str = "bshd"):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
             raise ValueError(f"plan: made for mesh {plan.mesh}, the runtime's is {rt.mesh}")
         if batch < 1:
             raise ValueError(f"batch={batch}: expected >= 1")
+        if layout not in ("bshd", "bhsd"):
+            raise ValueError(f"layout={layout!r}: expected 'bshd' or 'bhsd'")
+        self.layout = layout
         self.rt, self.plan, self.batch = rt, plan, batch
         self.dtype = oneside.heap.dtype_name(dtype)
         self.scale = 1.0 / math.sqrt(plan.head_dim) if scale is None else float(scale)
@@ -176,17 +185,25 @@ class SPAttention:
         else:
             ro = self.RO.torch() if (self.local.xp is not np and self.dtype == "bfloat16") else self.RO.local
             src = ro[:, 0, :, :L][None]  # [1, T, B, L, Ht, D]
-        perm = (2, 3, 0, 1, 4, 5)
-        out.reshape(B, L, U, T, Ht, D)[...] = src.permute(*perm) if hasattr(src, "permute") else src.transpose(perm)
+        for j in range(src.shape[0]):  # head slices: writes through any strides of `out`
+            for g in range(T):
+                h0 = (j * T + g) * Ht
+                out[:, :, h0:h0 + Ht] = src[j, g]
 
     def __call__(self, q: Any, k: Any, v: Any, out: Any = None) -> Any:
         rt, plan = self.rt, self.plan
         T, U, R = plan.T, plan.U, plan.R
         expect = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
+        if self.layout == "bhsd":
+            expect = (expect[0], expect[2], expect[1], expect[3])
         for name, x in (("q", q), ("k", k), ("v", v)):
             if tuple(x.shape) != expect:
-                raise ValueError(f"{name}: expected this rank's shard of shape {expect} (B, L, H, D), "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(f"{name}: expected this rank's shard of shape {expect} "
+                                 f"({self.layout.upper()}), got {tuple(x.shape)}")
+            if str(x.dtype).replace("torch.", "") != self.dtype:
+                raise TypeError(f"{name}: expected dtype {self.dtype}, got {x.dtype}")
+        if self.layout == "bhsd":
+            q, k, v = (_swap12(x) for x in (q, k, v))
         self.epoch += 1
         for x, a in (("q", q), ("k", k), ("v", v)):
             self._pack(a, self._send_views[x])
@@ -225,8 +242,11 @@ class SPAttention:
             self.ulysses_back.issue()
             rt.barrier(self.Ut)
         if out is None:
-            out = self.local.xp.empty(expect, dtype=q.dtype) if not hasattr(q, "new_empty") else q.new_empty(expect)
-        self._unpack(out)
+            shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
+            out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)
+            self._unpack(out)
+            return _swap12(out) if self.layout == "bhsd" else out
+        self._unpack(_swap12(out) if self.layout == "bhsd" else out)
         return out
 
     def close(self) -> None:

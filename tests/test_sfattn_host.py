@@ -1,0 +1,150 @@
+"""sfattn algorithms on the host backend: every algorithm on every mesh vs a float64 reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oneside import Mesh
+from ranks import all_ok, run_ranks
+from sfattn.layer import SPAttention
+from sfattn.plan import ALGORITHMS, PlanError, make_plan
+from sfattn.reference import attention_ref
+
+MESHES = [(1, 2), (2, 1), (1, 4), (2, 2), (4, 1), (2, 4), (3, 2)]
+
+
+def _inputs(seed: int, B: int, S: int, H: int, D: int):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((B, S, H, D)) for _ in range(3)]
+
+
+def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str):
+    """Run every plan the mesh allows, twice each (buffers reused), on fresh inputs."""
+    errs = {}
+    for algo in ALGORITHMS:
+        try:
+            plan = make_plan(rt.mesh, H, S, D, algo)
+        except PlanError:
+            continue
+        layer = SPAttention(rt, plan, B, "float64", layout=layout)
+        used = rt.heap_used
+        worst = 0.0
+        for it in range(2):
+            q, k, v = _inputs(100 * it + len(errs), B, S, H, D)
+            ref, _ = attention_ref(q, k, v, layer.scale)
+            lo, L = rt.rank * layer.Sl, layer.shard_len()
+            shard = [x[:, lo:lo + L] for x in (q, k, v)]
+            if layout == "bhsd":
+                shard = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in shard]
+            o = layer(*shard)
+            if layout == "bhsd":
+                o = o.transpose(0, 2, 1, 3)
+            assert o.shape == (B, L, H, D)
+            assert np.isfinite(o).all()
+            r = ref[:, lo:lo + L]
+            worst = max(worst, float(np.abs(o - r).max() / np.abs(ref).max()) if L else 0.0)
+        assert rt.heap_used == used  # a call allocates nothing
+        layer.close()
+        errs[algo] = worst
+    return errs
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_every_algorithm_matches_float64_reference(mesh):
+    W = mesh[0] * mesh[1]
+    res = all_ok(run_ranks(_all_algorithms, W, machines=mesh[0], heap="24MiB", deadline=120,
+                           H=24, S=37, B=2, D=8, layout="bshd"))
+    algos = set(res[0])
+    expected = {a for a in ALGORITHMS if _allowed(mesh, 24, a)}
+    assert algos == expected, (algos, expected)
+    for r in res:
+        for algo, err in r.items():
+            assert err < 1e-6, (mesh, algo, err)
+
+
+@pytest.mark.parametrize("mesh,H,S,layout", [((2, 2), 6, 23, "bhsd"), ((3, 2), 12, 11, "bshd"),
+                                             ((2, 4), 40, 9, "bhsd"), ((1, 4), 5, 30, "bshd")])
+def test_odd_heads_lengths_and_layouts(mesh, H, S, layout):
+    W = mesh[0] * mesh[1]
+    res = all_ok(run_ranks(_all_algorithms, W, machines=mesh[0], heap="24MiB", deadline=120,
+                           H=H, S=S, B=1, D=4, layout=layout))
+    assert set(res[0]) == {a for a in ALGORITHMS if _allowed(mesh, H, a)}
+    for r in res:
+        for algo, err in r.items():
+            assert err < 1e-6, (mesh, H, S, algo, err)
+
+
+def _allowed(mesh, H, algo) -> bool:
+    try:
+        make_plan(Mesh(*mesh), H, 64, 8, algo)
+        return True
+    except PlanError:
+        return False
+
+
+# -- planner ---------------------------------------------------------------------------
+def test_planner_paper_cases():
+    p = make_plan(Mesh(4, 8), 24, 66_000, 128)           # the default on 4 machines: torus
+    assert (p.algorithm, p.T, p.U, p.R) == ("torus", 4, 2, 4)
+    p = make_plan(Mesh(3, 8), 24, 66_000, 128, "tas")    # TAS: Ulysses spans machines first
+    assert (p.T, p.U, p.R) == (1, 24, 1)
+    p = make_plan(Mesh(4, 8), 24, 66_000, 128, "tas")
+    assert (p.U, p.R) == (8, 4) and p.team("u", 0).ranks == (0, 4, 8, 12, 16, 20, 24, 28)
+    assert p.team("r", 0).ranks == (0, 1, 2, 3)           # ring inside the machine
+    p = make_plan(Mesh(4, 8), 24, 66_000, 128, "usp")    # USP: Ulysses inside the machine
+    assert (p.U, p.R) == (8, 4) and p.team("u", 9).ranks == tuple(range(8, 16))
+    assert p.team("r", 9).ranks == (1, 9, 17, 25)
+    p = make_plan(Mesh(3, 8), 24, 66_000, 128, "torus")
+    assert (p.T, p.U, p.R) == (3, 8, 1)
+    p = make_plan(Mesh(1, 8), 24, 66_000, 128)
+    assert p.algorithm == "ulysses" and p.U == 8
+    text = make_plan(Mesh(2, 4), 24, 4096, 128, "torus").explain()
+    assert "T=2" in text and "torus groups" in text and "MiB" in text
+
+
+def test_planner_coordinates_cover_the_world():
+    for mesh in [(2, 4), (3, 2), (4, 8)]:
+        for algo in ALGORITHMS:
+            try:
+                p = make_plan(Mesh(*mesh), 24, 1000, 64, algo)
+            except PlanError:
+                continue
+            ranks = {p.rank(*p.coords(r)) for r in range(p.world_size)}
+            assert ranks == set(range(p.world_size)), (mesh, algo)
+            for r in range(p.world_size):
+                assert p.coords(p.rank(*p.coords(r))) == p.coords(r)
+                for level in "tur":
+                    assert r in p.team(level, r)
+
+
+def test_planner_refusals():
+    with pytest.raises(PlanError, match="heads=24 is not divisible"):
+        make_plan(Mesh(1, 16), 24, 4096, 128, "ulysses")
+    with pytest.raises(PlanError, match="heads=25 not divisible by machines=2"):
+        make_plan(Mesh(2, 4), 25, 4096, 128, "torus")
+    with pytest.raises(PlanError, match="algorithm="):
+        make_plan(Mesh(2, 4), 24, 4096, 128, "zigzag")
+    with pytest.raises(PlanError, match="ulysses_degree=3"):
+        make_plan(Mesh(2, 4), 24, 4096, 128, "usp", ulysses_degree=3)
+    with pytest.raises(PlanError, match="seq_len=3"):
+        make_plan(Mesh(2, 4), 24, 3, 128)
+    with pytest.raises(PlanError, match="heads=0"):
+        make_plan(Mesh(2, 4), 0, 4096, 128)
+    assert make_plan(Mesh(2, 4), 25, 4096, 128).algorithm == "usp"  # U=1: a ring in effect
+
+
+def _bad_inputs(rt):
+    plan = make_plan(rt.mesh, 4, 16, 8, "ulysses")
+    layer = SPAttention(rt, plan, 1, "float64")
+    L = layer.shard_len()
+    with pytest.raises(ValueError, match=r"q: expected this rank's shard of shape \(1, 8, 4, 8\)"):
+        layer(np.zeros((1, L + 1, 4, 8)), np.zeros((1, L, 4, 8)), np.zeros((1, L, 4, 8)))
+    with pytest.raises(TypeError, match="k: expected dtype float64"):
+        layer(np.zeros((1, L, 4, 8)), np.zeros((1, L, 4, 8), np.float32), np.zeros((1, L, 4, 8)))
+    with pytest.raises(ValueError, match="layout="):
+        SPAttention(rt, plan, 1, "float64", layout="sbhd")
+    return True
+
+
+def test_bad_inputs_raise_clear_errors():
+    all_ok(run_ranks(_bad_inputs, 2))
