@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "attn_fa2.cu", "attn_sm90.cu", "attn_merge.cu")
+SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu", "attn_sm90.cu",
+           "attn_sm90ws.cu", "attn_merge.cu")
 
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
 SM90_NWG, SM90_BN = 2, 128
+WS_STAGES, WS_PRODUCER_REGS, WS_CONSUMER_REGS = 3, 24, 240
 MAXQ, MAXKV = 16, 16
 
 MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
@@ -27,7 +29,11 @@ MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One compiled kernel: ``impl`` in {'fa2', 'sm90', 'merge'}, head dim, dtype, GPU arch."""
+    """One compiled kernel: ``impl`` in {'fa2', 'sm90', 'sm90ws', 'merge'}, head dim, dtype, arch.
+
+    fa2: portable mma.sync; sm90: wgmma, 2 warpgroups; sm90ws: wgmma, warp-specialised
+    (producer warpgroup + 2 ping-ponging consumer warpgroups).
+    """
 
     impl: str
     head_dim: int
@@ -36,20 +42,22 @@ class KernelConfig:
 
     @property
     def source(self) -> str:
-        return {"fa2": "attn_fa2.cu", "sm90": "attn_sm90.cu", "merge": "attn_merge.cu"}[self.impl]
+        return {"fa2": "attn_fa2.cu", "sm90": "attn_sm90.cu", "sm90ws": "attn_sm90ws.cu",
+                "merge": "attn_merge.cu"}[self.impl]
 
     @property
     def func_name(self) -> str:
-        return {"fa2": "sf_attn_fa2", "sm90": "sf_attn_sm90", "merge": "sf_merge"}[self.impl]
+        return {"fa2": "sf_attn_fa2", "sm90": "sf_attn_sm90", "sm90ws": "sf_attn_sm90ws",
+                "merge": "sf_merge"}[self.impl]
 
     @property
     def threads(self) -> int:
-        return {"fa2": 32 * FA2_NW, "sm90": 128 * SM90_NWG, "merge": 256}[self.impl]
+        return {"fa2": 32 * FA2_NW, "sm90": 128 * SM90_NWG, "sm90ws": 384, "merge": 256}[self.impl]
 
     @property
     def block_m(self) -> int:
         """Q rows per thread block."""
-        return {"fa2": 16 * FA2_NW, "sm90": 64 * SM90_NWG, "merge": 0}[self.impl]
+        return {"fa2": 16 * FA2_NW, "sm90": 64 * SM90_NWG, "sm90ws": 128, "merge": 0}[self.impl]
 
     @property
     def smem_bytes(self) -> int:
@@ -58,6 +66,8 @@ class KernelConfig:
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
         if self.impl == "sm90":
             return (64 * SM90_NWG * d + 5 * SM90_BN * d) * 2 + 1024  # 2 K + 3 V stages, align slack
+        if self.impl == "sm90ws":
+            return (128 * d + WS_STAGES * 2 * SM90_BN * d) * 2 + 1024
         return 0
 
     def defines(self) -> list[str]:
@@ -65,7 +75,9 @@ class KernelConfig:
             return [f"-DMERGE_T={MERGE_TYPES[self.dtype]}"]
         return [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
                 f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}", f"-DFA2_NW={FA2_NW}",
-                f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}"]
+                f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}",
+                f"-DWS_STAGES={WS_STAGES}", f"-DWS_PRODUCER_REGS={WS_PRODUCER_REGS}",
+                f"-DWS_CONSUMER_REGS={WS_CONSUMER_REGS}"]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:
         num = self.arch.split("_", 1)[1]
@@ -78,7 +90,7 @@ def all_configs(archs: tuple[str, ...] = ("sm_90a", "sm_80")) -> list[KernelConf
     """Every configuration the package may compile: sm90 kernels for sm_90a, fa2 for each arch."""
     cfgs = []
     for arch in archs:
-        impls = ("sm90", "fa2") if arch == "sm_90a" else ("fa2",)
+        impls = ("sm90ws", "sm90", "fa2") if arch == "sm_90a" else ("fa2",)
         for impl in impls:
             for d in (64, 128):
                 for dt in ("bf16", "fp16"):

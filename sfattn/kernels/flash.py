@@ -89,9 +89,9 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
             k = _kernels.get(key)
             if k is None:
                 cc = _device_cc(dev)
-                if impl == "sm90":
+                if impl in ("sm90", "sm90ws"):
                     if cc != 90:
-                        raise ValueError(f"impl='sm90' needs a Hopper GPU (sm_90), device {dev} is "
+                        raise ValueError(f"impl={impl!r} needs a Hopper GPU (sm_90), device {dev} is "
                                          f"sm_{cc}")
                     arch = "sm_90a"
                 else:
@@ -189,8 +189,8 @@ class AttnLaunch:
         self.torch_inputs = qd[0].is_torch
         self.B, self.S, self.H, self.D, self.dtype = B, S, H, D, dtype
         self.impl = impl or default_impl(self.device)
-        if self.impl not in ("fa2", "sm90"):
-            raise ValueError(f"impl must be 'fa2' or 'sm90', got {self.impl!r}")
+        if self.impl not in ("fa2", "sm90", "sm90ws"):
+            raise ValueError(f"impl must be 'fa2', 'sm90' or 'sm90ws', got {self.impl!r}")
         self.kernel = get_kernel(self.impl, D, dtype, self.device)
         self.has_state = st is not None
         self._build(qd, kd, vd, st, od, ld, float(scale))

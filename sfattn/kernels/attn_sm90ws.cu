@@ -1,0 +1,247 @@
+// Hopper (sm_90a) fused multi-block attention forward, warp-specialised (FlashAttention-3 ideas,
+// own code): 3 warpgroups per block.
+//   WG0 (producer, few registers): cp.async loads of the Q tile and of K/V tiles into a 3-stage
+//       ring; each thread's copies complete onto a "full" mbarrier (cp.async.mbarrier.arrive).
+//   WG1, WG2 (consumers, 64 Q rows each, many registers): per K/V tile, S = Q K^T and
+//       O += P V with wgmma; the softmax of S_t overlaps P_{t-1} V_{t-1} on the tensor cores;
+//       after the P V product they release the stage on its "empty" mbarrier.
+// The two consumers take turns issuing their GEMMs (named barriers, "ping-pong"), so one's
+// softmax runs while the other's GEMMs occupy the tensor cores.  cp.async instead of TMA keeps
+// arbitrary strides, odd lengths and zero-filled tails without one tensor map per block.
+#include "sm90_common.cuh"
+
+#ifndef SM90_BN
+#define SM90_BN 128
+#endif
+#ifndef WS_STAGES
+#define WS_STAGES 3
+#endif
+#ifndef WS_PRODUCER_REGS
+#define WS_PRODUCER_REGS 24
+#endif
+#ifndef WS_CONSUMER_REGS
+#define WS_CONSUMER_REGS 240
+#endif
+#define WS_BM 128
+#define WS_NT 384
+
+#define WGMMA_S SF_CAT(sf_wgmma_ss_n, SM90_BN)
+#define WGMMA_O SF_CAT(sf_wgmma_rs_n, SF_D)
+
+__device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(a), "r"(parity) : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a)
+               : "memory");
+}
+// arrives on the mbarrier once all prior cp.async of this thread have completed
+__device__ __forceinline__ void cp_async_arrive(uint32_t a) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+
+// Register-lean tile load for the 128 producer threads: each thread keeps one 16-byte column
+// chunk and walks down the rows with incremental pointers (r & 7, hence the swizzle, is fixed).
+template <int ROWS>
+__device__ __forceinline__ void ws_load_tile(uint32_t sbase, const sf_elem* g, long long rs,
+                                             int nvalid, int tid) {
+  constexpr int CPR = SF_D / 8, RPP = 128 / CPR;  // chunks per row, rows per pass
+  const int c = tid % CPR;
+  int r = tid / CPR;
+  uint32_t dst = sbase + sf_tile_off<ROWS>(r, c);
+  const sf_elem* src = g + (long long)r * rs + c * 8;
+  const long long step = (long long)RPP * rs;
+#pragma unroll 4
+  for (int i = 0; i < ROWS / RPP; ++i) {
+    const bool ok = r < nvalid;
+    sf_cp_async16(dst, ok ? src : g, ok);
+    r += RPP;
+    dst += RPP * 128;
+    src += step;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(WS_NT, 1)
+sf_attn_sm90ws(const __grid_constant__ SfParams p) {
+  constexpr int D = SF_D, BM = WS_BM, BN = SM90_BN, NST = WS_STAGES;
+  constexpr int NJ = D / 8, NS = BN / 8;
+  constexpr uint32_t TILE = BN * D * 2;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * NST + 1];  // full[NST], empty[NST], qfull
+  const uint32_t s0 = (sf_smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = s0;
+  const uint32_t sK = sQ + BM * D * 2;  // stage st: K at sK + st*2*TILE, V right after
+  const uint32_t bar0 = sf_smem_u32(bars);
+  auto full = [&](int st) { return bar0 + 8 * st; };
+  auto empty = [&](int st) { return bar0 + 8 * (NST + st); };
+  const uint32_t qfull = bar0 + 8 * (2 * NST);
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int qi = sf_find_qblock(p, blockIdx.x);
+  const SfQBlk& qb = p.q[qi];
+  const int qrow0 = ((int)blockIdx.x - (int)qb.tile0) * BM;
+  const int nkv = (int)p.nkv;
+
+  if (tid == 0) {
+    for (int st = 0; st < NST; ++st) {
+      mbar_init(full(st), 128);
+      mbar_init(empty(st), 256);
+    }
+    mbar_init(qfull, 128);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------ producer ------------------------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WS_PRODUCER_REGS));
+    const int ptid = tid;
+    {
+      const int qvalid = min(BM, (int)qb.len - qrow0);
+      const sf_elem* qptr = reinterpret_cast<const sf_elem*>(qb.q) + b * qb.qsb + h * qb.qsh +
+                            (long long)qrow0 * qb.qss;
+      ws_load_tile<BM>(sQ, qptr, qb.qss, qvalid, ptid);
+      cp_async_arrive(qfull);
+    }
+    int lt = 0;
+    for (int kb = 0; kb < nkv; ++kb) {
+      const SfKVBlk& kv = p.kv[kb];
+      const int len = (int)kv.len;
+      const sf_elem* kp = reinterpret_cast<const sf_elem*>(kv.k) + b * kv.ksb + h * kv.ksh;
+      const sf_elem* vp = reinterpret_cast<const sf_elem*>(kv.v) + b * kv.vsb + h * kv.vsh;
+      for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
+        const int st = lt % NST;
+        if (lt >= NST) mbar_wait(empty(st), ((lt / NST) - 1) & 1);
+        const int nvalid = min(BN, len - n0);
+        const uint32_t kdst = sK + st * 2 * TILE;
+        ws_load_tile<BN>(kdst, kp + (long long)n0 * kv.kss, kv.kss, nvalid, ptid);
+        ws_load_tile<BN>(kdst + TILE, vp + (long long)n0 * kv.vss, kv.vss, nvalid, ptid);
+        cp_async_arrive(full(st));
+      }
+    }
+    sf_cp_async_wait<0>();
+    return;  // the producer's registers are released; the consumers' region is separate
+  } else {
+    // ------------------------------ consumers ------------------------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
+    const int c = wg - 1, ctid = tid - 128;
+    const int warp = (ctid >> 5) & 3, lane = ctid & 31, t = lane & 3;
+    const int lr0 = qrow0 + c * 64 + warp * 16 + (lane >> 2);
+    const long long srow = qb.row0 + lr0;
+    const int nrow_ok = min(2, max(0, ((int)qb.len - lr0 + 7) / 8));
+    float o[NJ][4], mr[2], lr[2];
+    sf_load_state<NJ>(p, b, h, srow, nrow_ok, t, o, mr, lr);
+
+    const uint32_t qdesc_base = sQ + c * 64 * 128;
+    const float sl2 = (float)p.scale_log2;
+    const int my_bar = 1 + c, other_bar = 2 - c;
+    uint32_t pa[BN / 16][4];
+    float s[NS][4];
+    float alpha[2];
+    int ckb = 0, cn0 = 0, ct = 0;
+
+    auto wait_tile = [&]() {
+      mbar_wait(full(ct % NST), (ct / NST) & 1);
+      fence_async_smem();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+    };
+    auto issue_s = [&]() {
+      const uint32_t kbase = sK + (ct % NST) * 2 * TILE;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t da = sf_desc(qdesc_base + (kk >> 2) * (BM * 128) + (kk & 3) * 32, 16, 1024);
+        const uint64_t db = sf_desc(kbase + (kk >> 2) * (BN * 128) + (kk & 3) * 32, 16, 1024);
+        WGMMA_S(s, da, db, kk > 0);
+      }
+      wg_commit();
+    };
+    auto issue_pv = [&]() {  // O += P_{ct-1} V_{ct-1}
+      const uint32_t vbase = sK + ((ct + NST - 1) % NST) * 2 * TILE + TILE;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
+      wg_commit();
+    };
+    auto softmax = [&]() {
+      reg_fence<NS>(s);
+      const int nvalid = (int)p.kv[ckb].len - cn0;
+      if (nvalid < BN) {
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = -INFINITY;
+      }
+      sm90_softmax<NS>(s, sl2, mr, lr, alpha);
+    };
+    auto rescale_pack_next = [&]() {
+      reg_fence<NJ>(o);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[kk][0] = sf_pack2(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = sf_pack2(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = sf_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = sf_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      reg_fence<NJ>(o);
+      reg_fence_u<BN / 16>(pa);
+      cn0 += BN;
+      if (cn0 >= (int)p.kv[ckb].len) { ++ckb; cn0 = 0; }
+      ++ct;
+    };
+
+    mbar_wait(qfull, 0);
+    fence_async_smem();
+    if (nkv > 0) {
+      if (c == 1) named_arrive(1);  // consumer 0 issues first
+      wait_tile();
+      named_sync(my_bar);
+      wg_fence();
+      issue_s();
+      named_arrive(other_bar);
+      wg_wait<0>();
+      softmax();
+      rescale_pack_next();
+      while (ckb < nkv) {
+        wait_tile();
+        named_sync(my_bar);
+        wg_fence();
+        issue_s();
+        issue_pv();
+        named_arrive(other_bar);
+        wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
+        softmax();     // overlaps the P V products on the tensor cores
+        wg_wait<0>();
+        mbar_arrive(empty((ct + NST - 1) % NST));  // K_{t-1}, V_{t-1} no longer read
+        rescale_pack_next();
+      }
+      named_sync(my_bar);
+      wg_fence();  // the last P V product
+      issue_pv();
+      named_arrive(other_bar);
+      wg_wait<0>();
+      reg_fence<NJ>(o);
+      if (c == 0) named_sync(my_bar);  // consume consumer 1's last arrive
+    }
+    sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
+  }
+}
