@@ -161,34 +161,30 @@ class SPAttention:
         self._src = src
 
     # -- per call ------------------------------------------------------------------------
+    @staticmethod
+    def _view(buf: oneside.SymArray, like: Any) -> Any:
+        """The heap buffer as the caller's array type (torch tensor or numpy/CuPy array)."""
+        return buf.torch() if hasattr(like, "permute") else buf.local
+
     def _pack(self, x: Any, buf: oneside.SymArray) -> None:
         """x [B, L, H, D] -> buf [U, T, B, Sl, Ht, D] (or [T, 1, ...] without Ulysses)."""
         plan, B, L = self.plan, self.batch, self.shard_len()
         U, T, Ht, D = plan.U, plan.T, self.Ht, plan.head_dim
-        dst = buf.local
-        if self.local.xp is not np and self.dtype == "bfloat16":
-            dst = buf.torch()
-        view = dst.reshape(U, T, B, self.Sl, Ht, D) if U > 1 else dst.reshape(T, 1, B, self.Sl, Ht, D)
-        src = x.reshape(B, L, U, T, Ht, D)
-        if U > 1:
-            view[:, :, :, :L] = src.permute(2, 3, 0, 1, 4, 5) if hasattr(src, "permute") else src.transpose(2, 3, 0, 1, 4, 5)
-        else:
-            s = src[:, :, 0]
-            view[:, 0, :, :L] = s.permute(2, 0, 1, 3, 4) if hasattr(s, "permute") else s.transpose(2, 0, 1, 3, 4)
-
-    def _unpack(self, out: Any) -> None:
-        plan, B, L = self.plan, self.batch, self.shard_len()
-        U, T, Ht, D = plan.U, plan.T, self.Ht, plan.head_dim
-        if U > 1:
-            fo = self.FO.torch() if (self.local.xp is not np and self.dtype == "bfloat16") else self.FO.local
-            src = fo[:, :, :, :L]  # [U, T, B, L, Ht, D]
-        else:
-            ro = self.RO.torch() if (self.local.xp is not np and self.dtype == "bfloat16") else self.RO.local
-            src = ro[:, 0, :, :L][None]  # [1, T, B, L, Ht, D]
-        for j in range(src.shape[0]):  # head slices: writes through any strides of `out`
+        dst = self._view(buf, x).reshape(U, T, B, self.Sl, Ht, D)
+        for j in range(U):  # head slices: reads through any strides of `x`
             for g in range(T):
                 h0 = (j * T + g) * Ht
-                out[:, :, h0:h0 + Ht] = src[j, g]
+                dst[j, g, :, :L] = x[:, :, h0:h0 + Ht]
+
+    def _unpack(self, out: Any) -> None:
+        plan, L = self.plan, self.shard_len()
+        U, T, Ht = plan.U, plan.T, self.Ht
+        # [U, T, B, Sl, Ht, D]: FO after the reverse Ulysses, or RO when there is none (U == 1)
+        src = self._view(self.FO if U > 1 else self.RO, out).reshape(U, T, self.batch, self.Sl, Ht, plan.head_dim)
+        for j in range(U):
+            for g in range(T):
+                h0 = (j * T + g) * Ht
+                out[:, :, h0:h0 + Ht] = src[j, g, :, :L]
 
     def __call__(self, q: Any, k: Any, v: Any, out: Any = None) -> Any:
         rt, plan = self.rt, self.plan
@@ -207,40 +203,41 @@ class SPAttention:
         self.epoch += 1
         for x, a in (("q", q), ("k", k), ("v", v)):
             self._pack(a, self._send_views[x])
-        rt.sync()
+        # GPU: every step is ordered on the caller's current stream (waits included)
+        stream = rt.backend.stream_handle(None) if rt.backend.is_gpu else None
         if U > 1:
-            self.ulysses.issue()
-        rt.barrier_all()
+            self.ulysses.issue(stream)
+        rt.barrier_all(stream)
         # issue every pull up front (host backend: they complete here, in schedule order)
         for b in self.q_pulls:
-            b.issue()
+            b.issue(stream)
         for j, b in enumerate(self.kv_pulls, start=1):
-            b.issue()
+            b.issue(stream)
             if R > 1:
                 p = self._src[j]
                 for rr in self.ring_peers:
-                    rt.signal_op(self.ready[p, self.r], self.epoch, self.Rt[rr], "set")
+                    rt.signal_op(self.ready[p, self.r], self.epoch, self.Rt[rr], "set", stream)
         if R > 1:
-            self.ring_stationary.issue()
+            self.ring_stationary.issue(stream)
         # Pull Q stages
         for run in self.q_stage:
-            run()
+            run(stream)
         # Pull KV stages
         for j, stage in enumerate(self.kv_stage, start=1):
             pk = self._src[j]
             if R > 1:
                 for rr in self.ring_peers:
-                    rt.signal_wait(self.ready[pk, rr], self.epoch, "ge")
-                self.ring_chunk[pk].issue()
+                    rt.signal_wait(self.ready[pk, rr], self.epoch, "ge", stream=stream)
+                self.ring_chunk[pk].issue(stream)
             last = j == T - 1
             for p, run in stage:
-                run()
+                run(stream)
                 if last and p != self.t:
-                    self.push_o[p].issue()
-        rt.barrier_all()
+                    self.push_o[p].issue(stream)
+        rt.barrier_all(stream)
         if U > 1:
-            self.ulysses_back.issue()
-            rt.barrier(self.Ut)
+            self.ulysses_back.issue(stream)
+            rt.barrier(self.Ut, stream)
         if out is None:
             shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
             out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the 2-GPU host (from the repo root): install, build the shim, run the sfattn GPU checks on
+# meshes 1x2, 2x1 and 2x2 (4 ranks on 2 GPUs), then the layer benchmark if SFATTN_BENCH=1.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+python3 -m oneside.native > "$OUT/shim-build.log" 2>&1 || { tail -30 "$OUT/shim-build.log"; exit 1; }
+status=0
+for nm in ${SFATTN_MESHES-2:1 2:2 4:2}; do
+  n=${nm%:*}; m=${nm#*:}
+  timeout 300 python3 -m oneside.launch -n $n --machines $m --backend nvshmem tests/gpu_sfattn.py 2>&1 | tee "$OUT/gpu_sfattn_${n}_${m}.log" | grep -v "^WARN" | tail -20
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+if [ "${SFATTN_BENCH:-0}" = 1 ]; then
+  timeout 400 python3 -m oneside.launch -n 2 --backend nvshmem perf/bench_layer.py --out "$OUT" 2>&1 | grep -v "^WARN" | tee "$OUT/bench_layer.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+exit $status
