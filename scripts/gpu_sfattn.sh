@@ -13,7 +13,9 @@ for nm in ${SFATTN_MESHES-2:1 2:2 4:2}; do
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 if [ "${SFATTN_BENCH:-0}" = 1 ]; then
-  timeout 400 python3 -m oneside.launch -n 2 --backend nvshmem perf/bench_layer.py --out "$OUT" 2>&1 | grep -v "^WARN" | tee "$OUT/bench_layer.log" | tail -40
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  for m in 1 2; do
+    timeout 400 python3 -m oneside.launch -n 2 --machines $m --backend nvshmem perf/bench_layer.py --out "$OUT" 2>&1 | grep -v "^WARN" | tee "$OUT/bench_layer_$m.log" | tail -40
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
 fi
 exit $status

@@ -1,0 +1,107 @@
+"""Layer benchmark: every sfattn algorithm's median latency on DiT attention shapes.
+
+    python -m oneside.launch -n 2 [--machines 2] --backend nvshmem perf/bench_layer.py [--out DIR]
+
+Shapes: Flux 3072^2 (36864 image + 512 text tokens), Flux 4096^2 (65536 + 512), both 24 heads
+x 128; a CogVideoX-class 20 s 768x1360 video (41 latent frames x 4080 + 226 text tokens), 24
+heads x 64; batch 1, bf16. Each algorithm the mesh allows is timed with CUDA events on the
+current stream (3 warm-up calls, median of 10), next to single-GPU torch SDPA (cuDNN) on the
+whole sequence, measured in the same run. Writes ``layer_<M>x<G>.json``; then run
+``perf/report_layer.py`` for the table and the summary keys.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import oneside  # noqa: E402
+import sfattn  # noqa: E402
+from sfattn.plan import PlanError  # noqa: E402
+
+SHAPES = {"flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128),
+          "video20s": (41 * 4080 + 226, 24, 64)}
+
+
+def cuda_median(fn, warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "docs/perf"))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    rt = oneside.init(heap_size="24GiB", timeout=300)
+    me = rt.rank
+    dev = torch.device("cuda", rt.backend.device)
+    mesh = f"{rt.mesh.machines}x{rt.mesh.gpus_per_machine}"
+    results: dict[str, dict[str, float]] = {}
+    for name in args.shapes.split(","):
+        S, H, D = SHAPES[name]
+        row: dict[str, float] = {}
+        if me == 0:  # the single-GPU baseline on the whole sequence
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            x = torch.randn(1, H, S, D, device=dev, dtype=torch.bfloat16)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                row["sdpa_1gpu_cudnn"] = cuda_median(lambda: torch.nn.functional.scaled_dot_product_attention(x, x, x))
+            del x
+        rt.barrier_all()
+        rt.sync()
+        for algo in sfattn.ALGORITHMS:
+            try:
+                plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
+            except PlanError:
+                continue
+            layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
+            L = layer.shard_len()
+            q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            ms = cuda_median(lambda: sfattn.attention(q, k, v, layer))
+            # every rank's time; report the slowest (the layer ends when the last rank is done)
+            t = torch.tensor([ms], device=dev, dtype=torch.float64)
+            tall = rt.alloc((rt.world_size,), "float64")
+            rt.barrier_all()
+            rt.put(tall[me:me + 1], t, 0)
+            rt.barrier_all()
+            rt.sync()
+            if me == 0:
+                row[algo] = float(tall.local.max())
+                print(f"{mesh} {name:>9} {algo:>8}: {row[algo]:8.2f} ms  (T={plan.T} U={plan.U} R={plan.R})",
+                      flush=True)
+            rt.free(tall)
+            sfattn.release(layer)
+            layer.close()
+            del q, k, v
+        if me == 0:
+            print(f"{mesh} {name:>9} {'sdpa 1gpu':>8}: {row['sdpa_1gpu_cudnn']:8.2f} ms", flush=True)
+        results[name] = row
+    if me == 0:
+        meta = {"device": torch.cuda.get_device_name(dev), "mesh": mesh, "ranks": rt.world_size,
+                "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+                "command": f"python -m oneside.launch -n {rt.world_size} --machines {rt.mesh.machines} "
+                           f"--backend nvshmem perf/bench_layer.py"}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"layer_{mesh}.json").write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
+    oneside.finalize()
+
+
+if __name__ == "__main__":
+    main()
