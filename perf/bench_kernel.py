@@ -146,6 +146,7 @@ def write_docs(data: dict, json_path: Path) -> None:
     """PNG plot, markdown table (docs/perf-kernel.md section) and summary.json keys."""
     impl = data.get("default_impl", "sm90")
     rows = data["rows"]
+    others = sorted({k[:-5] for r in rows for k in r if k.endswith("_1blk")} - {impl})
     docs = ROOT / "docs"
     (docs / "perf").mkdir(parents=True, exist_ok=True)
     try:
@@ -156,13 +157,14 @@ def write_docs(data: dict, json_path: Path) -> None:
         for ax, D in zip(axes, (64, 128)):
             rs = [r for r in rows if r["head_dim"] == D]
             xs = [r["seq"] for r in rs]
-            for key, lab, st in (("cudnn", "torch SDPA cuDNN", "k-"),
-                                 ("torch_flash", "torch SDPA flash", "k--"),
-                                 ("flash_attn", "flash-attn", "k:"),
-                                 (f"{impl}_1blk", f"sfattn {impl}, 1 kv block", "C0-o"),
-                                 (f"{impl}_4blk", f"sfattn {impl}, 4 kv blocks", "C1-s"),
-                                 (f"{impl}_8blk", f"sfattn {impl}, 8 kv blocks", "C2-^"),
-                                 ("fa2_1blk", "sfattn fa2 (mma.sync), 1 block", "C3-x")):
+            series = [("cudnn", "torch SDPA cuDNN", "k-"), ("torch_flash", "torch SDPA flash", "k--"),
+                      ("flash_attn", "flash-attn", "k:"),
+                      (f"{impl}_1blk", f"sfattn {impl}, 1 kv block", "C0-o"),
+                      (f"{impl}_4blk", f"sfattn {impl}, 4 kv blocks", "C1-s"),
+                      (f"{impl}_8blk", f"sfattn {impl}, 8 kv blocks", "C2-^")]
+            series += [(f"{o}_1blk", f"sfattn {o}, 1 block", f"C{3 + i}-x")
+                       for i, o in enumerate(others)]
+            for key, lab, st in series:
                 ys = [r.get(key) for r in rs]
                 if any(y is not None for y in ys):
                     ax.plot([x for x, y in zip(xs, ys) if y is not None],
@@ -179,13 +181,15 @@ def write_docs(data: dict, json_path: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
     cols = [c for c in ("cudnn", "torch_flash", "flash_attn", f"{impl}_1blk", f"{impl}_2blk",
-                        f"{impl}_4blk", f"{impl}_8blk", "fa2_1blk", "fa2_4blk")
+                        f"{impl}_4blk", f"{impl}_8blk", *[f"{o}_1blk" for o in others])
             if any(r.get(c) is not None for r in rows)]
     lines = ["## Attention kernel", "",
              f"Device: {data['device']}, torch {data['torch']}, bf16, non-causal, batch 1, "
              f"{rows[0]['heads']} heads; TFLOP/s = 4·B·H·Sq·Sk·D / t (median of CUDA-event "
-             f"timings after warm-up). `sm90_Nblk` = this package's Hopper kernel with the keys "
-             f"split into N blocks (one launch); `fa2_*` = its portable mma.sync kernel.",
+             f"timings after warm-up). `{impl}_Nblk` = this package's default kernel on this GPU "
+             f"with the keys split into N blocks (one launch); other columns `IMPL_1blk`: its other "
+             f"implementations (sm90ws: warp-specialised wgmma, sm90ws128: same with 128-key "
+             f"tiles, sm90: wgmma without warp specialisation, fa2: portable mma.sync).",
              "", f"Command: `{data['command']}` ({data['date']}); docs regenerated with "
              f"`python perf/bench_kernel.py --from-json docs/perf/kernel.json`.", "",
              "| head_dim | seq | " + " | ".join(cols) + " | sfattn / cuDNN |",
@@ -221,7 +225,7 @@ def main() -> None:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--heads", type=int, default=24)
-    ap.add_argument("--impls", default="sm90,fa2")
+    ap.add_argument("--impls", default="sm90ws,sm90ws128,sm90,fa2")
     ap.add_argument("--fa2-max-seq", type=int, default=16384)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)

@@ -19,7 +19,8 @@ def _compile(cfg, tmp_path):
 
 
 def test_all_configurations_compile_without_spills(tmp_path):
-    cfgs = _build.all_configs()
+    cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128)
+                                   for d in (64, 128)]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:

@@ -21,7 +21,9 @@ SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu",
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
 SM90_NWG, SM90_BN = 2, 128
-WS_STAGES, WS_PRODUCER_REGS, WS_CONSUMER_REGS = 3, 24, 240
+WS_PRODUCER_REGS, WS_CONSUMER_REGS = 24, 240
+# sm90ws per head dim: (keys per tile, K ring slots, V ring slots); fits 227 KB of shared memory
+WS_TILES = {64: (192, 3, 3), 128: (176, 2, 2)}
 MAXQ, MAXKV = 16, 16
 
 MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
@@ -39,6 +41,16 @@ class KernelConfig:
     head_dim: int
     dtype: str
     arch: str  # e.g. 'sm_90a', 'sm_80'
+    bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
+
+    def ws_tiles(self) -> tuple[int, int, int]:
+        bn, kst, vst = WS_TILES[self.head_dim]
+        if self.bn and self.bn != bn:
+            tile = self.bn * self.head_dim * 2
+            free = 227 * 1024 - 2048 - 128 * self.head_dim * 2
+            n = max(2, min(3, free // tile // 2))
+            return self.bn, n, n
+        return bn, kst, vst
 
     @property
     def source(self) -> str:
@@ -67,7 +79,8 @@ class KernelConfig:
         if self.impl == "sm90":
             return (64 * SM90_NWG * d + 5 * SM90_BN * d) * 2 + 1024  # 2 K + 3 V stages, align slack
         if self.impl == "sm90ws":
-            return (128 * d + WS_STAGES * 2 * SM90_BN * d) * 2 + 1024
+            bn, kst, vst = self.ws_tiles()
+            return (128 * d + (kst + vst) * bn * d) * 2 + 1024
         return 0
 
     def defines(self) -> list[str]:
@@ -76,8 +89,9 @@ class KernelConfig:
         return [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
                 f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}", f"-DFA2_NW={FA2_NW}",
                 f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}",
-                f"-DWS_STAGES={WS_STAGES}", f"-DWS_PRODUCER_REGS={WS_PRODUCER_REGS}",
-                f"-DWS_CONSUMER_REGS={WS_CONSUMER_REGS}"]
+                f"-DWS_PRODUCER_REGS={WS_PRODUCER_REGS}", f"-DWS_CONSUMER_REGS={WS_CONSUMER_REGS}",
+                *([f"-DWS_BN={self.ws_tiles()[0]}", f"-DWS_KST={self.ws_tiles()[1]}",
+                   f"-DWS_VST={self.ws_tiles()[2]}"] if self.impl == "sm90ws" else [])]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:
         num = self.arch.split("_", 1)[1]

@@ -1,20 +1,25 @@
 // Hopper (sm_90a) fused multi-block attention forward, warp-specialised (FlashAttention-3 ideas,
 // own code): 3 warpgroups per block.
-//   WG0 (producer, few registers): cp.async loads of the Q tile and of K/V tiles into a 3-stage
-//       ring; each thread's copies complete onto a "full" mbarrier (cp.async.mbarrier.arrive).
-//   WG1, WG2 (consumers, 64 Q rows each, many registers): per K/V tile, S = Q K^T and
-//       O += P V with wgmma; the softmax of S_t overlaps P_{t-1} V_{t-1} on the tensor cores;
-//       after the P V product they release the stage on its "empty" mbarrier.
+//   WG0 (producer, few registers): cp.async loads of the Q tile and of K and V tiles into two
+//       separate rings (WS_KST and WS_VST slots); each thread's copies complete onto a "full"
+//       mbarrier of the slot (cp.async.mbarrier.arrive).
+//   WG1, WG2 (consumers, 64 Q rows each, many registers): per K/V tile of WS_BN keys, S = Q K^T
+//       and O += P V with wgmma; the softmax of S_t overlaps P_{t-1} V_{t-1} on the tensor cores.
+//       K_t's slot is released ("empty" mbarrier) as soon as S_t is done, V_t's after P_t V_t, so
+//       the producer refills K early and the larger WS_BN tiles fit two slots per ring.
 // The two consumers take turns issuing their GEMMs (named barriers, "ping-pong"), so one's
 // softmax runs while the other's GEMMs occupy the tensor cores.  cp.async instead of TMA keeps
 // arbitrary strides, odd lengths and zero-filled tails without one tensor map per block.
 #include "sm90_common.cuh"
 
-#ifndef SM90_BN
-#define SM90_BN 128
+#ifndef WS_BN
+#define WS_BN 128
 #endif
-#ifndef WS_STAGES
-#define WS_STAGES 3
+#ifndef WS_KST
+#define WS_KST 2
+#endif
+#ifndef WS_VST
+#define WS_VST 2
 #endif
 #ifndef WS_PRODUCER_REGS
 #define WS_PRODUCER_REGS 24
@@ -25,7 +30,7 @@
 #define WS_BM 128
 #define WS_NT 384
 
-#define WGMMA_S SF_CAT(sf_wgmma_ss_n, SM90_BN)
+#define WGMMA_S SF_CAT(sf_wgmma_ss_n, WS_BN)
 #define WGMMA_O SF_CAT(sf_wgmma_rs_n, SF_D)
 
 __device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
@@ -78,18 +83,23 @@ __device__ __forceinline__ void ws_load_tile(uint32_t sbase, const sf_elem* g, l
 
 extern "C" __global__ void __launch_bounds__(WS_NT, 1)
 sf_attn_sm90ws(const __grid_constant__ SfParams p) {
-  constexpr int D = SF_D, BM = WS_BM, BN = SM90_BN, NST = WS_STAGES;
+  constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
   constexpr int NJ = D / 8, NS = BN / 8;
   constexpr uint32_t TILE = BN * D * 2;
+  static_assert(BN % 16 == 0 && (BN * 128) % 1024 == 0, "BN must be a multiple of 16");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  __shared__ __align__(8) uint64_t bars[2 * NST + 1];  // full[NST], empty[NST], qfull
+  // kfull[KST], kempty[KST], vfull[VST], vempty[VST], qfull
+  __shared__ __align__(8) uint64_t bars[2 * KST + 2 * VST + 1];
   const uint32_t s0 = (sf_smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = s0;
-  const uint32_t sK = sQ + BM * D * 2;  // stage st: K at sK + st*2*TILE, V right after
+  const uint32_t sK = sQ + BM * D * 2;  // K slot i at sK + i * TILE
+  const uint32_t sV = sK + KST * TILE;  // V slot i at sV + i * TILE
   const uint32_t bar0 = sf_smem_u32(bars);
-  auto full = [&](int st) { return bar0 + 8 * st; };
-  auto empty = [&](int st) { return bar0 + 8 * (NST + st); };
-  const uint32_t qfull = bar0 + 8 * (2 * NST);
+  auto kfull = [&](int i) { return bar0 + 8 * i; };
+  auto kempty = [&](int i) { return bar0 + 8 * (KST + i); };
+  auto vfull = [&](int i) { return bar0 + 8 * (2 * KST + i); };
+  auto vempty = [&](int i) { return bar0 + 8 * (2 * KST + VST + i); };
+  const uint32_t qfull = bar0 + 8 * (2 * KST + 2 * VST);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -99,10 +109,8 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   const int nkv = (int)p.nkv;
 
   if (tid == 0) {
-    for (int st = 0; st < NST; ++st) {
-      mbar_init(full(st), 128);
-      mbar_init(empty(st), 256);
-    }
+    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), 128); mbar_init(kempty(i), 256); }
+    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), 128); mbar_init(vempty(i), 256); }
     mbar_init(qfull, 128);
   }
   __syncthreads();
@@ -125,13 +133,14 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       const sf_elem* kp = reinterpret_cast<const sf_elem*>(kv.k) + b * kv.ksb + h * kv.ksh;
       const sf_elem* vp = reinterpret_cast<const sf_elem*>(kv.v) + b * kv.vsb + h * kv.vsh;
       for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
-        const int st = lt % NST;
-        if (lt >= NST) mbar_wait(empty(st), ((lt / NST) - 1) & 1);
         const int nvalid = min(BN, len - n0);
-        const uint32_t kdst = sK + st * 2 * TILE;
-        ws_load_tile<BN>(kdst, kp + (long long)n0 * kv.kss, kv.kss, nvalid, ptid);
-        ws_load_tile<BN>(kdst + TILE, vp + (long long)n0 * kv.vss, kv.vss, nvalid, ptid);
-        cp_async_arrive(full(st));
+        const int ks = lt % KST, vs = lt % VST;
+        if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
+        ws_load_tile<BN>(sK + ks * TILE, kp + (long long)n0 * kv.kss, kv.kss, nvalid, ptid);
+        cp_async_arrive(kfull(ks));
+        if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
+        ws_load_tile<BN>(sV + vs * TILE, vp + (long long)n0 * kv.vss, kv.vss, nvalid, ptid);
+        cp_async_arrive(vfull(vs));
       }
     }
     sf_cp_async_wait<0>();
@@ -155,12 +164,12 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     float alpha[2];
     int ckb = 0, cn0 = 0, ct = 0;
 
-    auto wait_tile = [&]() {
-      mbar_wait(full(ct % NST), (ct / NST) & 1);
-      fence_async_smem();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+    auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
+    auto wait_v_prev = [&]() {  // V_{ct-1}
+      mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1);
     };
     auto issue_s = [&]() {
-      const uint32_t kbase = sK + (ct % NST) * 2 * TILE;
+      const uint32_t kbase = sK + (ct % KST) * TILE;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const uint64_t da = sf_desc(qdesc_base + (kk >> 2) * (BM * 128) + (kk & 3) * 32, 16, 1024);
@@ -170,7 +179,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       wg_commit();
     };
     auto issue_pv = [&]() {  // O += P_{ct-1} V_{ct-1}
-      const uint32_t vbase = sK + ((ct + NST - 1) % NST) * 2 * TILE + TILE;
+      const uint32_t vbase = sV + ((ct - 1) % VST) * TILE;
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk)
         WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
@@ -213,27 +222,34 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     fence_async_smem();
     if (nkv > 0) {
       if (c == 1) named_arrive(1);  // consumer 0 issues first
-      wait_tile();
+      wait_k();
+      fence_async_smem();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
       named_sync(my_bar);
       wg_fence();
       issue_s();
       named_arrive(other_bar);
       wg_wait<0>();
+      mbar_arrive(kempty(ct % KST));
       softmax();
       rescale_pack_next();
       while (ckb < nkv) {
-        wait_tile();
+        wait_k();
+        wait_v_prev();
+        fence_async_smem();
         named_sync(my_bar);
         wg_fence();
         issue_s();
         issue_pv();
         named_arrive(other_bar);
         wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
+        mbar_arrive(kempty(ct % KST));
         softmax();     // overlaps the P V products on the tensor cores
         wg_wait<0>();
-        mbar_arrive(empty((ct + NST - 1) % NST));  // K_{t-1}, V_{t-1} no longer read
+        mbar_arrive(vempty((ct - 1) % VST));
         rescale_pack_next();
       }
+      wait_v_prev();
+      fence_async_smem();
       named_sync(my_bar);
       wg_fence();  // the last P V product
       issue_pv();

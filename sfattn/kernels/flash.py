@@ -56,11 +56,14 @@ def _device_cc(dev: int) -> int:
 
 
 def default_impl(dev: int = 0) -> str:
-    """'sm90' (wgmma) on Hopper, 'fa2' (mma.sync) elsewhere; $SFATTN_IMPL overrides."""
+    """'sm90ws' (warp-specialised wgmma) on Hopper, 'fa2' (mma.sync) elsewhere.
+
+    $SFATTN_IMPL overrides ('fa2', 'sm90', 'sm90ws' or 'sm90ws<BN>' for another tile width).
+    """
     env = os.environ.get("SFATTN_IMPL")
     if env:
         return env
-    return "sm90" if _device_cc(dev) == 90 else "fa2"
+    return "sm90ws" if _device_cc(dev) == 90 else "fa2"
 
 
 class _Kernel:
@@ -89,7 +92,10 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
             k = _kernels.get(key)
             if k is None:
                 cc = _device_cc(dev)
-                if impl in ("sm90", "sm90ws"):
+                base, bn = impl, 0
+                if impl.startswith("sm90ws") and impl[6:].isdigit():  # e.g. 'sm90ws128'
+                    base, bn = "sm90ws", int(impl[6:])
+                if base in ("sm90", "sm90ws"):
                     if cc != 90:
                         raise ValueError(f"impl={impl!r} needs a Hopper GPU (sm_90), device {dev} is "
                                          f"sm_{cc}")
@@ -99,7 +105,7 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
                         raise ValueError(f"the attention kernels need sm_80 or newer, device {dev} "
                                          f"is sm_{cc}")
                     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
-                k = _Kernel(KernelConfig(impl, head_dim, dtype, arch), dev)
+                k = _Kernel(KernelConfig(base, head_dim, dtype, arch, bn), dev)
                 _kernels[key] = k
     return k
 
@@ -189,7 +195,8 @@ class AttnLaunch:
         self.torch_inputs = qd[0].is_torch
         self.B, self.S, self.H, self.D, self.dtype = B, S, H, D, dtype
         self.impl = impl or default_impl(self.device)
-        if self.impl not in ("fa2", "sm90", "sm90ws"):
+        if self.impl not in ("fa2", "sm90", "sm90ws") and not (
+                self.impl.startswith("sm90ws") and self.impl[6:].isdigit()):
             raise ValueError(f"impl must be 'fa2', 'sm90' or 'sm90ws', got {self.impl!r}")
         self.kernel = get_kernel(self.impl, D, dtype, self.device)
         self.has_state = st is not None
