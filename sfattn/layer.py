@@ -82,6 +82,12 @@ class SPAttention:
         self.ready.local[...] = 0
         self.states = [self.local.state(B, U * Sl, Ht, D) for _ in range(T)]
         self.epoch = 0
+        self.gpu = rt.backend.is_gpu
+        if self.gpu:  # two communication streams beside the caller's compute stream
+            import cupy
+
+            self._streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+            self._events: dict = {}
         self._build()
         rt.sync()
         rt.barrier_all()
@@ -203,41 +209,57 @@ class SPAttention:
         self.epoch += 1
         for x, a in (("q", q), ("k", k), ("v", v)):
             self._pack(a, self._send_views[x])
-        # GPU: every step is ordered on the caller's current stream (waits included)
-        stream = rt.backend.stream_handle(None) if rt.backend.is_gpu else None
+        # Compute on the caller's stream C; Torus traffic on stream A, Ring traffic on stream B
+        # (GPU). On the host backend every call completes in program order, which this order
+        # keeps valid: pulls and signals are issued before the waits and computes needing them.
+        C = rt.backend.stream_handle(None) if self.gpu else None
+        A, Bs = (self._streams[0].ptr, self._streams[1].ptr) if self.gpu else (None, None)
         if U > 1:
-            self.ulysses.issue(stream)
-        rt.barrier_all(stream)
-        # issue every pull up front (host backend: they complete here, in schedule order)
-        for b in self.q_pulls:
-            b.issue(stream)
-        for j, b in enumerate(self.kv_pulls, start=1):
-            b.issue(stream)
-            if R > 1:
-                p = self._src[j]
-                for rr in self.ring_peers:
-                    rt.signal_op(self.ready[p, self.r], self.epoch, self.Rt[rr], "set", stream)
+            self.ulysses.issue(C)
+        rt.barrier_all(C)
+        self._record("start", C)
+        self._wait(A, "start")
+        for p, b in zip(self._src[1:], self.q_pulls):      # Pull Q chunks, then K/V chunks
+            b.issue(A)
+            self._record(("q", p), A)
+        for p, b in zip(self._src[1:], self.kv_pulls):
+            b.issue(A)
+            self._record(("kv", p), A)
+            for rr in self.ring_peers:  # tell ring peers my copy of chunk p is there
+                rt.signal_op(self.ready[p, self.r], self.epoch, self.Rt[rr], "set", A)
         if R > 1:
-            self.ring_stationary.issue(stream)
-        # Pull Q stages
-        for run in self.q_stage:
-            run(stream)
-        # Pull KV stages
-        for j, stage in enumerate(self.kv_stage, start=1):
-            pk = self._src[j]
-            if R > 1:
+            self._wait(Bs, "start")
+            self.ring_stationary.issue(Bs)
+            self._record(("ring", self.t), Bs)
+            for pk in self._src[1:]:
                 for rr in self.ring_peers:
-                    rt.signal_wait(self.ready[pk, rr], self.epoch, "ge", stream=stream)
-                self.ring_chunk[pk].issue(stream)
+                    rt.signal_wait(self.ready[pk, rr], self.epoch, "ge", stream=Bs)
+                self.ring_chunk[pk].issue(Bs)
+                self._record(("ring", pk), Bs)
+            self._wait(C, ("ring", self.t))
+        for p, run in zip(self._src, self.q_stage):         # Pull Q stages, stationary first
+            if p != self.t:
+                self._wait(C, ("q", p))
+            run(C)
+        for j, stage in enumerate(self.kv_stage, start=1):  # Pull KV stages
+            pk = self._src[j]
+            self._wait(C, ("kv", pk))
+            if R > 1:
+                self._wait(C, ("ring", pk))
             last = j == T - 1
             for p, run in stage:
-                run(stream)
-                if last and p != self.t:
-                    self.push_o[p].issue(stream)
-        rt.barrier_all(stream)
+                run(C)
+                if last and p != self.t:  # Push O while the stationary rows finish
+                    self._record(("o", p), C)
+                    self._wait(A, ("o", p))
+                    self.push_o[p].issue(A)
+        if T > 1:
+            self._record("pushed", A)
+            self._wait(C, "pushed")
+        rt.barrier_all(C)
         if U > 1:
-            self.ulysses_back.issue(stream)
-            rt.barrier(self.Ut, stream)
+            self.ulysses_back.issue(C)
+            rt.barrier(self.Ut, C)
         if out is None:
             shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
             out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)
@@ -245,6 +267,21 @@ class SPAttention:
             return _swap12(out) if self.layout == "bhsd" else out
         self._unpack(_swap12(out) if self.layout == "bhsd" else out)
         return out
+
+    def _record(self, name: Any, stream: Any) -> None:
+        if self.gpu:
+            import cupy
+
+            ev = self._events.get(name)
+            if ev is None:
+                ev = self._events[name] = cupy.cuda.Event(disable_timing=True)
+            cupy.cuda.runtime.eventRecord(ev.ptr, stream)
+
+    def _wait(self, stream: Any, name: Any) -> None:
+        if self.gpu:
+            import cupy
+
+            cupy.cuda.runtime.streamWaitEvent(stream, self._events[name].ptr, 0)
 
     def close(self) -> None:
         """Return every buffer to the heap (collective)."""

@@ -1,0 +1,46 @@
+"""The torch op on the host backend: torch tensors in, torch tensors out, opaque to torch.compile."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import sfattn  # noqa: E402
+from ranks import all_ok, run_ranks  # noqa: E402
+from sfattn.reference import attention_ref  # noqa: E402
+
+
+def _torch_op(rt, compile_it: bool):
+    plan = sfattn.make_plan(rt.mesh, 8, 21, 16)
+    layer = sfattn.SPAttention(rt, plan, 1, "float64", layout="bhsd")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 21, 8, 16, dtype=torch.float64, generator=g) for _ in range(3))
+    ref, _ = attention_ref(q.numpy(), k.numpy(), v.numpy(), layer.scale)
+    lo, L = rt.rank * layer.Sl, layer.shard_len()
+    sh = [x[:, lo:lo + L].transpose(1, 2) for x in (q, k, v)]  # BHSD views, not contiguous
+    o = sfattn.attention(*sh, layer)
+    assert isinstance(o, torch.Tensor) and o.shape == (1, 8, L, 16)
+    err = float(np.abs(o.transpose(1, 2).numpy() - ref[:, lo:lo + L]).max())
+    same = True
+    if compile_it:
+        f = torch.compile(lambda a, b, c: sfattn.attention(a, b, c, layer) * 2, fullgraph=True)
+        same = bool(torch.equal(f(*sh), 2 * o))
+    sfattn.release(layer)
+    layer.close()
+    return err, same
+
+
+def test_torch_op_matches_reference():
+    for err, _ in all_ok(run_ranks(_torch_op, 4, machines=2, heap="8MiB", compile_it=False)):
+        assert err < 1e-12
+
+
+def test_torch_op_under_torch_compile_fullgraph():
+    res = all_ok(run_ranks(_torch_op, 2, heap="8MiB", deadline=300, timeout=240, compile_it=True))
+    assert all(same for _, same in res)
+
+
+def test_attention_rejects_non_layer():
+    with pytest.raises(TypeError, match="layer: expected an sfattn.SPAttention"):
+        sfattn.attention(torch.zeros(1), torch.zeros(1), torch.zeros(1), layer=None)
