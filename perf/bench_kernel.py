@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CMD = "PYTHONUNBUFFERED=1 python perf/bench_kernel.py --out-dir docs/perf"
 
 
 def _time(fn, warmup: int, reps: int) -> float:
@@ -136,7 +135,8 @@ def run(args) -> dict:
     t_call = (time.perf_counter() - t0) / (n // 4)
     torch.cuda.synchronize()
     return {"device": dev, "torch": torch.__version__, "python": platform.python_version(),
-            "command": CMD, "dtype": "bf16", "causal": False, "rows": rows,
+            "command": "PYTHONUNBUFFERED=1 python perf/bench_kernel.py " + " ".join(sys.argv[1:]),
+            "dtype": "bf16", "causal": False, "rows": rows,
             "host_us_prepared_launch": t_launch * 1e6, "host_us_attn_blocks_call": t_call * 1e6,
             "default_impl": K.default_impl(0), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                        time.gmtime())}
