@@ -56,7 +56,7 @@ def run(args) -> dict:
     dev = torch.cuda.get_device_name(0)
     H, B = args.heads, 1
     rows = []
-    impls = args.impls.split(",")
+    impls = args.impls
     for D in args.head_dims:
         for S in args.seqs:
             g = torch.Generator(device="cuda").manual_seed(S + D)
@@ -225,7 +225,8 @@ def main() -> None:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--heads", type=int, default=24)
-    ap.add_argument("--impls", default="sm90ws,sm90ws128,sm90,fa2")
+    ap.add_argument("--impls", nargs="+", default=["sm90ws", "sm90ws128", "sm90", "fa2"],
+                    help="kernel variants, e.g. sm90ws sm90ws:BN=160,PP=0 sm90 fa2")
     ap.add_argument("--fa2-max-seq", type=int, default=16384)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)

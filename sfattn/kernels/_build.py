@@ -42,15 +42,17 @@ class KernelConfig:
     dtype: str
     arch: str  # e.g. 'sm_90a', 'sm_80'
     bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
+    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, PR, CR
 
     def ws_tiles(self) -> tuple[int, int, int]:
         bn, kst, vst = WS_TILES[self.head_dim]
+        o = dict(self.opts)
         if self.bn and self.bn != bn:
             tile = self.bn * self.head_dim * 2
             free = 227 * 1024 - 2048 - 128 * self.head_dim * 2
             n = max(2, min(3, free // tile // 2))
-            return self.bn, n, n
-        return bn, kst, vst
+            bn, kst, vst = self.bn, n, n
+        return bn, int(o.get("KST", kst)), int(o.get("VST", vst))
 
     @property
     def source(self) -> str:
@@ -89,7 +91,9 @@ class KernelConfig:
         return [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
                 f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}", f"-DFA2_NW={FA2_NW}",
                 f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}",
-                f"-DWS_PRODUCER_REGS={WS_PRODUCER_REGS}", f"-DWS_CONSUMER_REGS={WS_CONSUMER_REGS}",
+                f"-DWS_PRODUCER_REGS={dict(self.opts).get('PR', WS_PRODUCER_REGS)}",
+                f"-DWS_CONSUMER_REGS={dict(self.opts).get('CR', WS_CONSUMER_REGS)}",
+                f"-DWS_PP={dict(self.opts).get('PP', 1)}",
                 *([f"-DWS_BN={self.ws_tiles()[0]}", f"-DWS_KST={self.ws_tiles()[1]}",
                    f"-DWS_VST={self.ws_tiles()[2]}"] if self.impl == "sm90ws" else [])]
 

@@ -5,7 +5,7 @@ Run: python -m sfattn.kernels._gen_wgmma   (rewrites sfattn/kernels/wgmma_ops.cu
 """
 from pathlib import Path
 
-NS = (64, 96, 128, 176, 192, 256)
+NS = (64, 96, 128, 144, 160, 176, 192, 256)
 
 
 def _regs(n: int, first: int) -> str:

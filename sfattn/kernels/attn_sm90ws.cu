@@ -53,11 +53,14 @@ __device__ __forceinline__ void mbar_arrive(uint32_t a) {
 __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
 }
+#ifndef WS_PP
+#define WS_PP 1  // consumer ping-pong through named barriers
+#endif
 __device__ __forceinline__ void named_sync(int id) {
-  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+  if (WS_PP) asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
 __device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+  if (WS_PP) asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
 }
 
 // Register-lean tile load for the 128 producer threads: each thread keeps one 16-byte column

@@ -83,6 +83,25 @@ class _Kernel:
         self.threads, self.smem, self.block_m = cfg.threads, cfg.smem_bytes, cfg.block_m
 
 
+def _parse_impl(impl: str) -> tuple[str, int, tuple]:
+    """'fa2' | 'sm90' | 'sm90ws' | 'sm90ws<BN>' | 'sm90ws:BN=160,PP=0,...' -> (base, bn, opts)."""
+    if impl in ("fa2", "sm90", "sm90ws"):
+        return impl, 0, ()
+    if impl.startswith("sm90ws") and impl[6:].isdigit():
+        return "sm90ws", int(impl[6:]), ()
+    if impl.startswith("sm90ws:"):
+        try:
+            kv = dict(item.split("=") for item in impl[7:].split(",") if item)
+            bn = int(kv.pop("BN", 0))
+            bad = set(kv) - {"KST", "VST", "PP", "PR", "CR"}
+            if not bad:
+                return "sm90ws", bn, tuple(sorted((k, int(v)) for k, v in kv.items()))
+        except ValueError:
+            pass
+    raise ValueError(f"impl must be 'fa2', 'sm90', 'sm90ws', 'sm90ws<BN>' or "
+                     f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,PR=..,CR=..', got {impl!r}")
+
+
 def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
     """Compile (once, disk-cached) and load the kernel for this configuration and device."""
     key = (impl, head_dim, dtype, dev)
@@ -92,9 +111,7 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
             k = _kernels.get(key)
             if k is None:
                 cc = _device_cc(dev)
-                base, bn = impl, 0
-                if impl.startswith("sm90ws") and impl[6:].isdigit():  # e.g. 'sm90ws128'
-                    base, bn = "sm90ws", int(impl[6:])
+                base, bn, opts = _parse_impl(impl)
                 if base in ("sm90", "sm90ws"):
                     if cc != 90:
                         raise ValueError(f"impl={impl!r} needs a Hopper GPU (sm_90), device {dev} is "
@@ -105,7 +122,7 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
                         raise ValueError(f"the attention kernels need sm_80 or newer, device {dev} "
                                          f"is sm_{cc}")
                     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
-                k = _Kernel(KernelConfig(base, head_dim, dtype, arch, bn), dev)
+                k = _Kernel(KernelConfig(base, head_dim, dtype, arch, bn, opts), dev)
                 _kernels[key] = k
     return k
 
@@ -195,9 +212,7 @@ class AttnLaunch:
         self.torch_inputs = qd[0].is_torch
         self.B, self.S, self.H, self.D, self.dtype = B, S, H, D, dtype
         self.impl = impl or default_impl(self.device)
-        if self.impl not in ("fa2", "sm90", "sm90ws") and not (
-                self.impl.startswith("sm90ws") and self.impl[6:].isdigit()):
-            raise ValueError(f"impl must be 'fa2', 'sm90' or 'sm90ws', got {self.impl!r}")
+        _parse_impl(self.impl)
         self.kernel = get_kernel(self.impl, D, dtype, self.device)
         self.has_state = st is not None
         self._build(qd, kd, vd, st, od, ld, float(scale))
