@@ -16,7 +16,17 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_main_job_runs_and_checks():
+def test_main_job_runs_every_algorithm():
+    r = _run("-n", "4", "--machines", "2", "examples/attention.py", "--seq", "67", "--heads", "8", "--dim", "16",
+             "--iters", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "mesh 2x2" in lines[0]
+    assert [l.split()[0] for l in lines[2:]] == ["ulysses", "ring", "usp", "tas", "torus"]
+    assert all(l.endswith(" ok") for l in lines[2:]), r.stdout
+
+
+def test_alltoall_example_runs_and_checks():
     r = _run("-n", "4", "--machines", "2", "examples/alltoall.py", "--mib", "1", "--iters", "3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
