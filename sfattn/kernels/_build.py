@@ -42,7 +42,7 @@ class KernelConfig:
     dtype: str
     arch: str  # e.g. 'sm_90a', 'sm_80'
     bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
-    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, PR, CR
+    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, EA, PR, CR
 
     def ws_tiles(self) -> tuple[int, int, int]:
         bn, kst, vst = WS_TILES[self.head_dim]
@@ -93,7 +93,7 @@ class KernelConfig:
                 f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}",
                 f"-DWS_PRODUCER_REGS={dict(self.opts).get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={dict(self.opts).get('CR', WS_CONSUMER_REGS)}",
-                f"-DWS_PP={dict(self.opts).get('PP', 1)}",
+                f"-DWS_PP={dict(self.opts).get('PP', 1)}", f"-DWS_EA={dict(self.opts).get('EA', 1)}",
                 *([f"-DWS_BN={self.ws_tiles()[0]}", f"-DWS_KST={self.ws_tiles()[1]}",
                    f"-DWS_VST={self.ws_tiles()[2]}"] if self.impl == "sm90ws" else [])]
 

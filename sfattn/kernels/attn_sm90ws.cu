@@ -56,6 +56,10 @@ __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers
 #endif
+#ifndef WS_EA
+#define WS_EA 1  // 1: one "empty" arrival per consumer warp (lane 0); 0: every consumer thread
+#endif
+#define WS_EMPTY_COUNT (WS_EA ? 8 : 256)
 __device__ __forceinline__ void named_sync(int id) {
   if (WS_PP) asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -112,8 +116,8 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   const int nkv = (int)p.nkv;
 
   if (tid == 0) {
-    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), 128); mbar_init(kempty(i), 256); }
-    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), 128); mbar_init(vempty(i), 256); }
+    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), 128); mbar_init(kempty(i), WS_EMPTY_COUNT); }
+    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), 128); mbar_init(vempty(i), WS_EMPTY_COUNT); }
     mbar_init(qfull, 128);
   }
   __syncthreads();
@@ -232,7 +236,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       issue_s();
       named_arrive(other_bar);
       wg_wait<0>();
-      mbar_arrive(kempty(ct % KST));
+      if (!WS_EA || lane == 0) mbar_arrive(kempty(ct % KST));  // after this warp's wgmma wait
       softmax();
       rescale_pack_next();
       while (ckb < nkv) {
@@ -245,10 +249,10 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         issue_pv();
         named_arrive(other_bar);
         wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
-        mbar_arrive(kempty(ct % KST));
+        if (!WS_EA || lane == 0) mbar_arrive(kempty(ct % KST));  // after this warp's wgmma wait
         softmax();     // overlaps the P V products on the tensor cores
         wg_wait<0>();
-        mbar_arrive(vempty((ct - 1) % VST));
+        if (!WS_EA || lane == 0) mbar_arrive(vempty((ct - 1) % VST));
         rescale_pack_next();
       }
       wait_v_prev();
