@@ -16,6 +16,7 @@ from .mesh import Mesh, Team
 _SIGNAL_OPS = ("set", "add")
 _CMPS = ("eq", "ne", "gt", "ge", "lt", "le")
 BARRIER_SLOTS = 128
+GEN_WORDS = 256  # device-side generation counters: barrier slots, then signal_wait_next users
 _current: "Runtime | None" = None
 
 
@@ -55,7 +56,10 @@ class Runtime:
         # Reserved area at the start of the arena: barrier rows, then the alloc check table.
         self._barrier_bytes = BARRIER_SLOTS * self.world_size * 8
         self._check_off = self._barrier_bytes
-        reserved = self._check_off + self.world_size * 32
+        self._gen_off = self._check_off + self.world_size * 32
+        self._gen_next: dict[int, int] = {}     # signal offset -> generation word index
+        self._counts: dict[int, int] = {}       # signal offset -> rounds waited (host bookkeeping)
+        reserved = self._gen_off + (BARRIER_SLOTS + GEN_WORDS) * 8
         reserved = -(-reserved // 4096) * 4096
         if reserved >= backend.heap_size:
             raise OnesideError(f"heap_size={backend.heap_size}: too small, need more than {reserved} bytes")
@@ -257,6 +261,31 @@ class Runtime:
             raise ValueError(f"cmp={cmp!r}: expected one of {_CMPS}")
         self.backend.signal_wait(self._signal(signal), cmp, int(value), stream, timeout)
 
+    def signal_wait_next(self, signals: SymArray, skip: int = -1, stream: Any = None,
+                         timeout: float | None = None) -> None:
+        """Wait until every word of ``signals`` (but index ``skip``) was raised once more.
+
+        For counters that each writer bumps with ``signal_op(..., 1, op="add")`` once per
+        round: the n-th call returns when every word is >= n. The round count lives on the
+        GPU (a generation word the wait kernel advances), so a captured CUDA graph that
+        replays the wait stays correct; the host backend counts in Python.
+        """
+        self._check_open()
+        s = self._sym(signals, "signals")
+        if s.dtype != "uint64" or s.ndim != 1:
+            raise ValueError(f"signals: expected a 1-D uint64 array of the heap, got {s!r}")
+        if not -1 <= skip < s.size:
+            raise ValueError(f"skip={skip}: expected -1 or an index below {s.size}")
+        gen = self._gen_next.get(s.offset)
+        if gen is None:
+            if len(self._gen_next) >= GEN_WORDS:
+                raise OnesideError(f"signal_wait_next: more than {GEN_WORDS} distinct signal arrays waited on")
+            gen = self._gen_next[s.offset] = len(self._gen_next)
+        count = self._counts.get(s.offset, 0) + 1
+        self._counts[s.offset] = count
+        self.backend.wait_next(s.offset, s.size, skip, self._gen_off + 8 * (BARRIER_SLOTS + gen), count,
+                               stream, timeout)
+
     def quiet(self, stream: Any = None) -> None:
         """Complete every transfer this rank issued on ``stream`` (nbi ones included)."""
         self._check_open()
@@ -279,7 +308,8 @@ class Runtime:
                                f"{self.rank}; use one of them or reorder its ranks")
         epoch = self._epochs.get(slot, 0) + 1
         self._epochs[slot] = epoch
-        self.backend.barrier(slot * self.world_size * 8, team.ranks, me, epoch, stream, timeout)
+        self.backend.barrier(slot * self.world_size * 8, team.ranks, me, epoch, self._gen_off + 8 * slot,
+                             stream, timeout)
 
     def barrier_all(self, stream: Any = None, timeout: float | None = None) -> None:
         self.barrier(self.world, stream, timeout)

@@ -78,10 +78,9 @@ class SPAttention:
         self.TO = a((T, U, *piece))            # outputs of other machines' rows, before Push O
         self.RO = a((T, U, *piece))            # my chunk's outputs, by torus group
         self.FO = a((U, T, *piece))            # after reverse Ulysses: [ulysses group, torus group]
-        self.ready = rt.alloc((T, R), "uint64")  # ring peers' "chunk p pulled" epochs
+        self.ready = rt.alloc((T, R), "uint64")  # ring peers' "chunk p pulled" counters
         self.ready.local[...] = 0
         self.states = [self.local.state(B, U * Sl, Ht, D) for _ in range(T)]
-        self.epoch = 0
         self.gpu = rt.backend.is_gpu
         if self.gpu:  # two communication streams beside the caller's compute stream
             import cupy
@@ -206,7 +205,6 @@ class SPAttention:
                 raise TypeError(f"{name}: expected dtype {self.dtype}, got {x.dtype}")
         if self.layout == "bhsd":
             q, k, v = (_swap12(x) for x in (q, k, v))
-        self.epoch += 1
         for x, a in (("q", q), ("k", k), ("v", v)):
             self._pack(a, self._send_views[x])
         # Compute on the caller's stream C; Torus traffic on stream A, Ring traffic on stream B
@@ -218,7 +216,8 @@ class SPAttention:
             self.ulysses.issue(C)
         rt.barrier_all(C)
         self._record("start", C)
-        self._wait(A, "start")
+        if T > 1:
+            self._wait(A, "start")
         for p, b in zip(self._src[1:], self.q_pulls):      # Pull Q chunks, then K/V chunks
             b.issue(A)
             self._record(("q", p), A)
@@ -226,14 +225,13 @@ class SPAttention:
             b.issue(A)
             self._record(("kv", p), A)
             for rr in self.ring_peers:  # tell ring peers my copy of chunk p is there
-                rt.signal_op(self.ready[p, self.r], self.epoch, self.Rt[rr], "set", A)
+                rt.signal_op(self.ready[p, self.r], 1, self.Rt[rr], "add", A)
         if R > 1:
             self._wait(Bs, "start")
             self.ring_stationary.issue(Bs)
             self._record(("ring", self.t), Bs)
             for pk in self._src[1:]:
-                for rr in self.ring_peers:
-                    rt.signal_wait(self.ready[pk, rr], self.epoch, "ge", stream=Bs)
+                rt.signal_wait_next(self.ready[pk], skip=self.r, stream=Bs)
                 self.ring_chunk[pk].issue(Bs)
                 self._record(("ring", pk), Bs)
             self._wait(C, ("ring", self.t))

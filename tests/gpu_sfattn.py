@@ -53,6 +53,39 @@ def main() -> None:
             say(f"{algo:>7} H={H} S={S} D={D} {layout}: rel err {err:.2e}, bitwise repeatable")
             sfattn.release(layer)
             layer.close()
+    # CUDA graphs: capture a layer once, replay it on new inputs (torus with a ring inside too)
+    variants = [(a, None) for a in sfattn.ALGORITHMS]
+    if rt.mesh.machines > 1 and rt.mesh.gpus_per_machine > 1:
+        variants.append(("torus", 1))  # T > 1 and R > 1
+    H, S, D = 24, 515, 64
+    for algo, ud in variants:
+        try:
+            plan = sfattn.make_plan(rt.mesh, H, S, D, algo, ulysses_degree=ud)
+        except PlanError:
+            continue
+        layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
+        L = layer.shard_len()
+        static = [torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            sfattn.attention(*static, layer)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sfattn.attention(*static, layer)
+        for it in range(3):
+            fresh = [torch.randn_like(x) for x in static]
+            for x, f in zip(static, fresh):
+                x.copy_(f)
+            graph.replay()
+            eager = sfattn.attention(*fresh, layer)
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), (algo, ud, it, (out.float() - eager.float()).abs().max().item())
+        say(f"CUDA graph of {algo} (T={plan.T} U={plan.U} R={plan.R}): replays equal eager calls")
+        del graph
+        sfattn.release(layer)
+        layer.close()
     # 1000 calls leave the heap as it was
     plan = sfattn.make_plan(rt.mesh, 24, 257, 64)
     layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")

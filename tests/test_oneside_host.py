@@ -116,6 +116,29 @@ def _signals(rt):
     return [int(v) for v in data.local[:, 0]]
 
 
+def _wait_next(rt):
+    n, me = rt.world_size, rt.rank
+    ready = rt.alloc(n, "uint64")
+    ready.local[...] = 0
+    rt.barrier_all()
+    for rnd in range(1, 4):
+        for p in range(n):
+            if p != me:
+                rt.signal_op(ready[me], 1, p, "add")
+        rt.signal_wait_next(ready, skip=me)
+        assert all(int(ready.local[p]) >= rnd for p in range(n) if p != me)
+    with pytest.raises(CommTimeoutError, match="round 4"):
+        rt.signal_wait_next(ready, skip=me, timeout=0.2)
+    with pytest.raises(ValueError, match="skip=9"):
+        rt.signal_wait_next(ready, skip=9)
+    rt.barrier_all()
+    return True
+
+
+def test_signal_wait_next_rounds():
+    all_ok(run_ranks(_wait_next, 3))
+
+
 @pytest.mark.parametrize("n", [2, 3, 8])
 def test_signals(n):
     vals = all_ok(run_ranks(_signals, n))

@@ -74,6 +74,30 @@ def test_odd_heads_lengths_and_layouts(mesh, H, S, layout):
             assert err < 1e-6, (mesh, H, S, algo, err)
 
 
+def _forced_degrees(rt, cases):
+    errs = []
+    for algo, ud in cases:
+        plan = make_plan(rt.mesh, 12, 29, 8, algo, ulysses_degree=ud)
+        layer = SPAttention(rt, plan, 1, "float64")
+        q, k, v = _inputs(7, 1, 29, 12, 8)
+        ref, _ = attention_ref(q, k, v, layer.scale)
+        lo, L = rt.rank * layer.Sl, layer.shard_len()
+        for _ in range(3):  # signal rounds advance correctly call after call
+            o = layer(*(x[:, lo:lo + L] for x in (q, k, v)))
+        errs.append((plan.T, plan.U, plan.R, float(np.abs(o - ref[:, lo:lo + L]).max()) if L else 0.0))
+        layer.close()
+    return errs
+
+
+def test_torus_with_ring_inside_and_forced_degrees():
+    cases = [("torus", 1), ("torus", 2), ("usp", 1), ("tas", 2)]
+    res = all_ok(run_ranks(_forced_degrees, 8, machines=2, heap="24MiB", deadline=120, cases=cases))
+    assert [c[:3] for c in res[0]] == [(2, 1, 4), (2, 2, 2), (1, 1, 8), (1, 2, 4)]
+    for r in res:
+        for *_, err in r:
+            assert err < 1e-12
+
+
 def _allowed(mesh, H, algo) -> bool:
     try:
         make_plan(Mesh(*mesh), H, 64, 8, algo)

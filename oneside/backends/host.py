@@ -294,7 +294,27 @@ class HostBackend:
     def quiet(self, stream: Any = None) -> None:
         pass  # every transfer is complete when it returns
 
-    def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int,
+    def wait_next(self, offset: int, n: int, skip: int, gen_offset: int, count: int, stream: Any = None,
+                  timeout: float | None = None) -> None:
+        """Wait until every word at ``offset`` (n of them, but ``skip``) is >= ``count``."""
+        words = [ctypes.c_uint64.from_address(self.bases[self.rank] + offset + 8 * i) for i in range(n) if i != skip]
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        backoff = _Backoff()
+        others = [r for r in range(self.world_size) if r != self.rank]
+        while any(w.value < count for w in words):
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(f"signal_wait_next: words at heap offset {offset} are "
+                                       f"{[w.value for w in words]}, waited {timeout:.1f} s for round {count}")
+            try:
+                self.check_peers(others)
+            except PeerDeadError:
+                if all(w.value >= count for w in words):
+                    return
+                raise
+            backoff()
+
+    def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
                 stream: Any = None, timeout: float | None = None) -> None:
         """Dissemination-free flat barrier: tell every member, then wait for every member."""
         for j, r in enumerate(members):

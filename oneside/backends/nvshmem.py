@@ -53,6 +53,18 @@ extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, con
 # Stream-ordered waits are a one-thread kernel spinning on local words, not NVSHMEM's
 # signal_wait_until_on_stream, which NVSHMEM refuses when several PEs share a GPU.
 _WAIT_KERNEL = r"""
+extern "C" __global__ void oneside_wait_next(const unsigned long long *words, int n, int skip,
+                                             unsigned long long *gen) {
+    const unsigned long long g = *gen + 1;  // the round to wait for lives on the GPU (graph-safe)
+    *gen = g;
+    for (int i = 0; i < n; ++i) {
+        if (i == skip) continue;
+        const volatile unsigned long long *w = words + i;
+        while (*w < g) __nanosleep(64);
+    }
+    __threadfence_system();
+}
+
 extern "C" __global__ void oneside_wait(const unsigned long long *words, int n, int skip, int cmp,
                                         unsigned long long value) {
     for (int i = 0; i < n; ++i) {
@@ -120,7 +132,9 @@ class NvshmemBackend:
         self._ext_streams: dict[int, Any] = {}
         self._members: dict[tuple[int, ...], np.ndarray] = {}
         self._copy = cupy.RawKernel(_COPY_KERNEL, "oneside_copy_batch")
-        self._wait = cupy.RawKernel(_WAIT_KERNEL, "oneside_wait")
+        waits = cupy.RawModule(code=_WAIT_KERNEL)
+        self._wait = waits.get_function("oneside_wait")
+        self._wait_gen = waits.get_function("oneside_wait_next")
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
         self._one = self.ffi.new("uint64_t[3]")  # single-transfer fast path
         self._one_pe = self.ffi.new("int32_t[1]")
@@ -340,16 +354,29 @@ class NvshmemBackend:
     def quiet(self, stream: Any = None) -> None:
         self.lib.os_quiet(self.stream_handle(stream))
 
-    def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int,
+    def wait_next(self, offset: int, n: int, skip: int, gen_offset: int, count: int, stream: Any = None,
+                  timeout: float | None = None) -> None:
+        h = int(self._internal.ptr) if stream is None else self.stream_handle(stream)
+        self._launch_wait_next(self.heap_base + offset, n, skip, self.heap_base + gen_offset, h)
+        if stream is None:
+            self._wait_host(h, f"signal_wait_next(heap offset {offset})", timeout)
+
+    def _launch_wait_next(self, words: int, n: int, skip: int, gen: int, handle: int) -> None:
+        cp = self.cp
+        self._wait_gen((1,), (1,), (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen)),
+                       stream=self._cupy_stream(handle))
+
+    def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
                 stream: Any = None, timeout: float | None = None) -> None:
-        """Quiet, raise my word at every member (native call), wait for all words (kernel)."""
+        """Quiet, add 1 to my word at every member (native call), wait for the next round of
+        every member's word (kernel; the round count lives on the GPU, so graphs replay it)."""
         m = self._members.get(tuple(members))
         if m is None:
             m = self._members[tuple(members)] = np.asarray(members, np.int32)
         h = self.stream_handle(stream)
         row = self.heap_base + row_offset
-        self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, epoch, h)
-        self._wait_words(row, len(m), my_index, _CMPS["ge"], epoch, h)
+        self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, h)
+        self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, h)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         self._wait_host(self.stream_handle(stream), "sync", timeout)
