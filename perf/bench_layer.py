@@ -53,7 +53,18 @@ def main() -> None:
     me = rt.rank
     dev = torch.device("cuda", rt.backend.device)
     mesh = f"{rt.mesh.machines}x{rt.mesh.gpus_per_machine}"
+    link = os.environ.get("ONESIDE_EMULATE_LINK")
     results: dict[str, dict[str, float]] = {}
+    emulated = None
+    if link and rt.mesh.machines > 1:  # check the pacing: a 64 MiB put to the other machine
+        buf = rt.alloc(64 << 20, "uint8")
+        peer = (me + rt.mesh.gpus_per_machine) % rt.world_size
+        emulated = (64 << 20) / (cuda_median(lambda: rt.put(buf, buf, peer)) * 1e-3) / 1e9
+        if me == 0:
+            print(f"emulated link {link}: a 64 MiB put to rank {peer} runs at {emulated:.1f} GB/s", flush=True)
+        rt.barrier_all()
+        rt.sync()
+        rt.free(buf)
     for name in args.shapes.split(","):
         S, H, D = SHAPES[name]
         row: dict[str, float] = {}
@@ -95,11 +106,14 @@ def main() -> None:
         results[name] = row
     if me == 0:
         meta = {"device": torch.cuda.get_device_name(dev), "mesh": mesh, "ranks": rt.world_size,
+                "emulated_link": link, "emulated_put_GBps": emulated,
                 "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-                "command": f"python -m oneside.launch -n {rt.world_size} --machines {rt.mesh.machines} "
-                           f"--backend nvshmem perf/bench_layer.py"}
+                "command": (f"ONESIDE_EMULATE_LINK={link} " if link else "")
+                + f"python -m oneside.launch -n {rt.world_size} --machines {rt.mesh.machines} "
+                  f"--backend nvshmem perf/bench_layer.py"}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"layer_{mesh}.json").write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
+        tag = f"_link{link.replace(',', '_')}" if link else ""
+        (Path(args.out) / f"layer_{mesh}{tag}.json").write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
     oneside.finalize()
 
 

@@ -17,5 +17,9 @@ if [ "${SFATTN_BENCH:-0}" = 1 ]; then
     timeout 400 python3 -m oneside.launch -n 2 --machines $m --backend nvshmem perf/bench_layer.py --out "$OUT" 2>&1 | grep -v "^WARN" | tee "$OUT/bench_layer_$m.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
+  for link in ${SFATTN_LINKS-}; do  # emulated slow inter-machine links, GB/s,latency_us
+    ONESIDE_EMULATE_LINK=$link timeout 400 python3 -m oneside.launch -n 2 --machines 2 --backend nvshmem perf/bench_layer.py --out "$OUT" --shapes flux3072,flux4096 2>&1 | grep -v "^WARN" | tee "$OUT/bench_layer_link_$link.log" | tail -20
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
 fi
 exit $status

@@ -12,6 +12,14 @@ arrays and torch tensors with no copy. Two copy engines are available for batche
 
 ``auto`` (default, or ``$ONESIDE_ENGINE``) picks ``sm`` for batches of several small
 transfers when every peer of the batch is NVLink-mapped, else ``ce``.
+
+Emulated slow links (``$ONESIDE_EMULATE_LINK="GBPS[,LATENCY_US]"``): every transfer between
+ranks of different (virtual) machines is held in its stream until it would have finished on
+a link of that bandwidth and latency: after the real NVLink copy, a timer kernel waits the
+difference ``n/GBPS + latency - n/base`` (base ``$ONESIDE_EMULATE_BASE_GBPS``, default 395,
+the measured NVLink copy speed); signals that follow such data wait for it, and barrier or
+signal messages across machines pay the latency. Intra-machine traffic is untouched. What
+is not emulated: link sharing between concurrent transfers and NIC/PCIe contention.
 """
 from __future__ import annotations
 
@@ -65,6 +73,15 @@ extern "C" __global__ void oneside_wait_next(const unsigned long long *words, in
     __threadfence_system();
 }
 
+extern "C" __global__ void oneside_delay(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        __nanosleep(500);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+
 extern "C" __global__ void oneside_wait(const unsigned long long *words, int n, int skip, int cmp,
                                         unsigned long long value) {
     for (int i = 0; i < n; ++i) {
@@ -81,6 +98,21 @@ extern "C" __global__ void oneside_wait(const unsigned long long *words, int n, 
     __threadfence_system();
 }
 """
+
+
+def _parse_link(spec: str | None) -> tuple[float, float, float] | None:
+    """``"GBPS[,LATENCY_US]"`` -> (bytes/s, seconds, base bytes/s), or None."""
+    if not spec:
+        return None
+    try:
+        parts = [float(x) for x in spec.split(",")]
+        bw, lat = parts[0] * 1e9, (parts[1] if len(parts) > 1 else 0.0) * 1e-6
+        base = float(os.environ.get("ONESIDE_EMULATE_BASE_GBPS", "395")) * 1e9
+    except ValueError:
+        raise ValueError(f"ONESIDE_EMULATE_LINK={spec!r}: expected 'GBPS[,LATENCY_US]', e.g. '40,10'") from None
+    if bw <= 0 or lat < 0 or len(parts) > 2:
+        raise ValueError(f"ONESIDE_EMULATE_LINK={spec!r}: expected a positive bandwidth and latency >= 0")
+    return bw, lat, base
 
 
 def _device_of(place: Placement, device: int | None, ndev: int) -> int:
@@ -130,11 +162,14 @@ class NvshmemBackend:
         self.peer_base = [int(self.lib.os_ptr(self.heap_base, pe)) for pe in range(self.world_size)]
         self._internal = cupy.cuda.Stream(non_blocking=True)
         self._ext_streams: dict[int, Any] = {}
-        self._members: dict[tuple[int, ...], np.ndarray] = {}
+        self._members: dict[tuple[int, ...], tuple[np.ndarray, bool]] = {}
         self._copy = cupy.RawKernel(_COPY_KERNEL, "oneside_copy_batch")
         waits = cupy.RawModule(code=_WAIT_KERNEL)
         self._wait = waits.get_function("oneside_wait")
         self._wait_gen = waits.get_function("oneside_wait_next")
+        self._delay = waits.get_function("oneside_delay")
+        self.per_machine = place.world_size // place.machines
+        self.link = _parse_link(os.environ.get("ONESIDE_EMULATE_LINK"))
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
         self._one = self.ffi.new("uint64_t[3]")  # single-transfer fast path
         self._one_pe = self.ffi.new("int32_t[1]")
@@ -275,6 +310,11 @@ class NvshmemBackend:
                 pes: Sequence[int], signal: tuple[int, int, str] | None, engine: str | None = None):
         n = len(local)
         engine = engine or self.engine
+        delay = self._link_delay(nbytes, pes)
+        if delay:  # emulated slow link: copy engines, data first, then the hold, then signals
+            handle = self.prepare(kind, local, offsets, nbytes, pes, None, "ce")
+            tail = [] if signal is None else [(self.heap_base + signal[0], signal[1], _OPS[signal[2]], p) for p in pes]
+            return ("slow", handle, delay, tail)
         if engine not in ("auto", "ce", "sm"):
             raise ValueError(f"engine={engine!r}: expected 'auto', 'ce' or 'sm'")
         mapped = all(self.peer_base[p] for p in pes)
@@ -311,8 +351,27 @@ class NvshmemBackend:
                 c("uint64_t *", arrays[2].ctypes.data), c("int32_t *", arrays[3].ctypes.data))
         return (fn, len(dst), ptrs, tuple(signal), arrays)
 
+    def _link_delay(self, nbytes: Sequence[int], pes: Sequence[int]) -> int:
+        """Nanoseconds to hold a batch so its cross-machine transfers run at the emulated link's pace."""
+        if self.link is None:
+            return 0
+        bw, lat, base = self.link
+        me = self.rank // self.per_machine
+        t = sum(max(0.0, n / bw + lat - n / base) for n, p in zip(nbytes, pes) if p // self.per_machine != me)
+        return int(t * 1e9)
+
+    def _hold(self, ns: int, handle: int) -> None:
+        self._delay((1,), (1,), (self.cp.uint64(ns),), stream=self._cupy_stream(handle))
+
     def issue(self, handle, stream: Any = None, nbi: bool = False) -> None:
         s = self.stream_handle(stream)
+        if handle[0] == "slow":
+            _, inner, delay, tail = handle
+            self.issue(inner, s, False)
+            self._hold(delay, s)
+            for sig, value, op, pe in tail:
+                self.lib.os_signal_op(sig, value, op, pe, s)
+            return
         if handle[0] == "sm":
             _, desc, grid, n = handle
             if n:
@@ -324,6 +383,9 @@ class NvshmemBackend:
     def transfer(self, kind: str, local: int, offset: int, nbytes: int, pe: int,
                  signal: tuple[int, int, str] | None, stream: Any = None, nbi: bool = False) -> None:
         """One transfer without building a batch (the rt.put / rt.get fast path)."""
+        if self.link is not None:
+            self.issue(self.prepare(kind, [local], [offset], [nbytes], [pe], signal), stream, nbi)
+            return
         one, sym = self._one, self.heap_base + offset
         one[0], one[1], one[2] = (sym, local, nbytes) if kind == "put" else (local, sym, nbytes)
         self._one_pe[0] = pe
@@ -337,7 +399,11 @@ class NvshmemBackend:
             fn(1, one, one + 1, one + 2, self._one_pe, s, int(nbi))
 
     def signal_op(self, offset: int, value: int, op: str, pe: int, stream: Any = None) -> None:
-        self.lib.os_signal_op(self.heap_base + offset, value, _OPS[op], pe, self.stream_handle(stream))
+        h = self.stream_handle(stream)
+        delay = self._link_delay([0], [pe])
+        if delay:
+            self._hold(delay, h)
+        self.lib.os_signal_op(self.heap_base + offset, value, _OPS[op], pe, h)
 
     def _wait_words(self, addr: int, n: int, skip: int, cmp: int, value: int, handle: int) -> None:
         cp = self.cp
@@ -370,11 +436,15 @@ class NvshmemBackend:
                 stream: Any = None, timeout: float | None = None) -> None:
         """Quiet, add 1 to my word at every member (native call), wait for the next round of
         every member's word (kernel; the round count lives on the GPU, so graphs replay it)."""
-        m = self._members.get(tuple(members))
-        if m is None:
-            m = self._members[tuple(members)] = np.asarray(members, np.int32)
+        key = tuple(members)
+        if key not in self._members:
+            mine = self.rank // self.per_machine
+            self._members[key] = (np.asarray(members, np.int32), any(p // self.per_machine != mine for p in members))
+        m, crosses = self._members[key]
         h = self.stream_handle(stream)
         row = self.heap_base + row_offset
+        if crosses and self.link is not None:  # the barrier's messages cross an emulated link
+            self._hold(int(self.link[1] * 1e9), h)
         self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, h)
         self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, h)
 
