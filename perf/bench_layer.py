@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oneside  # noqa: E402
+from common import time_cuda  # noqa: E402
 import sfattn  # noqa: E402
 from sfattn.plan import PlanError  # noqa: E402
 
@@ -29,19 +29,9 @@ SHAPES = {"flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128)
           "video20s": (41 * 4080 + 226, 24, 64)}
 
 
-def cuda_median(fn, warmup: int = 3, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def cuda_median(fn) -> float:
+    """Milliseconds: median of 10 single calls after 3 warm-up calls (CUDA events)."""
+    return 1e3 * time_cuda(fn, torch.cuda.current_stream(), iters=1, reps=10, warmup=3)
 
 
 def main() -> None:

@@ -268,28 +268,37 @@ class HostBackend:
     def read_signal(self, offset: int) -> int:
         return ctypes.c_uint64.from_address(self.bases[self.rank] + offset).value
 
+    def _poll(self, pending, timeout: float | None, message) -> None:
+        """Wait until ``pending()`` returns no ranks; raise on timeout or when one of them died.
+
+        ``pending()`` lists the ranks still awaited (all peers when unknown); ``message(t)``
+        is the timeout error's text. A peer that delivered and then left is not an error.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        backoff = _Backoff()
+        while True:
+            late = pending()
+            if not late:
+                return
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(message(timeout))
+            try:
+                self.check_peers(late)
+            except PeerDeadError:
+                if not pending():
+                    return
+                raise
+            backoff()
+
     def signal_wait(self, offset: int, cmp: str, value: int, stream: Any = None,
                     timeout: float | None = None) -> None:
         test = _CMP[cmp]
         word = ctypes.c_uint64.from_address(self.bases[self.rank] + offset)
-        if test(word.value, value):
-            return
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        backoff = _Backoff()
         others = [r for r in range(self.world_size) if r != self.rank]
-        while not test(word.value, value):
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(
-                    f"signal_wait: signal at heap offset {offset} is {word.value}, waited {timeout:.1f} s "
-                    f"for it to become {cmp} {value}")
-            try:
-                self.check_peers(others)
-            except PeerDeadError:
-                if test(word.value, value):  # the peer signalled, then left: not an error
-                    return
-                raise
-            backoff()
+        self._poll(lambda: [] if test(word.value, value) else others, timeout,
+                   lambda t: f"signal_wait: signal at heap offset {offset} is {word.value}, waited {t:.1f} s "
+                             f"for it to become {cmp} {value}")
 
     def quiet(self, stream: Any = None) -> None:
         pass  # every transfer is complete when it returns
@@ -298,48 +307,22 @@ class HostBackend:
                   timeout: float | None = None) -> None:
         """Wait until every word at ``offset`` (n of them, but ``skip``) is >= ``count``."""
         words = [ctypes.c_uint64.from_address(self.bases[self.rank] + offset + 8 * i) for i in range(n) if i != skip]
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        backoff = _Backoff()
         others = [r for r in range(self.world_size) if r != self.rank]
-        while any(w.value < count for w in words):
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(f"signal_wait_next: words at heap offset {offset} are "
-                                       f"{[w.value for w in words]}, waited {timeout:.1f} s for round {count}")
-            try:
-                self.check_peers(others)
-            except PeerDeadError:
-                if all(w.value >= count for w in words):
-                    return
-                raise
-            backoff()
+        self._poll(lambda: others if any(w.value < count for w in words) else [], timeout,
+                   lambda t: f"signal_wait_next: words at heap offset {offset} are {[w.value for w in words]}, "
+                             f"waited {t:.1f} s for round {count}")
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
                 stream: Any = None, timeout: float | None = None) -> None:
-        """Dissemination-free flat barrier: tell every member, then wait for every member."""
+        """Flat barrier: tell every member, then wait for every member."""
         for j, r in enumerate(members):
             if j != my_index:
                 ctypes.c_uint64.from_address(self.bases[r] + row_offset + 8 * my_index).value = epoch
         base = self.bases[self.rank] + row_offset
         words = [(r, ctypes.c_uint64.from_address(base + 8 * j)) for j, r in enumerate(members) if j != my_index]
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        backoff = _Backoff()
-        while True:
-            late = [r for r, w in words if w.value < epoch]
-            if not late:
-                return
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(
-                    f"barrier over ranks {list(members)} timed out after {timeout:.1f} s: "
-                    f"ranks {late} did not arrive")
-            try:
-                self.check_peers(late)
-            except PeerDeadError:
-                if all(w.value >= epoch for _, w in words):  # it arrived, then left
-                    return
-                raise
-            backoff()
+        late = lambda: [r for r, w in words if w.value < epoch]  # noqa: E731
+        self._poll(late, timeout, lambda t: f"barrier over ranks {list(members)} timed out after {t:.1f} s: "
+                                            f"ranks {late()} did not arrive")
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         pass
