@@ -1,4 +1,5 @@
-"""Compile every attention-kernel configuration with nvcc (no GPU needed); skip without nvcc."""
+"""Compile every attention-kernel configuration with nvcc (no GPU needed; skipped without nvcc),
+plus CPU checks of the launcher logic (kernel selection, parameter packing) with a fake device."""
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -8,7 +9,7 @@ import pytest
 from sfattn.kernels import _build
 
 NVCC = _build.find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
 def _compile(cfg, tmp_path):
@@ -18,6 +19,7 @@ def _compile(cfg, tmp_path):
     return cfg, out, res
 
 
+@needs_nvcc
 def test_all_configurations_compile_without_spills(tmp_path):
     cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128)
                                    for d in (64, 128)]
@@ -34,6 +36,7 @@ def test_all_configurations_compile_without_spills(tmp_path):
             assert "C7510" not in log and "C7515" not in log and "C7508" not in log, log
 
 
+@needs_nvcc
 def test_sm90_kernel_uses_wgmma(tmp_path):
     cfg = _build.KernelConfig("sm90", 128, "bf16", "sm_90a")
     ptx = _build.compile_kernel(cfg, tmp_path / "k.ptx", fmt="ptx")
@@ -41,6 +44,7 @@ def test_sm90_kernel_uses_wgmma(tmp_path):
     assert "wgmma.mma_async" in text and "cp.async" in text
 
 
+@needs_nvcc
 def test_cache_reuses_the_cubin(tmp_path, monkeypatch):
     monkeypatch.setenv("SFATTN_CACHE", str(tmp_path / "cache"))
     cfg = _build.KernelConfig("merge", 0, "fp32", "sm_80")
@@ -48,3 +52,66 @@ def test_cache_reuses_the_cubin(tmp_path, monkeypatch):
     mtime = a.stat().st_mtime_ns
     b = _build.compile_kernel(cfg)
     assert a == b and b.stat().st_mtime_ns == mtime
+
+
+class _FakeKernel:
+    def __init__(self, cfg, dev):
+        self.cfg, self.threads, self.smem, self.block_m = cfg, cfg.threads, cfg.smem_bytes, cfg.block_m
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    from sfattn.kernels import flash
+    monkeypatch.setattr(flash, "_device_cc", lambda dev: 90)
+    monkeypatch.setattr(flash, "_Kernel", _FakeKernel)
+    monkeypatch.setattr(flash, "_kernels", {})
+    return flash
+
+
+def test_kernel_selection_and_impl_names(fake_device):
+    flash = fake_device
+    assert flash.get_kernel("merge", 0, "bf16", 0).cfg.impl == "merge"
+    k = flash.get_kernel("sm90ws", 128, "bf16", 0).cfg
+    assert (k.impl, k.arch, k.ws_tiles()) == ("sm90ws", "sm_90a", _build.WS_TILES[128])
+    k = flash.get_kernel("sm90ws:BN=128,PP=0", 64, "fp16", 0).cfg
+    assert k.ws_tiles()[0] == 128 and "-DWS_PP=0" in k.defines()
+    assert flash.get_kernel("fa2", 64, "bf16", 0).cfg.arch == "sm_90a"
+    for bad in ("sm91", "sm90ws:XX=1", "sm90ws:BN=a"):
+        with pytest.raises(ValueError, match="impl"):
+            flash._parse_impl(bad)
+    for cfg in _build.all_configs():
+        if cfg.impl != "merge":
+            assert cfg.smem_bytes <= 227 * 1024 - 1024, cfg
+
+
+def test_parameter_packing(fake_device):
+    flash = fake_device
+    from sfattn.kernels import TensorDesc
+    from sfattn.reference import AttnState
+
+    def td(S, ptr, dt="bf16", D=128, H=3):
+        return TensorDesc(ptr, (2, S, H, D), (S * H * D, H * D, D, 1), dt, 0)
+    st = AttnState(td(300, 1 << 20, "fp32"), TensorDesc(2 << 20, (2, 3, 300), (900, 300, 1), "fp32"),
+                   TensorDesc(3 << 20, (2, 3, 300), (900, 300, 1), "fp32"))
+    qs = [td(100, 4096), td(0, 8192), td(200, 12288)]
+    ks = [td(5, 16384), td(0, 20480), td(1000, 24576)]
+    outs = [td(100, 28672), td(0, 32768), td(200, 36864)]
+    launch = flash.AttnLaunch(qs, ks, ks, st, 0.5, out=outs, impl="sm90ws", finalize=True)
+    (p, _argv, _argp, tiles, first, last), = launch._launches
+    assert tiles == 1 + 2 and first and last  # 100 rows -> 1 tile, 200 rows -> 2 tiles (BM 128)
+    assert (p[0], p[1], p[2]) == (2, 2, 3)  # empty blocks dropped
+    assert abs(p[4:5].view("float64")[0] - 0.5 * flash.LOG2E) < 1e-12
+    q1 = p[flash._HDR + flash._QF: flash._HDR + 2 * flash._QF]
+    assert list(q1) == [12288, 36864, 200 * 3 * 128, 384, 128,
+                        200 * 3 * 128, 384, 128, 200, 1, 100]
+    kv1 = p[flash._HDR + _build.MAXQ * flash._QF + flash._KVF:][:flash._KVF]
+    assert list(kv1) == [24576, 24576, 1000 * 384, 384, 128, 1000 * 384, 384, 128, 1000]
+    with pytest.raises(ValueError, match="head_dim"):
+        flash.AttnLaunch([td(8, 0, D=96)], [td(8, 0, D=96)], [td(8, 0, D=96)], None, 1.0,
+                         out=[td(8, 0, D=96)], finalize=True)
+    with pytest.raises(ValueError, match="aligned"):
+        flash.AttnLaunch([TensorDesc(4098, (2, 8, 2, 64), (1024, 128, 64, 1), "bf16")],
+                         [td(8, 0, D=64, H=2)], [td(8, 0, D=64, H=2)], None, 1.0,
+                         out=[td(8, 0, D=64, H=2)], finalize=True)
+    with pytest.raises(ValueError, match="not an attention kernel"):
+        flash.AttnLaunch(qs, ks, ks, st, 0.5, impl="merge")
