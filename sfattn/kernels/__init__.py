@@ -10,8 +10,9 @@ bf16, or :class:`TensorDesc` raw pointers)::
     AttnLaunch(...)  # a prepared call for the hot path: descriptors packed once
 
 Importing this package needs neither CuPy nor a GPU; CuPy is imported at the first launch.
-Implementations: 'sm90' (Hopper wgmma, sm_90a) and 'fa2' (mma.sync, sm_80+); the default
-follows the device ($SFATTN_IMPL overrides).
+Implementations: 'sm90ws' (Hopper, warp-specialised wgmma, the default on sm_90), 'sm90'
+(Hopper wgmma, no warp specialisation) and 'fa2' (mma.sync, sm_80+, the default elsewhere);
+$SFATTN_IMPL overrides.  Design and measurements: docs/kernel-notes.md.
 """
 from ..reference import AttnState
 from ._desc import TensorDesc, as_desc
