@@ -101,12 +101,12 @@ class SymArray:
     is the target or source of put/get with that rank's number.
     """
 
-    __slots__ = ("rt", "offset", "shape", "dtype", "alloc_offset", "_local")
+    __slots__ = ("rt", "offset", "shape", "dtype", "alloc_offset", "_local", "_torch")
 
     def __init__(self, rt: "Runtime", offset: int, shape: tuple[int, ...], dtype: str, alloc_offset: int):
         self.rt, self.offset, self.shape, self.dtype = rt, offset, tuple(int(s) for s in shape), dtype
         self.alloc_offset = alloc_offset
-        self._local = None
+        self._local = self._torch = None
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -211,11 +211,15 @@ class SymArray:
         return self.rt.backend.heap_base + self.offset
 
     def torch(self):
-        """The window as a torch tensor (no copy; bfloat16 windows come back as torch.bfloat16)."""
-        import torch
+        """The window as a torch tensor (no copy; bfloat16 windows come back as torch.bfloat16).
 
+        Made once per SymArray and cached: later calls do no DLPack exchange, so they are
+        safe inside CUDA-graph capture.
+        """
         self.rt._check_live(self)
-        t = self.rt.backend.torch_tensor(self.local)
-        if self.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t
+        if self._torch is None:
+            import torch
+
+            t = self.rt.backend.torch_tensor(self.local)
+            self._torch = t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+        return self._torch
