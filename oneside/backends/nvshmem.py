@@ -308,14 +308,16 @@ class NvshmemBackend:
     # -- transfers --------------------------------------------------------------------
     def prepare(self, kind: str, local: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
                 pes: Sequence[int], signal: tuple[int, int, str] | None, engine: str | None = None):
+        delay = self._link_delay(nbytes, pes)
+        if not delay:
+            return self._prepare(kind, local, offsets, nbytes, pes, signal, engine or self.engine)
+        # emulated slow link: copy engines, data first, then the hold, then the signals
+        tail = [] if signal is None else [(self.heap_base + signal[0], signal[1], _OPS[signal[2]], p) for p in pes]
+        return ("slow", self._prepare(kind, local, offsets, nbytes, pes, None, "ce"), delay, tail)
+
+    def _prepare(self, kind: str, local: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
+                 pes: Sequence[int], signal: tuple[int, int, str] | None, engine: str):
         n = len(local)
-        engine = engine or self.engine
-        delay = self._link_delay(nbytes, pes) if engine != "ce-raw" else 0
-        if delay:  # emulated slow link: copy engines, data first, then the hold, then signals
-            handle = self.prepare(kind, local, offsets, nbytes, pes, None, "ce-raw")
-            tail = [] if signal is None else [(self.heap_base + signal[0], signal[1], _OPS[signal[2]], p) for p in pes]
-            return ("slow", handle, delay, tail)
-        engine = "ce" if engine == "ce-raw" else engine
         if engine not in ("auto", "ce", "sm"):
             raise ValueError(f"engine={engine!r}: expected 'auto', 'ce' or 'sm'")
         mapped = all(self.peer_base[p] for p in pes)
