@@ -13,7 +13,7 @@ for nm in ${SFATTN_MESHES-2:1 2:2 4:2}; do
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 if [ "${SFATTN_BENCH:-0}" = 1 ]; then
-  for m in 1 2; do
+  for m in ${SFATTN_BENCH_MACHINES-1 2}; do
     timeout 400 python3 -m oneside.launch -n 2 --machines $m --backend nvshmem perf/bench_layer.py --out "$OUT" 2>&1 | grep -v "^WARN" | tee "/tmp/bench_layer_$m.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
