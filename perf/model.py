@@ -1,0 +1,461 @@
+"""Per-layer latency model of sfattn's schedules (ulysses, ring, usp, tas, torus); docs/model.md.
+
+    python perf/model.py --calibrate docs/perf/layer_1x2.json docs/perf/layer_2x1.json --out docs/perf
+    python perf/model.py --predict torus --machines 2 --gpus 1 --shape flux3072 --system h200_pair \\
+        --inter-GBps 25                       # e.g. 2 virtual machines on 2 GPUs, link paced to 25 GB/s
+
+Degrees and placement come from ``sfattn.plan.make_plan`` (the same T x U x R plan the layer runs).
+One rank's layer time is simulated step by step: layout copies, the Ulysses all-to-all (serial),
+then the Torus and Ring transfers on their own lanes (one per stream) racing the compute steps
+that wait for them, then Push O and the reverse all-to-all. ``Params.overlap=False`` puts every
+transfer on the compute stream (the layer before commit 1dce222, which produced layer_*.json).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_plan():
+    """sfattn.plan without sfattn/__init__ (which imports torch): the model runs on bare CPUs."""
+    if "sfattn.plan" in sys.modules:
+        return sys.modules["sfattn.plan"]
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("_sfattn_plan", ROOT / "sfattn" / "plan.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_sfattn_plan"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_plan = _load_plan()
+ALGORITHMS: tuple[str, ...] = _plan.ALGORITHMS
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link class. ``GBps``: nominal bandwidth per direction (1e9 B/s), per GPU for the
+    intra-machine link, per *machine* for the inter-machine link (its GPUs share it);
+    ``efficiency``: achieved / nominal; ``latency_us``: fixed cost of each transfer."""
+
+    GBps: float
+    latency_us: float = 0.0
+    efficiency: float = 1.0
+
+    def seconds(self, nbytes: float, share: int = 1) -> float:
+        """Time of one transfer of ``nbytes`` while ``share`` GPUs use the link at once."""
+        if nbytes <= 0:
+            return 0.0
+        return nbytes * share / (self.GBps * 1e9 * self.efficiency) + self.latency_us * 1e-6
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything the model assumes about one system (see docs/model.md for each default)."""
+
+    tflops_d128: float           # attention kernel throughput at head_dim 128 (TFLOP/s)
+    tflops_d64: float            # ... at head_dim 64 (other head_dims: linear between, clamped)
+    intra: Link                  # NVLink / NVSwitch, per GPU
+    inter: Link                  # NIC(s), per machine
+    barrier_us: float = 0.0      # one barrier inside a machine; + 2 inter latencies across machines
+    hbm_GBps: float = math.inf   # effective memory bandwidth of the pack/unpack layout copies
+    fixed_ms: float = 0.0        # per-layer constant of any multi-GPU plan (launches, host gaps)
+    overlap: bool = True         # False: every transfer on the compute stream (serial)
+    ring_pipelined: bool = True  # False: one compute step per torus chunk after all ring pulls
+    itemsize: int = 2            # bf16
+    name: str = ""
+
+    def tflops(self, head_dim: int) -> float:
+        lo, hi = self.tflops_d64, self.tflops_d128
+        x = min(max((head_dim - 64) / 64, 0.0), 1.0)
+        return lo + (hi - lo) * x
+
+
+@dataclass(frozen=True)
+class Shape:
+    seq_len: int
+    heads: int
+    head_dim: int
+    batch: int = 1
+
+
+SHAPES = {  # perf/bench_layer.py's shapes, plus a 40 s video (twice the latent frames)
+    "flux3072": Shape(36864 + 512, 24, 128),
+    "flux4096": Shape(65536 + 512, 24, 128),
+    "video20s": Shape(41 * 4080 + 226, 24, 64),
+    "video40s": Shape(82 * 4080 + 226, 24, 64),
+}
+
+# Our 2 x H200 pair (docs/perf/oneside.json: 256 MiB put 395 GB/s, ~4 us per small put; barrier
+# 13.7 us). Kernel throughput: SDPA cuDNN rows of layer_*.json (calibrate() fits sfattn's kernel).
+# The "inter" link of a 2x1 mesh is the same NVLink (two virtual machines).
+H200_PAIR = Params(623.0, 416.0, Link(395.0, 4.0), Link(395.0, 4.0), barrier_us=13.7,
+                   hbm_GBps=3000.0, name="2 x H200 (NVLink pair)")
+# The paper's cluster: AWS p4d(e), 8 x A100-40GB, NVSwitch 300 GB/s per GPU per direction,
+# 4 x 100 Gbps EFA = 400 Gbps = 50 GB/s per machine. FA2 bf16: 190 (d128) / 170 (d64) TFLOP/s.
+A100_P4DE = Params(190.0, 170.0, Link(300.0, 5.0, 0.83), Link(50.0, 15.0, 0.8), barrier_us=15.0,
+                   hbm_GBps=1200.0, name="8 x A100-40GB per machine, 400 Gbps EFA per machine")
+# H200 cluster: 8 x H200, NVSwitch 450 GB/s per GPU per direction, 8 x 400 Gbps NICs per machine.
+H200_CLUSTER = Params(623.0, 416.0, Link(450.0, 4.0, 0.83), Link(400.0, 10.0, 0.8), barrier_us=15.0,
+                      hbm_GBps=3000.0, name="8 x H200 per machine, 8 x 400 Gbps per machine")
+SYSTEMS = {"h200_pair": H200_PAIR, "a100_p4de": A100_P4DE, "h200_cluster": H200_CLUSTER}
+
+
+def _check(algorithm: str, machines: int, gpus: int, shape: Shape) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+    for name, v in (("machines", machines), ("gpus", gpus), ("seq_len", shape.seq_len),
+                    ("heads", shape.heads), ("head_dim", shape.head_dim), ("batch", shape.batch)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: expected a positive int")
+
+
+def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params: Params = H200_PAIR,
+            ulysses_degree: int | None = None) -> dict:
+    """Modelled latency of one attention layer on the slowest rank.
+
+    Returns ``total_ms``, ``compute_ms``, ``exposed_comm_ms`` (transfers and barriers not hidden
+    under compute), ``overhead_ms`` (layout copies + ``fixed_ms``), the degrees and the bytes one
+    rank sends over each link class. Raises ValueError naming a bad argument.
+    """
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    _check(algorithm, machines, gpus, shape)
+    mesh = _plan.Mesh(machines, gpus)
+    plan = _plan.make_plan(mesh, shape.heads, shape.seq_len, shape.head_dim, algorithm, ulysses_degree)
+    W, T, U, R, G = mesh.world_size, plan.T, plan.U, plan.R, gpus
+    B, S, H, D = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+    Sl = -(-S // W)
+    L = B * Sl * H * D * params.itemsize                    # bytes of one tensor's local shard
+    compute = 4 * B * Sl * S * H * D / (params.tflops(D) * 1e12)
+    out = dict(algorithm=algorithm, machines=machines, gpus=gpus, T=T, U=U, R=R,
+               compute_ms=compute * 1e3, total_ms=compute * 1e3, exposed_comm_ms=0.0, overhead_ms=0.0,
+               intra_bytes=0.0, inter_bytes=0.0)
+    if W == 1:
+        return out
+
+    def peers(level: str) -> list[bool]:  # rank 0's team members, True = on another machine
+        team = plan.team(level, 0).ranks
+        return [not mesh.same_machine(0, p) for p in team if p != 0]
+
+    ui = peers("u").count(False)                    # Ulysses peers inside / outside the machine
+    ux = U - 1 - ui
+    ring_remote = [plan.team("r", 0).ranks[j] for j in range(1, R)]  # rank 0 has r = 0: peers 1..R-1
+    ring_remote = [not mesh.same_machine(0, p) for p in ring_remote]
+    x_share = G  # every GPU of a machine crosses the NIC at the same time in these schedules
+
+    def a2a(tensors: int) -> float:  # one ScatterPush; intra and inter pieces move concurrently
+        return max(params.intra.seconds(tensors * L / U * ui),
+                   params.inter.seconds(tensors * L / U * ux, x_share))
+
+    def barrier(across: bool) -> float:
+        return (params.barrier_us + (2 * params.inter.latency_us if across else 0.0)) * 1e-6
+
+    def link(remote: bool) -> tuple[Link, int]:
+        return (params.inter, x_share) if remote else (params.intra, 1)
+
+    # transfers of the core: torus chunks (Q, K+V, O: L/T, 2L/T, L/T) and ring K+V per chunk
+    q_x = params.inter.seconds(L / T, x_share)
+    kv_x = params.inter.seconds(2 * L / T, x_share)
+    o_x = params.inter.seconds(L / T, x_share)
+    ring_x = [link(rm)[0].seconds(2 * L / T, link(rm)[1]) for rm in ring_remote]
+    step = compute / (T * T * R)                     # one Q chunk x one K/V block of one ring member
+
+    if not params.overlap:  # the measured version: everything in program order on one stream
+        core = (T - 1) * (q_x + kv_x + o_x) + T * sum(ring_x) + compute
+    else:
+        tor = 0.0                                    # torus lane (its own stream), inter link
+        arr_q, arr_kv = [0.0], [0.0]
+        for _ in range(1, T):
+            tor += q_x
+            arr_q.append(tor)
+        for _ in range(1, T):
+            tor += kv_x
+            arr_kv.append(tor)
+        ring_lane, arr_r = 0.0, []                   # ring lane: chunk i from peer j after kv_i
+        for i in range(T):
+            row = [0.0]                              # own block
+            for dt in ring_x:
+                ring_lane = max(ring_lane, arr_kv[i]) + dt
+                row.append(ring_lane)
+            if not params.ring_pipelined:
+                row = [max(row)] * R
+            arr_r.append(row)
+        c = 0.0
+
+        def run(ready: float, dur: float) -> None:
+            nonlocal c
+            c = max(c, ready) + dur
+
+        for i in range(T):                           # Pull Q: chunk i vs the stationary K/V
+            for j in range(R):
+                run(max(arr_q[i], arr_r[0][j]), step)
+        for k in range(1, T):                        # Pull KV: every Q chunk vs K/V chunk k
+            rows = range(T) if k < T - 1 else [*range(1, T), 0]   # last: other machines' rows first
+            for p in rows:
+                for j in range(R):
+                    run(max(arr_kv[k], arr_r[k][j]), step)
+                if k == T - 1 and p != 0:            # Push O of rows p beside the rest
+                    tor = max(tor, c) + o_x
+        core = max(c, tor)
+
+    layout = 8 * L / (params.hbm_GBps * 1e9)       # pack Q, K, V and unpack O: read + write
+    ulysses = a2a(3) + a2a(1) if U > 1 else 0.0
+    barriers = 2 * barrier(machines > 1) + (barrier(ux > 0) if U > 1 else 0.0)
+    overhead = layout + params.fixed_ms * 1e-3
+    total = overhead + ulysses + barriers + core
+    vol = plan.comm_volume(B, params.itemsize)
+    inter = 4 * L * ux / U + vol["torus"] + 2 * L * sum(ring_remote)
+    out.update(total_ms=total * 1e3, overhead_ms=overhead * 1e3,
+               exposed_comm_ms=(total - overhead - compute) * 1e3,
+               intra_bytes=sum(vol.values()) - inter, inter_bytes=inter)
+    return out
+
+
+# -- calibration ---------------------------------------------------------------------------
+def load_measurements(paths: list[str | Path]) -> list[dict]:
+    """layer_<M>x<G>.json files -> points {machines, gpus, shape, algorithm, ms} (SDPA rows too)."""
+    points = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        M, G = (int(x) for x in data["meta"]["mesh"].split("x"))
+        for shape, row in data["ms"].items():
+            for algo, ms in row.items():
+                points.append(dict(machines=M, gpus=G, shape=shape, algorithm=algo, ms=float(ms)))
+    return points
+
+
+def calibrate(points: list[dict], base: Params, iters: int = 50) -> Params:
+    """Fit ``tflops_d128``, ``tflops_d64`` (those the points cover) and ``fixed_ms`` to measured
+    layer times, minimising the squared *relative* error; links and the rest stay as in ``base``.
+
+    Time is linear in 1/tflops and fixed_ms except through overlap, so a linear least-squares
+    fit is repeated with the non-compute part re-evaluated until it settles.
+    """
+    import numpy as np
+
+    pts = [p for p in points if p["algorithm"] in ALGORITHMS]
+    if not pts:
+        raise ValueError("points: no measurement of a modelled algorithm")
+    dims = sorted({SHAPES[p["shape"]].head_dim for p in pts})
+    if not set(dims) <= {64, 128}:
+        raise ValueError(f"points: head_dims {dims}; calibration fits head_dim 64 and 128 only")
+    params = base
+    for _ in range(iters):
+        rows, rhs = [], []
+        for p in pts:
+            r = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], params)
+            other = r["total_ms"] - r["compute_ms"] - params.fixed_ms * (p["machines"] * p["gpus"] > 1)
+            gflop = r["compute_ms"] * params.tflops(SHAPES[p["shape"]].head_dim)  # = FLOPs / 1e9
+            y = p["ms"]
+            rows.append([gflop / y * (d == SHAPES[p["shape"]].head_dim) for d in dims]
+                        + [float(p["machines"] * p["gpus"] > 1) / y])
+            rhs.append(1.0 - other / y)
+        A, b = np.array(rows), np.array(rhs)
+        x = np.linalg.lstsq(A, b, rcond=None)[0]
+        if x[-1] < 0:  # no negative constant: refit without it
+            x = np.append(np.linalg.lstsq(A[:, :-1], b, rcond=None)[0], 0.0)
+        fit = {f"tflops_d{d}": 1.0 / x[i] for i, d in enumerate(dims)}  # ms per GFLOP -> TFLOP/s
+        new = replace(params, fixed_ms=float(x[-1]), **{k: float(v) for k, v in fit.items()})
+        done = all(abs(getattr(new, k) - getattr(params, k)) <= 1e-9 * abs(getattr(new, k)) + 1e-12
+                   for k in ("tflops_d128", "tflops_d64", "fixed_ms"))
+        params = new
+        if done:
+            break
+    return params
+
+
+def calibration_table(points: list[dict], params: Params) -> list[dict]:
+    rows = []
+    for p in points:
+        if p["algorithm"] not in ALGORITHMS:
+            continue
+        m = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], params)["total_ms"]
+        rows.append(dict(mesh=f"{p['machines']}x{p['gpus']}", shape=p["shape"], algorithm=p["algorithm"],
+                         measured_ms=round(p["ms"], 3), model_ms=round(m, 3),
+                         rel_error=round((m - p["ms"]) / p["ms"], 4)))
+    return rows
+
+
+# -- predictions ---------------------------------------------------------------------------
+PAPER = {"tas_over_usp_avg_beyond_2": 1.27, "tas_over_usp_max": 1.64,
+         "torus_over_usp_avg": 1.35, "torus_over_usp_max": 1.77}
+
+
+def speedups(params: Params, shapes: list[str], machines: list[int], gpus: int = 8) -> list[dict]:
+    rows = []
+    for s in shapes:
+        for M in machines:
+            ms = {a: predict(a, M, gpus, s, params) for a in ("usp", "tas", "torus")}
+            usp_serial = predict("usp", M, gpus, s, replace(params, overlap=False))["total_ms"]
+            rows.append(dict(shape=s, machines=M, **{f"{a}_ms": round(r["total_ms"], 3) for a, r in ms.items()},
+                             usp_serial_ms=round(usp_serial, 3),
+                             tas_over_usp_serial=round(usp_serial / ms["tas"]["total_ms"], 3),
+                             torus_over_usp_serial=round(usp_serial / ms["torus"]["total_ms"], 3),
+                             **{f"{a}_exposed_comm_ms": round(r["exposed_comm_ms"], 3) for a, r in ms.items()},
+                             tas_over_usp=round(ms["usp"]["total_ms"] / ms["tas"]["total_ms"], 3),
+                             torus_over_usp=round(ms["usp"]["total_ms"] / ms["torus"]["total_ms"], 3),
+                             degrees={a: f"T{r['T']} U{r['U']} R{r['R']}" for a, r in ms.items()}))
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    out = {}
+    for a in ("tas", "torus", "tas_over_usp_serial", "torus_over_usp_serial"):
+        for name, sel in (("beyond_2", [r for r in rows if r["machines"] > 2]),
+                          ("2_and_more", [r for r in rows if r["machines"] >= 2]),
+                          ("at_2", [r for r in rows if r["machines"] == 2])):
+            key = a if "_over_" in a else f"{a}_over_usp"
+            v = [r[key] for r in sel]
+            if v:
+                out[f"{key}_avg_{name}"] = round(sum(v) / len(v), 3)
+                out[f"{key}_max_{name}"] = round(max(v), 3)
+                out[f"{key}_min_{name}"] = round(min(v), 3)
+    return out
+
+
+def plot(pred: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(pred["systems"])
+    fig, axes = plt.subplots(len(systems), 1, figsize=(13, 4.2 * len(systems)), squeeze=False)
+    for ax, key in zip(axes[:, 0], systems):
+        rows = [r for r in pred["systems"][key]["speedups"] if r["machines"] > 1]
+        agg = pred["systems"][key]["aggregate"]
+        labels = [f"{r['shape']}\n{r['machines']} mach." for r in rows] + ["avg\n>2 mach.", "max\nall"]
+        tas = [r["tas_over_usp"] for r in rows] + [agg["tas_over_usp_avg_beyond_2"], agg["tas_over_usp_max_2_and_more"]]
+        tor = [r["torus_over_usp"] for r in rows] + [agg["torus_over_usp_avg_beyond_2"],
+                                                     agg["torus_over_usp_max_2_and_more"]]
+        x = range(len(labels))
+        w = 0.2
+        ax.bar([i - 1.5 * w for i in x], tas, w, label="TAS / USP (model)", color="tab:blue")
+        ax.bar([i - 0.5 * w for i in x], tor, w, label="Torus / USP (model)", color="tab:orange")
+        n = len(rows)
+        ax.bar([n + 0.5 * w, n + 1 + 0.5 * w], [PAPER["tas_over_usp_avg_beyond_2"], PAPER["tas_over_usp_max"]], w,
+               label="TAS / USP (paper)", color="tab:blue", alpha=0.45, hatch="//")
+        ax.bar([n + 1.5 * w, n + 1 + 1.5 * w], [PAPER["torus_over_usp_avg"], PAPER["torus_over_usp_max"]], w,
+               label="StreamFusion / USP (paper)", color="tab:orange", alpha=0.45, hatch="//")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("speed-up over USP (layer)")
+        ax.set_title(pred["systems"][key]["params"]["name"])
+        ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibrate", nargs="*", metavar="LAYER_JSON", help="measured layer_<M>x<G>.json files")
+    ap.add_argument("--out", default=None, help="write model_calibration.json, model_predictions.json, "
+                                                "model_speedups.png here (and summary keys)")
+    ap.add_argument("--predict", metavar="ALGORITHM", help="print one prediction")
+    ap.add_argument("--machines", type=int, default=2)
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--shape", default="flux3072", choices=list(SHAPES))
+    ap.add_argument("--system", default="h200_pair", choices=list(SYSTEMS))
+    ap.add_argument("--inter-GBps", type=float, help="override the inter-machine link (GB/s per machine)")
+    ap.add_argument("--inter-latency-us", type=float)
+    ap.add_argument("--intra-GBps", type=float)
+    ap.add_argument("--tflops", type=float, nargs=2, metavar=("D128", "D64"))
+    ap.add_argument("--serial", action="store_true", help="no overlap (communication on the compute stream)")
+    args = ap.parse_args(argv)
+
+    if args.predict:
+        p = SYSTEMS[args.system]
+        if args.inter_GBps or args.inter_latency_us is not None:
+            p = replace(p, inter=replace(p.inter, GBps=args.inter_GBps or p.inter.GBps,
+                                         latency_us=p.inter.latency_us if args.inter_latency_us is None
+                                         else args.inter_latency_us))
+        if args.intra_GBps:
+            p = replace(p, intra=replace(p.intra, GBps=args.intra_GBps))
+        if args.tflops:
+            p = replace(p, tflops_d128=args.tflops[0], tflops_d64=args.tflops[1])
+        p = replace(p, overlap=not args.serial)
+        print(json.dumps(predict(args.predict, args.machines, args.gpus, args.shape, p), indent=1))
+        return
+    if args.calibrate is None:
+        ap.error("give --predict ALGORITHM or --calibrate LAYER_JSON...")
+    run_all(args.calibrate, Path(args.out) if args.out else None)
+
+
+def run_all(paths: list[str], out: Path | None) -> dict:
+    """Calibrate on our measurements, predict the paper's and an H200 cluster, write the results."""
+    points = load_measurements(paths)
+    sdpa = [p for p in points if p["algorithm"] == "sdpa_1gpu_cudnn"]
+    cudnn = {}
+    for d in (128, 64):
+        v = [4 * SHAPES[p["shape"]].seq_len ** 2 * SHAPES[p["shape"]].heads * d / (p["ms"] * 1e9)
+             for p in sdpa if SHAPES[p["shape"]].head_dim == d]
+        if v:
+            cudnn[d] = sum(v) / len(v)
+    base = replace(H200_PAIR, overlap=False, ring_pipelined=False,
+                   tflops_d128=cudnn.get(128, H200_PAIR.tflops_d128), tflops_d64=cudnn.get(64, H200_PAIR.tflops_d64))
+    table_cudnn = calibration_table(points, base)
+    fitted = calibrate(points, base)
+    table = calibration_table(points, fitted)
+    max_err = max(abs(r["rel_error"]) for r in table)
+    calib = dict(measurements=paths, cudnn_tflops_from_sdpa_rows={f"d{k}": round(v, 1) for k, v in cudnn.items()},
+                 params_fitted=asdict(fitted), model_max_rel_error=round(max_err, 4),
+                 model_max_rel_error_with_cudnn_throughput=round(max(abs(r["rel_error"]) for r in table_cudnn), 4),
+                 table=table)
+    # what the current (two-stream) layer should measure on the same pair
+    now = replace(fitted, overlap=True, ring_pipelined=False)
+    pair_now = [dict(mesh=f"{M}x{G}", shape=s, algorithm=a, serial_ms=round(predict(a, M, G, s, fitted)["total_ms"], 3),
+                     overlapped_ms=round(predict(a, M, G, s, now)["total_ms"], 3))
+                for M, G in ((1, 2), (2, 1)) for s in ("flux3072", "flux4096", "video20s") for a in ALGORITHMS]
+    # emulated slow link: 2 virtual machines on 2 GPUs, inter link paced to X GB/s
+    paced = [dict(inter_GBps=x, shape=s, **{a: round(predict(a, 2, 1, s, replace(now, inter=Link(x, 4.0)))["total_ms"], 3)
+                                            for a in ALGORITHMS})
+             for x in (395.0, 100.0, 50.0, 25.0, 12.5, 6.25) for s in ("flux3072", "flux4096", "video20s")]
+    shapes, machines = ["flux3072", "flux4096", "video20s", "video40s"], [1, 2, 3, 4]
+    systems = {}
+    for key in ("a100_p4de", "h200_cluster"):
+        rows = speedups(SYSTEMS[key], shapes, machines)
+        sens = []  # how the averages move with the inter-machine bandwidth
+        for f in (0.25, 0.5, 1.0, 2.0, 4.0):
+            p = replace(SYSTEMS[key], inter=replace(SYSTEMS[key].inter, GBps=SYSTEMS[key].inter.GBps * f))
+            a = aggregate(speedups(p, shapes, machines))
+            sens.append(dict(inter_GBps_per_machine=p.inter.GBps, **{k: a[k] for k in (
+                "tas_over_usp_avg_beyond_2", "tas_over_usp_max_2_and_more", "torus_over_usp_avg_beyond_2",
+                "torus_over_usp_max_2_and_more", "tas_over_usp_avg_at_2", "torus_over_usp_avg_at_2")}))
+        systems[key] = dict(params=asdict(SYSTEMS[key]), speedups=rows, aggregate=aggregate(rows),
+                            inter_bandwidth_sensitivity=sens)
+    pred = dict(paper=PAPER, systems=systems, h200_pair_current_layer=pair_now, emulated_2x1_paced=paced,
+                note="layer latency (attention only), batch 1; speed-up = USP time / algorithm time")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model_calibration.json").write_text(json.dumps(calib, indent=1) + "\n")
+        (out / "model_predictions.json").write_text(json.dumps(pred, indent=1) + "\n")
+        plot(pred, out / "model_speedups.png")
+        sys.path.insert(0, str(ROOT / "perf"))
+        from common import update_summary
+
+        a, h = systems["a100_p4de"]["aggregate"], systems["h200_cluster"]["aggregate"]
+        update_summary({"model_max_rel_error": round(max_err, 4),
+                        "model_fitted_tflops_d128": round(fitted.tflops_d128, 1),
+                        "model_fitted_tflops_d64": round(fitted.tflops_d64, 1),
+                        "model_a100_tas_over_usp_avg_beyond_2": a["tas_over_usp_avg_beyond_2"],
+                        "model_a100_torus_over_usp_avg_beyond_2": a["torus_over_usp_avg_beyond_2"],
+                        "model_a100_torus_over_usp_max": a["torus_over_usp_max_2_and_more"],
+                        "model_h200_torus_over_usp_avg_beyond_2": h["torus_over_usp_avg_beyond_2"]},
+                       out / "summary.json")
+    print(json.dumps(dict(fitted={k: v for k, v in asdict(fitted).items() if k in ("tflops_d128", "tflops_d64", "fixed_ms")},
+                          cudnn=calib["cudnn_tflops_from_sdpa_rows"], model_max_rel_error=max_err,
+                          with_cudnn=calib["model_max_rel_error_with_cudnn_throughput"],
+                          a100=systems["a100_p4de"]["aggregate"], h200=systems["h200_cluster"]["aggregate"]), indent=1))
+    return dict(calibration=calib, predictions=pred)
+
+
+if __name__ == "__main__":
+    main()
