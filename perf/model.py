@@ -339,6 +339,12 @@ def plot(pred: dict, path: Path) -> None:
         w = 0.2
         ax.bar([i - 1.5 * w for i in x], tas, w, label="TAS / USP (model)", color="tab:blue")
         ax.bar([i - 0.5 * w for i in x], tor, w, label="Torus / USP (model)", color="tab:orange")
+        ser = [(r["tas_over_usp_serial"], r["torus_over_usp_serial"]) for r in rows] + [
+            (agg[f"{a}_over_usp_serial_avg_beyond_2"], agg[f"{a}_over_usp_serial_max_2_and_more"]) for a in ("tas", "torus")]
+        ser[-2:] = [(ser[-2][0], ser[-1][0]), (ser[-2][1], ser[-1][1])]  # avg row, max row
+        ax.scatter([i - 1.5 * w for i in x], [a for a, _ in ser], marker="_", s=120, color="k", zorder=3,
+                   label="same, over USP with its ring not overlapped")
+        ax.scatter([i - 0.5 * w for i in x], [b for _, b in ser], marker="_", s=120, color="k", zorder=3)
         n = len(rows)
         ax.bar([n + 0.5 * w, n + 1 + 0.5 * w], [PAPER["tas_over_usp_avg_beyond_2"], PAPER["tas_over_usp_max"]], w,
                label="TAS / USP (paper)", color="tab:blue", alpha=0.45, hatch="//")
@@ -348,8 +354,8 @@ def plot(pred: dict, path: Path) -> None:
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_ylabel("speed-up over USP (layer)")
-        ax.set_title(pred["systems"][key]["params"]["name"])
-        ax.legend(fontsize=8, ncol=4)
+        ax.set_title(pred["systems"][key]["params"]["name"] + " - paper bars: its aggregates (no per-shape numbers)")
+        ax.legend(fontsize=7, ncol=5, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -369,10 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--intra-GBps", type=float)
     ap.add_argument("--tflops", type=float, nargs=2, metavar=("D128", "D64"))
     ap.add_argument("--serial", action="store_true", help="no overlap (communication on the compute stream)")
+    ap.add_argument("--from-calibration", metavar="JSON", help="start from the fitted params of a "
+                    "model_calibration.json (our kernel's throughput) instead of --system")
+    ap.add_argument("--ring-pipelined", action="store_true", help="one compute step per ring peer "
+                    "(the design) instead of the current layer's one step after all ring pulls")
     args = ap.parse_args(argv)
 
     if args.predict:
         p = SYSTEMS[args.system]
+        if args.from_calibration:
+            d = json.loads(Path(args.from_calibration).read_text())["params_fitted"]
+            p = Params(**{**d, "intra": Link(**d["intra"]), "inter": Link(**d["inter"])})
+        p = replace(p, ring_pipelined=args.ring_pipelined or (p.ring_pipelined and not args.from_calibration))
         if args.inter_GBps or args.inter_latency_us is not None:
             p = replace(p, inter=replace(p.inter, GBps=args.inter_GBps or p.inter.GBps,
                                          latency_us=p.inter.latency_us if args.inter_latency_us is None
@@ -415,9 +429,14 @@ def run_all(paths: list[str], out: Path | None) -> dict:
                      overlapped_ms=round(predict(a, M, G, s, now)["total_ms"], 3))
                 for M, G in ((1, 2), (2, 1)) for s in ("flux3072", "flux4096", "video20s") for a in ALGORITHMS]
     # emulated slow link: 2 virtual machines on 2 GPUs, inter link paced to X GB/s
-    paced = [dict(inter_GBps=x, shape=s, **{a: round(predict(a, 2, 1, s, replace(now, inter=Link(x, 4.0)))["total_ms"], 3)
-                                            for a in ALGORITHMS})
-             for x in (395.0, 100.0, 50.0, 25.0, 12.5, 6.25) for s in ("flux3072", "flux4096", "video20s")]
+    def paced_row(x: float, s: str) -> dict:
+        p = replace(now, inter=Link(x, 4.0))
+        row = {a: round(predict(a, 2, 1, s, p)["total_ms"], 3) for a in ALGORITHMS}
+        row.update({f"{a}_ring_pipelined": round(predict(a, 2, 1, s, replace(p, ring_pipelined=True))["total_ms"], 3)
+                    for a in ("ring", "usp")})
+        return dict(inter_GBps=x, shape=s, **row)
+
+    paced = [paced_row(x, s) for x in (395.0, 100.0, 50.0, 25.0, 12.5, 6.25) for s in ("flux3072", "flux4096", "video20s")]
     shapes, machines = ["flux3072", "flux4096", "video20s", "video40s"], [1, 2, 3, 4]
     systems = {}
     for key in ("a100_p4de", "h200_cluster"):
