@@ -360,11 +360,51 @@ def plot(pred: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(calib: dict, pred: dict) -> str:
+    """The tables of docs/model.md."""
+    f = lambda v: f"{v:.2f}"  # noqa: E731
+    out = ["### Calibration (measured vs modelled)", "",
+           "| mesh | shape | algorithm | measured ms | model ms | rel. error |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['mesh']} | {r['shape']} | {r['algorithm']} | {f(r['measured_ms'])} | {f(r['model_ms'])} | "
+            f"{100 * r['rel_error']:+.1f} % |" for r in calib["table"]]
+    for key, sy in pred["systems"].items():
+        out += ["", f"### {sy['params']['name']} ({key})", "",
+                "| shape | machines | degrees USP / TAS / Torus | USP ms | TAS ms | Torus ms | TAS/USP | Torus/USP "
+                "| USP ms, ring not overlapped | TAS / that | Torus / that |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sy["speedups"]:
+            d = r["degrees"]
+            out.append(f"| {r['shape']} | {r['machines']} | {d['usp']} / {d['tas']} / {d['torus']} | {f(r['usp_ms'])} | "
+                       f"{f(r['tas_ms'])} | {f(r['torus_ms'])} | {f(r['tas_over_usp'])} | {f(r['torus_over_usp'])} | "
+                       f"{f(r['usp_serial_ms'])} | {f(r['tas_over_usp_serial'])} | {f(r['torus_over_usp_serial'])} |")
+        out += ["", "Sensitivity to the inter-machine bandwidth (same aggregates, USP ring overlapped):", "",
+                "| inter GB/s per machine (nominal) | TAS/USP avg >2 | TAS/USP max | Torus/USP avg >2 | Torus/USP max "
+                "| TAS/USP avg at 2 | Torus/USP avg at 2 |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['inter_GBps_per_machine']:g} | {f(r['tas_over_usp_avg_beyond_2'])} | "
+                f"{f(r['tas_over_usp_max_2_and_more'])} | {f(r['torus_over_usp_avg_beyond_2'])} | "
+                f"{f(r['torus_over_usp_max_2_and_more'])} | {f(r['tas_over_usp_avg_at_2'])} | "
+                f"{f(r['torus_over_usp_avg_at_2'])} |" for r in sy["inter_bandwidth_sensitivity"]]
+    algos = list(ALGORITHMS)
+    out += ["", "### The current layer on our pair: serial (as measured) vs overlapped (commit 1dce222 on)", "",
+            "| mesh | shape | " + " | ".join(algos) + " |", "|---|---|" + "---|" * len(algos)]
+    rows: dict = {}
+    for r in pred["h200_pair_current_layer"]:
+        rows.setdefault((r["mesh"], r["shape"]), {})[r["algorithm"]] = r
+    out += [f"| {m} | {s} | " + " | ".join(f"{f(d[a]['serial_ms'])} / {f(d[a]['overlapped_ms'])}" for a in algos) + " |"
+            for (m, s), d in rows.items()]
+    cols = algos + ["ring_ring_pipelined", "usp_ring_pipelined"]
+    out += ["", "### 2 virtual machines on 2 H200, inter link paced (current layer, fitted kernel)", "",
+            "| inter GB/s | shape | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    out += [f"| {r['inter_GBps']:g} | {r['shape']} | " + " | ".join(f(r[a]) for a in cols) + " |"
+            for r in pred["emulated_2x1_paced"]]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calibrate", nargs="*", metavar="LAYER_JSON", help="measured layer_<M>x<G>.json files")
     ap.add_argument("--out", default=None, help="write model_calibration.json, model_predictions.json, "
                                                 "model_speedups.png here (and summary keys)")
+    ap.add_argument("--markdown", action="store_true", help="print the tables of docs/model.md")
     ap.add_argument("--predict", metavar="ALGORITHM", help="print one prediction")
     ap.add_argument("--machines", type=int, default=2)
     ap.add_argument("--gpus", type=int, default=1)
@@ -400,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.calibrate is None:
         ap.error("give --predict ALGORITHM or --calibrate LAYER_JSON...")
-    run_all(args.calibrate, Path(args.out) if args.out else None)
+    res = run_all(args.calibrate, Path(args.out) if args.out else None)
+    if args.markdown:
+        print(markdown(res["calibration"], res["predictions"]))
 
 
 def run_all(paths: list[str], out: Path | None) -> dict:
