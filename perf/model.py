@@ -140,31 +140,25 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
     if W == 1:
         return out
 
-    def peers(level: str) -> list[bool]:  # rank 0's team members, True = on another machine
-        team = plan.team(level, 0).ranks
-        return [not mesh.same_machine(0, p) for p in team if p != 0]
+    def remote(level: str) -> list[bool]:  # rank 0's team peers in team order: on another machine?
+        return [not mesh.same_machine(0, p) for p in plan.team(level, 0).ranks if p != 0]
 
-    ui = peers("u").count(False)                    # Ulysses peers inside / outside the machine
-    ux = U - 1 - ui
-    ring_remote = [plan.team("r", 0).ranks[j] for j in range(1, R)]  # rank 0 has r = 0: peers 1..R-1
-    ring_remote = [not mesh.same_machine(0, p) for p in ring_remote]
-    x_share = G  # every GPU of a machine crosses the NIC at the same time in these schedules
+    ux = sum(remote("u"))                            # Ulysses peers outside / inside the machine
+    ui = U - 1 - ux
+    ring_remote = remote("r")                        # rank 0 has r = 0: peers 1..R-1, pull order
+
+    def xfer(nbytes: float, across: bool) -> float:  # the G GPUs of a machine share its NIC
+        return params.inter.seconds(nbytes, G) if across else params.intra.seconds(nbytes)
 
     def a2a(tensors: int) -> float:  # one ScatterPush; intra and inter pieces move concurrently
-        return max(params.intra.seconds(tensors * L / U * ui),
-                   params.inter.seconds(tensors * L / U * ux, x_share))
+        return max(xfer(tensors * L / U * ui, False), xfer(tensors * L / U * ux, True))
 
     def barrier(across: bool) -> float:
         return (params.barrier_us + (2 * params.inter.latency_us if across else 0.0)) * 1e-6
 
-    def link(remote: bool) -> tuple[Link, int]:
-        return (params.inter, x_share) if remote else (params.intra, 1)
-
     # transfers of the core: torus chunks (Q, K+V, O: L/T, 2L/T, L/T) and ring K+V per chunk
-    q_x = params.inter.seconds(L / T, x_share)
-    kv_x = params.inter.seconds(2 * L / T, x_share)
-    o_x = params.inter.seconds(L / T, x_share)
-    ring_x = [link(rm)[0].seconds(2 * L / T, link(rm)[1]) for rm in ring_remote]
+    q_x, kv_x, o_x = xfer(L / T, True), xfer(2 * L / T, True), xfer(L / T, True)
+    ring_x = [xfer(2 * L / T, rm) for rm in ring_remote]
     step = compute / (T * T * R)                     # one Q chunk x one K/V block of one ring member
 
     if not params.overlap:  # the measured version: everything in program order on one stream
