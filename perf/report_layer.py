@@ -16,10 +16,15 @@ ALGOS = ["ulysses", "ring", "usp", "tas", "torus"]
 
 def main(paths: list[Path]) -> str:
     lines, summary, shapes = [], {}, set()
+    torus_gain, torus_vs_best = [], []  # emulated-link runs: USP / Torus, min(USP, TAS) / Torus
     for path in paths:
         data = json.loads(path.read_text())
         mesh = data["meta"]["mesh"]
-        lines += [f"Mesh {mesh} ({data['meta']['ranks']} ranks on {data['meta']['gpus']} x {data['meta']['device']}); "
+        link = data["meta"].get("emulated_link")
+        tag = mesh + (f"_link{link.replace(',', '_')}" if link else "")
+        title = f"Mesh {mesh}" + (f", emulated inter-machine link {link} (GB/s, us; a 64 MiB put measured "
+                                  f"{data['meta']['emulated_put_GBps']:.1f} GB/s)" if link else "")
+        lines += [f"{title} ({data['meta']['ranks']} ranks on {data['meta']['gpus']} x {data['meta']['device']}); "
                   f"`{data['meta']['command']}`", "",
                   "| shape | " + " | ".join(ALGOS) + " | SDPA cuDNN, 1 GPU | best speed-up over 1 GPU |",
                   "|---|" + "---|" * (len(ALGOS) + 2)]
@@ -30,9 +35,17 @@ def main(paths: list[Path]) -> str:
                          + f" | {row['sdpa_1gpu_cudnn']:.2f} | {row['sdpa_1gpu_cudnn'] / best:.2f}x |")
             for a in ALGOS:
                 if a in row:
-                    summary[f"layer_ms_{mesh}_{shape}_{a}"] = round(row[a], 3)
+                    summary[f"layer_ms_{tag}_{shape}_{a}"] = round(row[a], 3)
+            if link:
+                torus_gain.append(row["usp"] / row["torus"])
+                torus_vs_best.append(min(row["usp"], row["tas"]) / row["torus"])
         lines.append("")
     summary["layer_bench_shapes"] = len(shapes)
+    if torus_gain:
+        summary["torus_over_usp_emulated_best"] = round(max(torus_gain), 3)
+        summary["torus_over_best_baseline_emulated_min"] = round(min(torus_vs_best), 3)
+        lines.append(f"Emulated links: Torus over USP at best {max(torus_gain):.3f}x; Torus over the faster of "
+                     f"USP and TAS at worst {min(torus_vs_best):.3f}x.")
     update_summary(summary)
     return "\n".join(lines)
 
