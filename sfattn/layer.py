@@ -115,52 +115,65 @@ class SPAttention:
         self.q_pulls = [rt.batch("get", [(self.TQ[p], self.Tt[p], self.RU["q"][t])]) for p in src[1:]]
         self.kv_pulls = [rt.batch("get", [(self.TK[p], self.Tt[p], self.RU["k"][t]),
                                           (self.TV[p], self.Tt[p], self.RU["v"][t])]) for p in src[1:]]
-        # Ring: stationary chunk from every ring peer; other chunks from their torus copies
+        # Ring: each peer's stationary chunk, and its copies of the other chunks (one batch per
+        # peer, so compute can start on the first peer's K/V while the others still arrive)
         peers = [(r + j) % R for j in range(1, R)]
-        self.ring_stationary = rt.batch("get", [(self.RK[rr, t], self.Rt[rr], self.RU["k"][t]) for rr in peers]
-                                        + [(self.RV[rr, t], self.Rt[rr], self.RU["v"][t]) for rr in peers]) \
-            if R > 1 else None
-        self.ring_chunk = {p: rt.batch("get", [(self.RK[rr, p], self.Rt[rr], self.TK[p]) for rr in peers]
-                                       + [(self.RV[rr, p], self.Rt[rr], self.TV[p]) for rr in peers])
-                           for p in src[1:]} if R > 1 else {}
         self.ring_peers = peers
+        self.ring_pulls = {(p, rr): rt.batch("get", [(self.RK[rr, p], self.Rt[rr], self.RU["k"][t] if p == t else self.TK[p]),
+                                                    (self.RV[rr, p], self.Rt[rr], self.RU["v"][t] if p == t else self.TV[p])])
+                           for p in src for rr in peers}
         # 3. Push O: my finished rows of chunk p -> member p's RO[t]
         self.push_o = {p: rt.batch("put", [(self.TO[p], self.Tt[p], self.RO[t])]) for p in src[1:]}
-        # compute calls
+        # 4. The compute schedule on the caller's stream, as a flat list of steps:
+        #    ("wait", event) | ("run", launch) | ("push", chunk)
         L = self.local
 
         def q_blocks(p: int):
             buf = self.RU["q"][t] if p == t else self.TQ[p]
             return [buf[i] for i in range(U)]
 
-        def kv_blocks(p: int):
-            ks, vs = [], []
-            for rr in range(R):
-                kb, vb = (self.RU["k"][t], self.RU["v"][t]) if (rr == r and p == t) else \
-                    (self.TK[p], self.TV[p]) if rr == r else (self.RK[rr, p], self.RV[rr, p])
-                for i in range(U):
-                    n = self._kv_len(p, i, rr)
-                    ks.append((kb[i], n))
-                    vs.append((vb[i], n))
-            return ks, vs
+        def kv_blocks(p: int, rr: int):
+            """K/V blocks of chunk p as held by ring member rr, and the event that brings them."""
+            if rr == r:
+                kb, vb, ev = (self.RU["k"][t], self.RU["v"][t], None) if p == t else (self.TK[p], self.TV[p], ("kv", p))
+            else:
+                kb, vb, ev = self.RK[rr, p], self.RV[rr, p], ("ring", p, rr)
+            ns = [self._kv_len(p, i, rr) for i in range(U)]
+            return [(kb[i], n) for i, n in enumerate(ns)], [(vb[i], n) for i, n in enumerate(ns)], ev
 
         def out_blocks(p: int):
             buf = self.RO[t] if p == t else self.TO[p]
             return [buf[i] for i in range(U)]
 
-        kv = {p: kv_blocks(p) for p in range(T)}
-        self.q_stage = []   # Pull Q stage i: chunk src[i] against the stationary K/V
-        for i, p in enumerate(src):
-            fin = T == 1
-            self.q_stage.append(L.prepare(q_blocks(p), *kv[t], self.states[p], self.scale, init=True,
-                                          finalize=fin, out=out_blocks(p) if fin else None))
-        self.kv_stage = []  # Pull KV stage j: every Q chunk against K/V chunk src[j]
-        for j, pk in enumerate(src[1:], start=1):
+        steps, waited = [], set()
+
+        def wait(ev) -> None:
+            if ev is not None and ev not in waited:
+                waited.add(ev)
+                steps.append(("wait", ev))
+
+        holders = [r, *peers]  # ring members in compute order: my own K/V first
+        for p in src:  # Pull Q stages: chunk p against the stationary chunk t
+            wait(("q", p) if p != t else None)
+            for n_rr, rr in enumerate(holders):
+                ks, vs, ev = kv_blocks(t, rr)
+                wait(ev)
+                fin = T == 1 and n_rr == R - 1
+                steps.append(("run", L.prepare(q_blocks(p), ks, vs, self.states[p], self.scale, init=n_rr == 0,
+                                               finalize=fin, out=out_blocks(p) if fin else None)))
+        for j, pk in enumerate(src[1:], start=1):  # Pull KV stages: every Q chunk against chunk pk
             last = j == T - 1
             order = [p for p in src if p != t] + [t] if last else src
-            self.kv_stage.append([(p, L.prepare(q_blocks(p), *kv[pk], self.states[p], self.scale, init=False,
-                                                finalize=last, out=out_blocks(p) if last else None))
-                                  for p in order])
+            for n_rr, rr in enumerate(holders):
+                ks, vs, ev = kv_blocks(pk, rr)
+                wait(ev)
+                fin = last and n_rr == R - 1
+                for p in order:
+                    steps.append(("run", L.prepare(q_blocks(p), ks, vs, self.states[p], self.scale, init=False,
+                                                   finalize=fin, out=out_blocks(p) if fin else None)))
+                    if fin and p != t:  # Push O while the remaining rows finish
+                        steps.append(("push", p))
+        self.steps = steps
         # the SymArray views used per call
         self._send_views = {x: self.SU[x] if U > 1 else self.RU[x] for x in "qkv"}
         self._src = src
@@ -228,29 +241,21 @@ class SPAttention:
                 rt.signal_op(self.ready[p, self.r], 1, self.Rt[rr], "add", A)
         if R > 1:
             self._wait(Bs, "start")
-            self.ring_stationary.issue(Bs)
-            self._record(("ring", self.t), Bs)
-            for pk in self._src[1:]:
-                rt.signal_wait_next(self.ready[pk], skip=self.r, stream=Bs)
-                self.ring_chunk[pk].issue(Bs)
-                self._record(("ring", pk), Bs)
-            self._wait(C, ("ring", self.t))
-        for p, run in zip(self._src, self.q_stage):         # Pull Q stages, stationary first
-            if p != self.t:
-                self._wait(C, ("q", p))
-            run(C)
-        for j, stage in enumerate(self.kv_stage, start=1):  # Pull KV stages
-            pk = self._src[j]
-            self._wait(C, ("kv", pk))
-            if R > 1:
-                self._wait(C, ("ring", pk))
-            last = j == T - 1
-            for p, run in stage:
-                run(C)
-                if last and p != self.t:  # Push O while the stationary rows finish
-                    self._record(("o", p), C)
-                    self._wait(A, ("o", p))
-                    self.push_o[p].issue(A)
+            for p in self._src:
+                if p != self.t:  # the peers pulled their copy of chunk p from its machine
+                    rt.signal_wait_next(self.ready[p], skip=self.r, stream=Bs)
+                for rr in self.ring_peers:
+                    self.ring_pulls[p, rr].issue(Bs)
+                    self._record(("ring", p, rr), Bs)
+        for kind, arg in self.steps:  # compute, waiting per chunk
+            if kind == "run":
+                arg(C)
+            elif kind == "wait":
+                self._wait(C, arg)
+            else:  # push O of chunk `arg` on the Torus stream once its rows are final
+                self._record(("o", arg), C)
+                self._wait(A, ("o", arg))
+                self.push_o[arg].issue(A)
         if T > 1:
             self._record("pushed", A)
             self._wait(C, "pushed")
