@@ -219,10 +219,18 @@ def load_measurements(paths: list[str | Path]) -> list[dict]:
     for path in paths:
         data = json.loads(Path(path).read_text())
         M, G = (int(x) for x in data["meta"]["mesh"].split("x"))
+        link = data["meta"].get("emulated_link")  # "GBPS,LATENCY_US" of a paced inter-machine link
+        inter = tuple(float(x) for x in link.split(",")) if link else None
         for shape, row in data["ms"].items():
             for algo, ms in row.items():
-                points.append(dict(machines=M, gpus=G, shape=shape, algorithm=algo, ms=float(ms)))
+                points.append(dict(machines=M, gpus=G, shape=shape, algorithm=algo, ms=float(ms), inter=inter))
     return points
+
+
+def _at(point: dict, params: Params) -> Params:
+    """The parameters a measured point ran under (its emulated inter-machine link, if any)."""
+    inter = point.get("inter")
+    return params if not inter else replace(params, inter=Link(inter[0], inter[1] if len(inter) > 1 else 0.0))
 
 
 def calibrate(points: list[dict], base: Params, iters: int = 50) -> Params:
@@ -244,7 +252,7 @@ def calibrate(points: list[dict], base: Params, iters: int = 50) -> Params:
     for _ in range(iters):
         rows, rhs = [], []
         for p in pts:
-            r = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], params)
+            r = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], _at(p, params))
             other = r["total_ms"] - r["compute_ms"] - params.fixed_ms * (p["machines"] * p["gpus"] > 1)
             gflop = r["compute_ms"] * params.tflops(SHAPES[p["shape"]].head_dim)  # = FLOPs / 1e9
             y = p["ms"]
@@ -270,8 +278,9 @@ def calibration_table(points: list[dict], params: Params) -> list[dict]:
     for p in points:
         if p["algorithm"] not in ALGORITHMS:
             continue
-        m = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], params)["total_ms"]
-        rows.append(dict(mesh=f"{p['machines']}x{p['gpus']}", shape=p["shape"], algorithm=p["algorithm"],
+        m = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], _at(p, params))["total_ms"]
+        link = f" link {p['inter'][0]:g} GB/s" if p.get("inter") else ""
+        rows.append(dict(mesh=f"{p['machines']}x{p['gpus']}{link}", shape=p["shape"], algorithm=p["algorithm"],
                          measured_ms=round(p["ms"], 3), model_ms=round(m, 3),
                          rel_error=round((m - p["ms"]) / p["ms"], 4)))
     return rows
@@ -449,7 +458,8 @@ def run_all(paths: list[str], out: Path | None) -> dict:
              for p in sdpa if SHAPES[p["shape"]].head_dim == d]
         if v:
             cudnn[d] = sum(v) / len(v)
-    base = replace(H200_PAIR, overlap=False, ring_pipelined=False,
+    # the measured layer (commit d395eaf on): two streams, ring K/V attended peer by peer
+    base = replace(H200_PAIR, overlap=True, ring_pipelined=True,
                    tflops_d128=cudnn.get(128, H200_PAIR.tflops_d128), tflops_d64=cudnn.get(64, H200_PAIR.tflops_d64))
     table_cudnn = calibration_table(points, base)
     fitted = calibrate(points, base)

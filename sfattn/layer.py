@@ -85,7 +85,10 @@ class SPAttention:
         if self.gpu:  # two communication streams beside the caller's compute stream
             import cupy
 
-            self._streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+            # highest priority: their small kernels (waits, link holds) get an SM as soon as a
+            # block of the attention kernel retires, instead of after the whole kernel
+            top = cupy.cuda.runtime.deviceGetStreamPriorityRange()[1]
+            self._streams = [cupy.cuda.Stream(non_blocking=True, priority=top) for _ in range(2)]
             self._events: dict = {}
         self._build()
         rt.sync()
