@@ -87,8 +87,8 @@ class SPAttention:
 
             # highest priority: their small kernels (waits, link holds) get an SM as soon as a
             # block of the attention kernel retires, instead of after the whole kernel
-            top = cupy.cuda.runtime.deviceGetStreamPriorityRange()[1]
-            self._streams = [cupy.cuda.Stream(non_blocking=True, priority=top) for _ in range(2)]
+            # (CUDA clamps a priority beyond its range to the highest one)
+            self._streams = [cupy.cuda.Stream(non_blocking=True, priority=-1000) for _ in range(2)]
             self._events: dict = {}
         self._build()
         rt.sync()
