@@ -8,7 +8,7 @@ Degrees and placement come from ``sfattn.plan.make_plan`` (the same T x U x R pl
 One rank's layer time is simulated step by step: layout copies, the Ulysses all-to-all (serial),
 then the Torus and Ring transfers on their own lanes (one per stream) racing the compute steps
 that wait for them, then Push O and the reverse all-to-all. ``Params.overlap=False`` puts every
-transfer on the compute stream (the layer before commit 1dce222, which produced layer_*.json).
+transfer on the compute stream (the layer before commit 1dce222).
 """
 from __future__ import annotations
 
@@ -470,7 +470,7 @@ def run_all(paths: list[str], out: Path | None) -> dict:
                  model_max_rel_error_with_cudnn_throughput=round(max(abs(r["rel_error"]) for r in table_cudnn), 4),
                  table=table)
     # what the current (two-stream) layer should measure on the same pair
-    now = replace(fitted, overlap=True, ring_pipelined=False)
+    now = fitted  # the layer as measured: overlapped, ring peer by peer
     pair_now = [dict(mesh=f"{M}x{G}", shape=s, algorithm=a, serial_ms=round(predict(a, M, G, s, fitted)["total_ms"], 3),
                      overlapped_ms=round(predict(a, M, G, s, now)["total_ms"], 3))
                 for M, G in ((1, 2), (2, 1)) for s in ("flux3072", "flux4096", "video20s") for a in ALGORITHMS]
