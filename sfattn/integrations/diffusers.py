@@ -1,0 +1,141 @@
+"""Sequence parallelism for diffusers' Flux transformer, with sfattn attention.
+
+    import oneside
+    from sfattn.integrations.diffusers import SequenceParallel
+
+    rt = oneside.init()
+    sp = SequenceParallel(rt)                 # algorithm=None: the planner's choice
+    sp.apply_flux(transformer)                # every attention module uses sfattn
+    out = sp.gather(transformer(hidden_states=sp.shard(latents), img_ids=sp.shard(img_ids, dim=0),
+                                encoder_hidden_states=text, txt_ids=txt_ids, ...).sample)
+
+The image tokens are split along the sequence (each rank holds ``N / world`` consecutive
+tokens and their position ids, so RoPE stays exact). The text tokens are **replicated**: every
+rank keeps the whole prompt, as the model's MLPs and modulation need it. Inside attention the
+joint sequence is ``text + image``; each rank contributes its 1/world slice of the text rows
+and its image rows to the sequence-parallel attention (so every text key counts once), and
+the text outputs are all-gathered afterwards, so every rank again holds the whole text.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import oneside
+
+from ..layer import SPAttention
+from ..op import attention
+from ..plan import make_plan
+
+
+class SequenceParallel:
+    """Shards tokens over the ranks of a oneside runtime and runs joint attention with sfattn."""
+
+    def __init__(self, rt: oneside.Runtime, algorithm: str | None = None, ulysses_degree: int | None = None):
+        self.rt, self.algorithm, self.ulysses_degree = rt, algorithm, ulysses_degree
+        self.text_len: int | None = None
+        self._layers: dict[tuple, SPAttention] = {}
+        self._gathers: dict[tuple, Any] = {}
+
+    @property
+    def world(self) -> int:
+        return self.rt.world_size
+
+    def _slice(self, n: int, what: str) -> slice:
+        if n % self.world:
+            raise ValueError(f"{what}: {n} tokens do not divide by the {self.world} ranks")
+        k = n // self.world
+        return slice(self.rt.rank * k, (self.rt.rank + 1) * k)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's consecutive slice of ``x`` along ``dim`` (which must divide by the ranks)."""
+        idx = [slice(None)] * x.ndim
+        idx[dim] = self._slice(x.shape[dim], f"shard(dim={dim})")
+        return x[tuple(idx)].contiguous()
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """All-gather along ``dim`` through the symmetric heap: every rank gets the whole."""
+        x = x.contiguous()
+        key = (tuple(x.shape), str(x.dtype), dim)
+        buf = self._gathers.get(key)
+        if buf is None:
+            buf = self._gathers[key] = self.rt.alloc((self.world, *x.shape), str(x.dtype).replace("torch.", ""))
+        me = self.rt.rank
+        self.rt.barrier_all()  # nobody still reads this buffer from the previous gather
+        self.rt.scatter_push([(x, p, buf[me]) for p in range(self.world)])
+        self.rt.barrier_all()
+        parts = buf.torch()
+        return torch.cat([parts[i] for i in range(self.world)], dim=dim)
+
+    def _layer(self, B: int, S: int, H: int, D: int, dtype: torch.dtype) -> SPAttention:
+        key = (B, S, H, D, dtype)
+        layer = self._layers.get(key)
+        if layer is None:
+            plan = make_plan(self.rt.mesh, H, S, D, self.algorithm, self.ulysses_degree)
+            layer = self._layers[key] = SPAttention(self.rt, plan, B, str(dtype).replace("torch.", ""))
+        return layer
+
+    def joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int) -> torch.Tensor:
+        """Attention over ``text (replicated, first text_len rows) + image (this rank's rows)``.
+
+        ``q, k, v``: ``[B, text_len + local image rows, H, D]``; returns the same shape, the
+        text rows being the full text output on every rank.
+        """
+        B, L, H, D = q.shape
+        tl = self._slice(text_len, "text_len")
+        img = L - text_len
+        pieces = [torch.cat([x[:, tl], x[:, text_len:]], dim=1).contiguous() for x in (q, k, v)]
+        layer = self._layer(B, text_len + img * self.world, H, D, q.dtype)
+        o = attention(*pieces, layer)
+        n = tl.stop - tl.start
+        text = self.gather(o[:, :n], dim=1)
+        return torch.cat([text, o[:, n:]], dim=1)
+
+    def apply_flux(self, transformer: Any) -> None:
+        """Route every attention module of a ``FluxTransformer2DModel`` through sfattn."""
+        transformer.set_attn_processor(FluxSPAttnProcessor(self))
+
+    def close(self) -> None:
+        """Free the heap buffers (collective)."""
+        for layer in self._layers.values():
+            layer.close()
+        for buf in self._gathers.values():
+            self.rt.free(buf)
+        self._layers.clear()
+        self._gathers.clear()
+
+
+class FluxSPAttnProcessor:
+    """Drop-in for diffusers' ``FluxAttnProcessor`` running joint attention with sfattn."""
+
+    def __init__(self, sp: SequenceParallel):
+        self.sp = sp
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise ValueError("attention_mask: not supported with sequence parallelism (Flux uses none)")
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:  # double-stream block: text comes separately
+            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = (torch.cat([a, b], dim=1) for a, b in ((eq, q), (ek, k), (ev, v)))
+            self.sp.text_len = encoder_hidden_states.shape[1]
+        elif self.sp.text_len is None:
+            raise RuntimeError("FluxSPAttnProcessor: a single-stream block ran before any double-stream "
+                               "block, so the text length is unknown")
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        out = self.sp.joint_attention(q, k, v, self.sp.text_len).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([self.sp.text_len, out.shape[1] - self.sp.text_len], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
