@@ -52,3 +52,9 @@ def test_launcher_propagates_failure(tmp_path):
 def test_launcher_rejects_bad_arguments():
     r = _run("-n", "4", "--machines", "3", "examples/alltoall.py")
     assert r.returncode == 2 and "--machines 3" in r.stderr
+
+
+def test_flux_example_tiny_on_two_ranks():
+    r = _run("-n", "2", "examples/flux_sp.py", "--tiny", "--steps", "2", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rel err vs 1 rank" in r.stdout and "sfattn" in r.stdout
