@@ -1,4 +1,4 @@
-"""Sequence parallelism for diffusers' Flux transformer, with sfattn attention.
+"""Sequence parallelism for diffusers' Flux and Wan transformers, with sfattn attention.
 
     import oneside
     from sfattn.integrations.diffusers import SequenceParallel
@@ -9,7 +9,13 @@
     out = sp.gather(transformer(hidden_states=sp.shard(latents), img_ids=sp.shard(img_ids, dim=0),
                                 encoder_hidden_states=text, txt_ids=txt_ids, ...).sample)
 
-The image tokens are split along the sequence (each rank holds ``N / world`` consecutive
+For Wan (video), ``sp.apply_wan(transformer)`` is all it takes: the model is called with the
+whole latents as usual and returns the whole output; hooks split the video tokens (and their
+RoPE frequencies) along the sequence before the first block and all-gather them after the
+last. Self-attention runs on sfattn; cross-attention to the text needs no communication (each
+rank's video queries against the whole, replicated text).
+
+For Flux, the image tokens are split along the sequence (each rank holds ``N / world`` consecutive
 tokens and their position ids, so RoPE stays exact). The text tokens are **replicated**: every
 rank keeps the whole prompt, as the model's MLPs and modulation need it. Inside attention the
 joint sequence is ``text + image``; each rank contributes its 1/world slice of the text rows
@@ -96,6 +102,29 @@ class SequenceParallel:
         """Route every attention module of a ``FluxTransformer2DModel`` through sfattn."""
         transformer.set_attn_processor(FluxSPAttnProcessor(self))
 
+    def apply_wan(self, transformer: Any) -> list:
+        """Make a ``WanTransformer3DModel`` sequence-parallel; returns the hook handles.
+
+        Its blocks run on this rank's slice of the video tokens (self-attention through
+        sfattn), the whole output is gathered after the last block.
+        """
+        blocks = list(transformer.blocks)
+        for block in blocks:
+            block.attn1.set_processor(WanSPSelfAttnProcessor(self))
+        first, last = blocks[0], blocks[-1]
+
+        def split(module: Any, args: tuple) -> tuple:
+            hidden, context, tproj, rotary = args
+            if module is first:
+                hidden = self.shard(hidden)
+            if tproj.ndim == 4:  # per-token modulation (Wan 2.2 TI2V): [B, S, 6, C]
+                tproj = self.shard(tproj)
+            rotary = tuple(self.shard(r) for r in rotary) if rotary is not None else None
+            return hidden, context, tproj, rotary
+
+        return [b.register_forward_pre_hook(split) for b in blocks] + \
+            [last.register_forward_hook(lambda m, a, out: self.gather(out))]
+
     def close(self) -> None:
         """Free the heap buffers (collective)."""
         for layer in self._layers.values():
@@ -139,3 +168,34 @@ class FluxSPAttnProcessor:
         text, image = out.split_with_sizes([self.sp.text_len, out.shape[1] - self.sp.text_len], dim=1)
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         return image, attn.to_add_out(text.contiguous())
+
+
+class WanSPSelfAttnProcessor:
+    """Drop-in for diffusers' ``WanAttnProcessor`` on the self-attention (``attn1``) of Wan blocks."""
+
+    def __init__(self, sp: SequenceParallel):
+        self.sp = sp
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb: Any = None) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("WanSPSelfAttnProcessor: for self-attention only (no encoder states, no mask)")
+        q, k, v = _get_qkv_projections(attn, hidden_states, None)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
+        if rotary_emb is not None:
+            q, k = (_wan_rotary(x, *rotary_emb) for x in (q, k))
+        out = self.sp.joint_attention(q, k, v, 0).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding (as in diffusers' WanAttnProcessor)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)

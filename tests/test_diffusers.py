@@ -1,4 +1,4 @@
-"""A tiny Flux transformer, sequence-parallel over 2 host-backend ranks, equals one process."""
+"""Tiny Flux and Wan transformers, sequence-parallel over 2 host-backend ranks, equal one process."""
 from __future__ import annotations
 
 import pytest
@@ -68,3 +68,40 @@ def _bad_shard(rt):
 
 def test_shard_refuses_uneven_sequences():
     all_ok(run_ranks(_bad_shard, 2))
+
+
+def _tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32).to(torch.float64).eval()
+
+
+def _wan_sp(rt, algorithm):
+    from sfattn.integrations.diffusers import SequenceParallel
+
+    model = _tiny_wan()
+    g = torch.Generator().manual_seed(2)
+    x = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g, dtype=torch.float64),  # 3 x 4 x 4 tokens
+             timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 8, 16, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        ref = model(**x).sample
+        sp = SequenceParallel(rt, algorithm=algorithm)
+        hooks = sp.apply_wan(model)
+        out = model(**x).sample
+    for h in hooks:
+        h.remove()
+    sp.close()
+    return float((out - ref).abs().max() / ref.abs().max()), tuple(out.shape)
+
+
+@pytest.mark.parametrize("algorithm", ["ulysses", "torus"])
+def test_tiny_wan_sequence_parallel_matches_one_process(algorithm):
+    res = all_ok(run_ranks(_wan_sp, 2, machines=2 if algorithm == "torus" else 1, heap="16MiB", deadline=180,
+                           timeout=120, algorithm=algorithm))
+    for err, shape in res:
+        assert shape == (1, 4, 3, 8, 8)
+        assert err < 1e-10, err
