@@ -24,7 +24,7 @@ import numpy as np
 
 import oneside
 
-from .local import GpuAttention, HostAttention
+from .local import GpuAttention, HostAttention, TorchAttention
 from .plan import Plan
 
 
@@ -40,11 +40,13 @@ class SPAttention:
     default; ``'bhsd'``: ``[batch, heads, L, head_dim]``, any strides) where L is
     :meth:`shard_len` of this rank (ranks hold consecutive slices of the sequence, the last
     ones shorter when it does not divide); numpy arrays on the host backend, CuPy arrays or
-    torch tensors on GPUs. Returns the attention output for the same rows.
+    torch tensors on GPUs. Returns the attention output for the same rows. ``local``:
+    ``'kernel'`` (the fused multi-block kernel; the numpy reference on the host backend) or
+    ``'torch'`` (torch SDPA with log-sum-exp, merged; the same local kernel as torch baselines).
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
-                 scale: float | None = None, layout: str = "bshd"):
+                 scale: float | None = None, layout: str = "bshd", local: str = "kernel"):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
@@ -65,7 +67,13 @@ class SPAttention:
         me = rt.rank
         self.t, self.u, self.r = t, u, r = plan.coords(me)
         self.Ut, self.Tt, self.Rt = plan.team("u", me), plan.team("t", me), plan.team("r", me)
-        self.local = GpuAttention(rt.backend.device) if rt.backend.is_gpu else HostAttention()
+        if local == "torch":
+            self.local = TorchAttention(f"cuda:{rt.backend.device}" if rt.backend.is_gpu else "cpu")
+        elif local == "kernel":
+            self.local = GpuAttention(rt.backend.device) if rt.backend.is_gpu else HostAttention()
+        else:
+            raise ValueError(f"local={local!r}: expected 'kernel' (sfattn's fused kernel; numpy on the host "
+                             f"backend) or 'torch' (torch SDPA with log-sum-exp, merged)")
         B = batch
         piece = (B, Sl, Ht, D)
         a = lambda shape: rt.alloc(shape, self.dtype)  # noqa: E731

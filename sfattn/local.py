@@ -81,3 +81,86 @@ class GpuAttention:
         def run(stream: Any = None) -> None:
             launch(init=init, finalize=finalize, stream=stream)
         return run
+
+
+class TorchAttention:
+    """torch's own attention as the local kernel: SDPA returning the log-sum-exp (cuDNN on GPUs,
+    the flash CPU kernel on CPUs), merged into the running state with torch ops.
+
+    The peer comparisons use it to run sfattn with the same local kernel as torch-based
+    baselines; it is slower than the fused kernel (one SDPA call and one merge per K/V block).
+    """
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.xp = torch
+
+    def state(self, B: int, S: int, H: int, D: int) -> AttnState:
+        t = self.torch
+        dt = t.float32 if self.device.type == "cuda" else t.float64
+        return AttnState(t.empty(B, S, H, D, dtype=dt, device=self.device), t.empty(B, H, S, dtype=dt, device=self.device),
+                         t.empty(B, H, S, dtype=dt, device=self.device))
+
+    @staticmethod
+    def view(block: Any):
+        a, n = _rows(block)
+        a = a.torch() if hasattr(a, "rt") else a
+        return a if n is None else a[:, :n]
+
+    def _sdpa(self, q, k, v, scale: float):
+        """(o [B, H, Sq, D], lse [B, H, Sq]) of BHSD inputs."""
+        aten = self.torch.ops.aten
+        if q.device.type == "cuda":
+            o, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+        else:
+            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return o, lse.reshape(q.shape[:3])
+
+    def prepare(self, q, k, v, state, scale, init, finalize, out=None):
+        t = self.torch
+        qs = [self.view(b) for b in q]
+        kvs = [(self.view(a), self.view(b)) for a, b in zip(k, v) if (_rows(a)[1] is None or _rows(a)[1] > 0)]
+        outs = None if out is None else [self.view(b) for b in out]
+        rows, r0 = [], 0
+        for x in qs:
+            rows.append(slice(r0, r0 + x.shape[1]))
+            r0 += x.shape[1]
+
+        def run(stream: Any = None) -> None:
+            ctx = t.cuda.stream(t.cuda.ExternalStream(stream, device=self.device)) \
+                if stream is not None and self.device.type == "cuda" else _nullcontext()
+            with ctx:
+                for x, rs in zip(qs, rows):
+                    acc, m, l = state.acc[:, rs], state.m[:, :, rs], state.l[:, :, rs]
+                    if init:
+                        acc.zero_()
+                        m.fill_(-float("inf"))
+                        l.zero_()
+                    if x.shape[1] == 0:
+                        continue
+                    qh = x.transpose(1, 2)
+                    for kb, vb in kvs:
+                        o, lse = self._sdpa(qh, kb.transpose(1, 2), vb.transpose(1, 2), scale)
+                        lse = lse.to(m.dtype)
+                        new = t.maximum(m, lse)
+                        a1 = t.where(t.isinf(new) & (new < 0), t.ones_like(m), t.exp(m - new))
+                        a2 = t.exp(lse - new)
+                        l.mul_(a1).add_(a2)
+                        acc.mul_(a1.transpose(1, 2)[..., None]).add_(o.transpose(1, 2).to(acc.dtype) * a2.transpose(1, 2)[..., None])
+                        m.copy_(new)
+                if finalize:
+                    for rs, ob in zip(rows, outs):
+                        l = state.l[:, :, rs]
+                        inv = t.where(l > 0, 1.0 / t.where(l > 0, l, t.ones_like(l)), t.zeros_like(l))
+                        ob.copy_((state.acc[:, rs] * inv.transpose(1, 2)[..., None]).to(ob.dtype))
+        return run
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

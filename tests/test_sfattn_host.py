@@ -18,7 +18,7 @@ def _inputs(seed: int, B: int, S: int, H: int, D: int):
     return [rng.standard_normal((B, S, H, D)) for _ in range(3)]
 
 
-def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str):
+def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str, local: str = "kernel"):
     """Run every plan the mesh allows, twice each (buffers reused), on fresh inputs."""
     errs = {}
     for algo in ALGORITHMS:
@@ -26,7 +26,7 @@ def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str):
             plan = make_plan(rt.mesh, H, S, D, algo)
         except PlanError:
             continue
-        layer = SPAttention(rt, plan, B, "float64", layout=layout)
+        layer = SPAttention(rt, plan, B, "float64", layout=layout, local=local)
         used = rt.heap_used
         worst = 0.0
         for it in range(2):
@@ -36,7 +36,13 @@ def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str):
             shard = [x[:, lo:lo + L] for x in (q, k, v)]
             if layout == "bhsd":
                 shard = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in shard]
+            if local == "torch":
+                import torch
+
+                shard = [torch.from_numpy(np.ascontiguousarray(x)) for x in shard]
             o = layer(*shard)
+            if local == "torch":
+                o = o.numpy()
             if layout == "bhsd":
                 o = o.transpose(0, 2, 1, 3)
             assert o.shape == (B, L, H, D)
@@ -96,6 +102,18 @@ def test_torus_with_ring_inside_and_forced_degrees():
     for r in res:
         for *_, err in r:
             assert err < 1e-12
+
+
+@pytest.mark.parametrize("mesh", [(2, 2), (1, 3)], ids=lambda m: f"{m[0]}x{m[1]}")
+def test_torch_local_kernel_matches_reference(mesh):
+    pytest.importorskip("torch")
+    W = mesh[0] * mesh[1]
+    res = all_ok(run_ranks(_all_algorithms, W, machines=mesh[0], heap="24MiB", deadline=120,
+                           H=12, S=31, B=1, D=8, layout="bshd", local="torch"))
+    assert set(res[0]) == {a for a in ALGORITHMS if _allowed(mesh, 12, a)}
+    for r in res:
+        for algo, err in r.items():
+            assert err < 1e-6, (mesh, algo, err)
 
 
 def _allowed(mesh, H, algo) -> bool:
@@ -167,6 +185,8 @@ def _bad_inputs(rt):
         layer(np.zeros((1, L, 4, 8)), np.zeros((1, L, 4, 8), np.float32), np.zeros((1, L, 4, 8)))
     with pytest.raises(ValueError, match="layout="):
         SPAttention(rt, plan, 1, "float64", layout="sbhd")
+    with pytest.raises(ValueError, match="local="):
+        SPAttention(rt, plan, 1, "float64", local="cudnn")
     return True
 
 
