@@ -3,12 +3,13 @@
 Per call (design.md section 3, one-sided throughout):
 
 1. pack Q, K, V into the Ulysses send buffer; one ScatterPush of all U x T pieces; BarrierAll;
-2. all GatherPulls of the Torus (Q chunks first, then K/V chunks) and of the Ring (the
-   stationary K/V of every ring peer) issued at once on two communication streams;
-3. compute, chunk by chunk, waiting per chunk: Pull Q stages (stationary chunk first), Pull KV
-   stages (each received K/V chunk - and its ring peers' copies, pulled from them once they
-   signal - against all gathered Q); on the last stage the rows of other machines first,
-   each pushed to its owner (Push O) while the stationary rows finish;
+2. all GatherPulls issued at once on two high-priority communication streams: the Torus's
+   (Q chunks first, then K/V chunks) on one, the Ring's (every ring peer's K/V of every
+   chunk, one batch per peer, each chunk once the peer signals it holds it) on the other;
+3. compute, a flat list of steps built at construction, waiting per chunk and per ring peer:
+   Pull Q stages (stationary chunk first, my own K/V before the ring peers'), Pull KV stages
+   (each received K/V chunk against all gathered Q); on the last stage the rows of other
+   machines first, each pushed to its owner (Push O) while the stationary rows finish;
 4. BarrierAll; one ScatterPush of O back (reverse Ulysses); barrier; unpack.
 
 Buffers come from the symmetric heap once, at construction; a call allocates nothing.
