@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
 
 from .bootstrap import Placement, parse_size, placement
 from .errors import NotInitializedError, OnesideError
-from .heap import ALIGN, Allocator, SymArray, dtype_name, itemsize
+from .heap import Allocator, SymArray, dtype_name, itemsize
 from .mesh import Mesh, Team
 
 _SIGNAL_OPS = ("set", "add")

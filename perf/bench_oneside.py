@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import cupy as cp
-import numpy as np
 import torch
 import torch.distributed as dist
 

@@ -115,7 +115,7 @@ class Plan:
         lines = [f"plan: {self.algorithm} on {m} machine(s) x {g} GPU(s), {self.heads} heads, "
                  f"seq {self.seq_len}, head_dim {self.head_dim}",
                  f"  degrees: Torus T={self.T} (across machines), Ulysses U={self.U}, Ring R={self.R}",
-                 f"  axes (slow -> fast): " + " x ".join(f"{lv}{s}" for lv, s in self.order)]
+                 "  axes (slow -> fast): " + " x ".join(f"{lv}{s}" for lv, s in self.order)]
         if self.reason:
             lines.append(f"  why: {self.reason}")
         for level, name in (("t", "torus"), ("u", "ulysses"), ("r", "ring")):

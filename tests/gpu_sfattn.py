@@ -22,7 +22,7 @@ def reference(q, k, v, scale):
 
 def main() -> None:
     rt = oneside.init(heap_size="6GiB", timeout=60)
-    me, W = rt.rank, rt.world_size
+    me = rt.rank
     dev = torch.device("cuda", rt.backend.device)
     say = (lambda m: print(f"[{rt.mesh.machines}x{rt.mesh.gpus_per_machine}] ok: {m}", flush=True)) \
         if me == 0 else (lambda m: None)
