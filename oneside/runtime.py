@@ -79,6 +79,15 @@ class Runtime:
     def heap_used(self) -> int:
         return self._allocator.used
 
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Host name of every rank: the real machine boundary (the mesh's may be virtual)."""
+        return self.backend.hosts
+
+    def same_host(self, a: int, b: int) -> bool:
+        """Whether ranks ``a`` and ``b`` run on one physical host."""
+        return self.hosts[self._pe(a, "a")] == self.hosts[self._pe(b, "b")]
+
     def _check_open(self) -> None:
         if not self._open:
             raise NotInitializedError("oneside runtime was finalized; call oneside.init() again")

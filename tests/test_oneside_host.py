@@ -165,6 +165,9 @@ def _team_barriers(rt):
     if me in sub:
         rt.barrier(sub)
     rt.barrier_all()
+    # two virtual machines, one physical host
+    assert rt.same_host(0, rt.world_size - 1) and not mesh.same_machine(0, rt.world_size - 1)
+    assert len(rt.hosts) == rt.world_size
     return (mesh.machine_team(me).ranks, mesh.cross_team(me).ranks)
 
 

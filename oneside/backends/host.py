@@ -13,6 +13,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import socket
 import struct
 import time
 from typing import Any, Iterable, Sequence
@@ -76,6 +77,7 @@ class HostBackend:
         self.bases = [0] * world_size
         self._pids = [0] * world_size
         self._last_check = 0.0
+        self.hosts = (socket.gethostname(),) * world_size  # one host by construction
         self._create_own()
         try:
             self._rendezvous()

@@ -173,6 +173,7 @@ class NvshmemBackend:
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
         self._one = self.ffi.new("uint64_t[3]")  # single-transfer fast path
         self._one_pe = self.ffi.new("int32_t[1]")
+        self.hosts = self._exchange_hosts(place)
         self._store_barrier("heap-ready")  # every arena is zeroed before anyone signals into it
 
     # -- bootstrap --------------------------------------------------------------------
@@ -212,6 +213,20 @@ class NvshmemBackend:
             uid = nv.get_unique_id()
         MPI.COMM_WORLD.Bcast(uid._data.view(np.int8), root=0)
         return uid
+
+    def _exchange_hosts(self, place: Placement) -> tuple[str, ...]:
+        """Every rank's host name (where the machine boundary really is)."""
+        import socket
+
+        name = socket.gethostname()
+        if place.world_size == 1:
+            return (name,)
+        if self._store is not None:
+            self._store.set(f"oneside/{place.job}/host/{place.rank}", name)
+            return tuple(self._store.get(f"oneside/{place.job}/host/{r}").decode() for r in range(place.world_size))
+        from mpi4py import MPI
+
+        return tuple(MPI.COMM_WORLD.allgather(name))
 
     def _store_barrier(self, name: str) -> None:
         if self._store is None:
