@@ -370,7 +370,11 @@ def init(backend: str | None = None, heap_size: int | str | None = None, *, rank
         be = NvshmemBackend(place, size, timeout, device)
     else:
         raise ValueError(f"backend={name!r}: expected 'host' or 'nvshmem'")
-    rt = Runtime(be, place, timeout)
+    try:
+        rt = Runtime(be, place, timeout)
+    except BaseException:
+        be.close(failed=True)
+        raise
     _current = rt
     try:
         rt.barrier_all()

@@ -231,6 +231,12 @@ def test_use_before_init_and_after_finalize():
         oneside.current()
 
 
+def test_heap_too_small_for_the_reserved_area():
+    with pytest.raises(OnesideError, match="heap_size=4096: too small"):
+        oneside.init(backend="host", heap_size=4096, rank=0, world_size=1, job="tiny" + str(os.getpid()))
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"oneside-tiny{os.getpid()}")]
+
+
 def test_bad_init_arguments():
     with pytest.raises(ValueError, match="heap_size"):
         oneside.init(backend="host", heap_size="lots", rank=0, world_size=1)
