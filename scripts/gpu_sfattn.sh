@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On the 2-GPU host (from the repo root): install, build the shim, run the sfattn GPU checks on
-# meshes 1x2, 2x1 and 2x2 (4 ranks on 2 GPUs), then the layer benchmark if SFATTN_BENCH=1.
+# On a GPU host (from the repo root): install, build the shim, run the sfattn GPU checks on each
+# "ranks:machines" of $SFATTN_MESHES (default 2:1 2:2 4:2, i.e. meshes 1x2, 2x1 and 2x2 on 2 GPUs),
+# then the layer benchmark if SFATTN_BENCH=1 (meshes: $SFATTN_BENCH_MACHINES; emulated links:
+# $SFATTN_LINKS, e.g. "40,10 20,10"). Scale-out hosts: SFATTN_MESHES="4:1 4:2 4:4 8:2 8:4 8:1".
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
