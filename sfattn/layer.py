@@ -103,6 +103,16 @@ class SPAttention:
         rt.barrier_all()
         rt.sync()
 
+    @staticmethod
+    def heap_bytes(plan: Plan, batch: int, dtype: Any = "bfloat16") -> int:
+        """Symmetric-heap bytes an SPAttention of these shapes allocates: size ``oneside.init``'s
+        ``heap_size`` with it (plus room for anything else on the heap and ~1 MiB reserved)."""
+        from oneside.heap import ALIGN, itemsize
+
+        local = batch * -(-plan.seq_len // plan.world_size) * plan.heads * plan.head_dim
+        chunk = -(-local * itemsize(oneside.heap.dtype_name(dtype)) // ALIGN) * ALIGN
+        return (12 + 2 * plan.R) * chunk + ALIGN  # 12 buffers of one shard, K/V of R ring peers, signals
+
     # -- plan-time preparation ----------------------------------------------------------
     def shard_len(self, rank: int | None = None) -> int:
         return self.lens[self.rt.rank if rank is None else rank]

@@ -175,6 +175,22 @@ def test_planner_refusals():
     assert make_plan(Mesh(2, 4), 25, 4096, 128).algorithm == "usp"  # U=1: a ring in effect
 
 
+def _heap_bytes(rt):
+    out = []
+    for algo in ("ulysses", "usp", "torus"):
+        plan = make_plan(rt.mesh, 12, 101, 8, algo)
+        before = rt.heap_used
+        layer = SPAttention(rt, plan, 2, "float32")
+        out.append((rt.heap_used - before, SPAttention.heap_bytes(plan, 2, "float32")))
+        layer.close()
+    return out
+
+
+def test_heap_bytes_predicts_the_allocation():
+    for used, predicted in all_ok(run_ranks(_heap_bytes, 4, machines=2, heap="8MiB"))[0]:
+        assert used == predicted
+
+
 def _bad_inputs(rt):
     plan = make_plan(rt.mesh, 4, 16, 8, "ulysses")
     layer = SPAttention(rt, plan, 1, "float64")
