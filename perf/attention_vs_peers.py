@@ -27,15 +27,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oneside  # noqa: E402
 import sfattn  # noqa: E402
-from common import time_cuda  # noqa: E402
+from common import median_ms  # noqa: E402
 from sfattn.plan import PlanError  # noqa: E402
 
 SHAPES = {"flux1024": (4096 + 512, 24, 128), "flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128),
           "video20s": (41 * 4080 + 226, 24, 64), "video40s": (81 * 4080 + 226, 24, 64)}
-
-
-def median_ms(fn) -> float:
-    return 1e3 * time_cuda(fn, torch.cuda.current_stream(), iters=1, reps=10, warmup=3)
 
 
 def slowest(ms: float, dev) -> float:

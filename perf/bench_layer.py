@@ -21,17 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oneside  # noqa: E402
-from common import time_cuda  # noqa: E402
+from common import median_ms  # noqa: E402
 import sfattn  # noqa: E402
 from sfattn.plan import PlanError  # noqa: E402
 
 SHAPES = {"flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128),
           "video20s": (41 * 4080 + 226, 24, 64)}
-
-
-def cuda_median(fn) -> float:
-    """Milliseconds: median of 10 single calls after 3 warm-up calls (CUDA events)."""
-    return 1e3 * time_cuda(fn, torch.cuda.current_stream(), iters=1, reps=10, warmup=3)
 
 
 def main() -> None:
@@ -49,7 +44,7 @@ def main() -> None:
     if link and rt.mesh.machines > 1:  # check the pacing: a 64 MiB put to the other machine
         buf = rt.alloc(64 << 20, "uint8")
         peer = (me + rt.mesh.gpus_per_machine) % rt.world_size
-        emulated = (64 << 20) / (cuda_median(lambda: rt.put(buf, buf, peer)) * 1e-3) / 1e9
+        emulated = (64 << 20) / (median_ms(lambda: rt.put(buf, buf, peer)) * 1e-3) / 1e9
         if me == 0:
             print(f"emulated link {link}: a 64 MiB put to rank {peer} runs at {emulated:.1f} GB/s", flush=True)
         rt.barrier_all()
@@ -63,7 +58,7 @@ def main() -> None:
 
             x = torch.randn(1, H, S, D, device=dev, dtype=torch.bfloat16)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                row["sdpa_1gpu_cudnn"] = cuda_median(lambda: torch.nn.functional.scaled_dot_product_attention(x, x, x))
+                row["sdpa_1gpu_cudnn"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(x, x, x))
             del x
         rt.barrier_all()
         rt.sync()
@@ -75,7 +70,7 @@ def main() -> None:
             layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
             L = layer.shard_len()
             q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-            ms = cuda_median(lambda: sfattn.attention(q, k, v, layer))
+            ms = median_ms(lambda: sfattn.attention(q, k, v, layer))
             # every rank's time; report the slowest (the layer ends when the last rank is done)
             t = torch.tensor([ms], device=dev, dtype=torch.float64)
             tall = rt.alloc((rt.world_size,), "float64")

@@ -31,6 +31,13 @@ def time_cuda(fn: Callable[[], Any], stream, iters: int, reps: int = 5, warmup: 
     return statistics.median(times)
 
 
+def median_ms(fn: Callable[[], Any]) -> float:
+    """Milliseconds: median of 10 single calls on the current stream, after 3 warm-up calls."""
+    import torch
+
+    return 1e3 * time_cuda(fn, torch.cuda.current_stream(), iters=1, reps=10, warmup=3)
+
+
 def update_summary(values: dict[str, Any], path: Path | None = None) -> Path:
     """Read-modify-write the flat JSON object shared by every benchmark (only ``values``' keys)."""
     path = path or DOCS / "perf" / "summary.json"
