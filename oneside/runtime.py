@@ -304,14 +304,17 @@ class Runtime:
         self._check_open()
         if not isinstance(team, Team):
             raise TypeError(f"team: expected a oneside.Team, got {type(team).__name__}")
-        for r in team.ranks:
-            self._pe(r, "team rank")
+        slot = team.slot % BARRIER_SLOTS
+        owner = self._slot_team.get(slot)
+        if owner is None or team.size == 1:  # validate a team once (1-member teams hold no slot)
+            for r in team.ranks:
+                self._pe(r, "team rank")
         me = team.index(self.rank)
         if team.size == 1:
             return
-        slot = team.slot % BARRIER_SLOTS
-        owner = self._slot_team.setdefault(slot, team.ranks)
-        if owner != team.ranks:
+        if owner is None:
+            self._slot_team[slot] = team.ranks
+        elif owner != team.ranks:
             raise OnesideError(f"teams {owner} and {team.ranks} share barrier slot {slot} on rank "
                                f"{self.rank}; use one of them or reorder its ranks")
         epoch = self._epochs.get(slot, 0) + 1
