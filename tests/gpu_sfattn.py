@@ -30,12 +30,12 @@ def main() -> None:
     for H, S, D, layout in cases:
         g = torch.Generator(device=dev).manual_seed(H * S)
         q, k, v = (torch.randn(2, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
-        for algo in sfattn.ALGORITHMS:
+        for algo, local in [(a, lc) for a in sfattn.ALGORITHMS for lc in ("kernel", "torch")]:
             try:
                 plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
             except PlanError:
                 continue
-            layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout)
+            layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, local=local)
             ref = reference(q, k, v, layer.scale)
             lo, L = me * layer.Sl, layer.shard_len()
             sh = [x[:, lo:lo + L] for x in (q, k, v)]
@@ -48,9 +48,9 @@ def main() -> None:
             r = ref[:, lo:lo + L]
             err = ((o.double() - r).abs().max() / ref.abs().max()).item()
             assert torch.isfinite(o1).all(), (algo, "non-finite output")
-            assert err < 1e-2, (algo, H, S, D, err)
-            assert torch.equal(o1, o2), (algo, "not bitwise identical run to run")
-            say(f"{algo:>7} H={H} S={S} D={D} {layout}: rel err {err:.2e}, bitwise repeatable")
+            assert err < 1e-2, (algo, local, H, S, D, err)
+            assert torch.equal(o1, o2), (algo, local, "not bitwise identical run to run")
+            say(f"{algo:>7} {local:>6} H={H} S={S} D={D} {layout}: rel err {err:.2e}, bitwise repeatable")
             sfattn.release(layer)
             layer.close()
     # CUDA graphs: capture a layer once, replay it on new inputs (torus with a ring inside too)

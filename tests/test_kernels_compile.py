@@ -22,7 +22,8 @@ def _compile(cfg, tmp_path):
 @needs_nvcc
 def test_all_configurations_compile_without_spills(tmp_path):
     cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128)
-                                   for d in (64, 128)]
+                                   for d in (64, 128)] + \
+        [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -96,7 +97,7 @@ def test_parameter_packing(fake_device):
     qs = [td(100, 4096), td(0, 8192), td(200, 12288)]
     ks = [td(5, 16384), td(0, 20480), td(1000, 24576)]
     outs = [td(100, 28672), td(0, 32768), td(200, 36864)]
-    launch = flash.AttnLaunch(qs, ks, ks, st, 0.5, out=outs, impl="sm90ws", finalize=True)
+    launch = flash.AttnLaunch(qs, ks, ks, st, 0.5, out=outs, impl="sm90ws:TMA=0", finalize=True)
     (p, _argv, _argp, tiles, first, last), = launch._launches
     assert tiles == 1 + 2 and first and last  # 100 rows -> 1 tile, 200 rows -> 2 tiles (BM 128)
     assert (p[0], p[1], p[2]) == (2, 2, 3)  # empty blocks dropped
@@ -115,3 +116,42 @@ def test_parameter_packing(fake_device):
                          out=[td(8, 0, D=64, H=2)], finalize=True)
     with pytest.raises(ValueError, match="not an attention kernel"):
         flash.AttnLaunch(qs, ks, ks, st, 0.5, impl="merge")
+
+
+def test_tma_maps_are_packed_after_the_block_tables(fake_device, monkeypatch):
+    """The default Hopper kernel gets one tensor map per K and V block: (D, S, H, B) dims, byte
+    strides of S, H, B, a 64 x BN box; slots follow the int64 layout of SfParams."""
+    flash = fake_device
+    from sfattn.kernels import TensorDesc, _tma
+    calls = []
+
+    def fake_encode(mp, dtype, rank, ptr, dims, strides, box, elem, il, sw, l2, oob):
+        ctypes = __import__("ctypes")
+        calls.append((dtype, rank, ptr, list(ctypes.cast(dims, ctypes.POINTER(ctypes.c_uint64))[:4]),
+                      list(ctypes.cast(strides, ctypes.POINTER(ctypes.c_uint64))[:3]),
+                      list(ctypes.cast(box, ctypes.POINTER(ctypes.c_uint32))[:4]), sw))
+        ctypes.c_int64.from_address(mp).value = ptr  # a recognisable first word
+        return 0
+    monkeypatch.setattr(_tma, "_encoder", lambda: fake_encode)
+    monkeypatch.setattr(_tma, "_cache", {})
+
+    def td(S, ptr, H=3, D=128, B=1):
+        return TensorDesc(ptr, (B, S, H, D), (S * H * D, H * D, D, 1), "bf16", 0)
+    q, k0, k1, v1 = td(64, 4096), td(300, 1 << 20), td(17, 2 << 20), td(17, 3 << 20)
+    launch = flash.AttnLaunch([q], [k0, k1], [k0, v1], None, 1.0, out=[q], init=True,
+                              finalize=True, impl="sm90ws")
+    (p, *_), = launch._launches
+    cfg = launch.kernel.cfg
+    bn = cfg.ws_tiles()[0]
+    assert cfg.tma and len(p) == cfg.param_slots == flash._NSLOTS + 2 * _build.MAXKV * _tma.WORDS
+    tk = lambda j: p[flash._NSLOTS + j * _tma.WORDS]  # noqa: E731
+    tv = lambda j: p[flash._NSLOTS + (_build.MAXKV + j) * _tma.WORDS]  # noqa: E731
+    assert (tk(0), tk(1), tv(0), tv(1)) == (1 << 20, 2 << 20, 1 << 20, 3 << 20)
+    by_ptr = {c[2]: c for c in calls}
+    assert len(by_ptr) == 3  # k0 is shared by K and V: encoded once (cache)
+    dtype, rank, _, dims, strides, box, sw = by_ptr[2 << 20]
+    assert (dtype, rank, sw) == (9, 4, 3)
+    assert dims == [128, 17, 3, 1] and box == [64, bn, 1, 1]
+    assert strides == [3 * 128 * 2, 128 * 2, 16]  # batch of size 1: nominal stride
+    with pytest.raises(ValueError, match="multiples of 16"):
+        _tma.box_geometry(TensorDesc(0, (2, 8, 3, 64), (8 * 3 * 64 + 4, 3 * 64, 64, 1), "bf16", 0), bn)

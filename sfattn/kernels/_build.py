@@ -42,7 +42,18 @@ class KernelConfig:
     dtype: str
     arch: str  # e.g. 'sm_90a', 'sm_80'
     bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
-    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, EA, PR, CR
+    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, EA, PR, CR, TMA
+
+    @property
+    def tma(self) -> bool:
+        """sm90ws loads K/V with the TMA copy engine (tensor maps in the parameters)."""
+        return self.impl == "sm90ws" and bool(int(dict(self.opts).get("TMA", 1)))
+
+    @property
+    def param_slots(self) -> int:
+        """Size of the kernel's parameter struct in int64 slots (SfParams in attn_common.cuh)."""
+        base = 16 + 11 * MAXQ + 9 * MAXKV
+        return base + (2 * MAXKV * 16 if self.tma else 0)
 
     def ws_tiles(self) -> tuple[int, int, int]:
         bn, kst, vst = WS_TILES[self.head_dim]
@@ -94,6 +105,7 @@ class KernelConfig:
                 f"-DWS_PRODUCER_REGS={dict(self.opts).get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={dict(self.opts).get('CR', WS_CONSUMER_REGS)}",
                 f"-DWS_PP={dict(self.opts).get('PP', 1)}", f"-DWS_EA={dict(self.opts).get('EA', 1)}",
+                f"-DWS_TMA={int(self.tma)}",
                 *([f"-DWS_BN={self.ws_tiles()[0]}", f"-DWS_KST={self.ws_tiles()[1]}",
                    f"-DWS_VST={self.ws_tiles()[2]}"] if self.impl == "sm90ws" else [])]
 

@@ -26,6 +26,9 @@
 #ifndef SF_MAXKV
 #define SF_MAXKV 16
 #endif
+#ifndef SF_TMA
+#define SF_TMA 0  // 1: SfParams also carries TMA tensor maps of the K and V blocks (sm90ws)
+#endif
 
 #if SF_FP16
 typedef __half sf_elem;
@@ -49,6 +52,12 @@ struct SfKVBlk {
   long long len;               // keys in this block (> 0)
 };
 
+// An opaque CUtensorMap (cuTensorMapEncodeTiled on the host), 64-byte aligned as the copy
+// engine requires; it lives in the __grid_constant__ parameter space.
+struct __align__(64) SfTmap {
+  unsigned long long w[16];
+};
+
 struct SfParams {
   long long nq, nkv, H, flags;
   double scale_log2;           // softmax scale * log2(e)
@@ -58,6 +67,11 @@ struct SfParams {
   long long lse_sb, lse_sh;    // lse strides (batch, head); row stride 1
   SfQBlk q[SF_MAXQ];
   SfKVBlk kv[SF_MAXKV];
+#if SF_TMA
+  // tk[i] / tv[i]: 4-D maps (head dim, seq, head, batch) of kv[i].k / kv[i].v; box 64 x WS_BN
+  // x 1 x 1 with the 128-byte swizzle; rows past the block's length read as zeros.
+  SfTmap tk[SF_MAXKV], tv[SF_MAXKV];
+#endif
 };
 
 enum { SF_INIT = 1, SF_FINALIZE = 2, SF_STATE = 4, SF_LSE = 8 };

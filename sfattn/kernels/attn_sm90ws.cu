@@ -8,9 +8,18 @@
 //       K_t's slot is released ("empty" mbarrier) as soon as S_t is done, V_t's after P_t V_t, so
 //       the producer refills K early and the larger WS_BN tiles fit two slots per ring.
 // The two consumers take turns issuing their GEMMs (named barriers, "ping-pong"), so one's
-// softmax runs while the other's GEMMs occupy the tensor cores.  cp.async instead of TMA keeps
-// arbitrary strides, odd lengths and zero-filled tails without one tensor map per block.
+// softmax runs while the other's GEMMs occupy the tensor cores.
+// K/V loads: WS_TMA=1 (default) has one producer thread drive the bulk tensor copy engine (TMA):
+// one instruction per 64-column panel of a tile, completing on the slot's "full" mbarrier by
+// transaction bytes; the host encodes one tensor map per K and V block (strided views, tails
+// zero-filled by the engine).  WS_TMA=0 keeps the portable path: all 128 producer threads
+// issue 16-byte cp.async copies.  Q (once per block) always loads with cp.async.
+#ifndef WS_TMA
+#define WS_TMA 1
+#endif
+#define SF_TMA WS_TMA
 #include "sm90_common.cuh"
+#include <stddef.h>
 
 #ifndef WS_BN
 #define WS_BN 128
@@ -48,6 +57,24 @@ __device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint32_t a) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a)
                : "memory");
+}
+// arrival that also raises the barrier's expected transaction count by `bytes`
+__device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes)
+               : "memory");
+}
+// TMA: copy the box at coordinates (c0, c1, c2, c3) of the tensor map into shared memory at dst;
+// completion is signalled on the mbarrier as transaction bytes
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const SfTmap* map, int c0, int c1,
+                                            int c2, int c3, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const SfTmap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 // arrives on the mbarrier once all prior cp.async of this thread have completed
 __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
@@ -115,10 +142,12 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   const int qrow0 = ((int)blockIdx.x - (int)qb.tile0) * BM;
   const int nkv = (int)p.nkv;
 
+  constexpr uint32_t FULL_COUNT = WS_TMA ? 1 : 128;  // TMA: one expect_tx arrival per fill
   if (tid == 0) {
-    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), 128); mbar_init(kempty(i), WS_EMPTY_COUNT); }
-    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), 128); mbar_init(vempty(i), WS_EMPTY_COUNT); }
+    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), FULL_COUNT); mbar_init(kempty(i), WS_EMPTY_COUNT); }
+    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), FULL_COUNT); mbar_init(vempty(i), WS_EMPTY_COUNT); }
     mbar_init(qfull, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
@@ -133,6 +162,30 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       ws_load_tile<BM>(sQ, qptr, qb.qss, qvalid, ptid);
       cp_async_arrive(qfull);
     }
+#if WS_TMA
+    static_assert(offsetof(SfParams, tk) == 8 * (16 + 11 * SF_MAXQ + 9 * SF_MAXKV),
+                  "SfParams layout must match the host's int64 slots");
+    if (ptid == 0) {
+      for (int kb = 0; kb < nkv; ++kb) { tma_prefetch_map(&p.tk[kb]); tma_prefetch_map(&p.tv[kb]); }
+      int lt = 0;
+      for (int kb = 0; kb < nkv; ++kb) {
+        const int len = (int)p.kv[kb].len;
+        for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
+          const int ks = lt % KST, vs = lt % VST;
+          if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
+          mbar_expect_tx(kfull(ks), TILE);
+#pragma unroll
+          for (int pn = 0; pn < D / 64; ++pn)
+            tma_load_4d(sK + ks * TILE + pn * BN * 128, &p.tk[kb], pn * 64, n0, h, b, kfull(ks));
+          if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
+          mbar_expect_tx(vfull(vs), TILE);
+#pragma unroll
+          for (int pn = 0; pn < D / 64; ++pn)
+            tma_load_4d(sV + vs * TILE + pn * BN * 128, &p.tv[kb], pn * 64, n0, h, b, vfull(vs));
+        }
+      }
+    }
+#else
     int lt = 0;
     for (int kb = 0; kb < nkv; ++kb) {
       const SfKVBlk& kv = p.kv[kb];
@@ -150,6 +203,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         cp_async_arrive(vfull(vs));
       }
     }
+#endif
     sf_cp_async_wait<0>();
     return;  // the producer's registers are released; the consumers' region is separate
   } else {
@@ -230,7 +284,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     if (nkv > 0) {
       if (c == 1) named_arrive(1);  // consumer 0 issues first
       wait_k();
-      fence_async_smem();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+      if (!WS_TMA) fence_async_smem();  // cp.async (generic proxy) writes -> wgmma reads
       named_sync(my_bar);
       wg_fence();
       issue_s();
@@ -242,7 +296,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       while (ckb < nkv) {
         wait_k();
         wait_v_prev();
-        fence_async_smem();
+        if (!WS_TMA) fence_async_smem();
         named_sync(my_bar);
         wg_fence();
         issue_s();
@@ -256,7 +310,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         rescale_pack_next();
       }
       wait_v_prev();
-      fence_async_smem();
+      if (!WS_TMA) fence_async_smem();
       named_sync(my_bar);
       wg_fence();  // the last P V product
       issue_pv();

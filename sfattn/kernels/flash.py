@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..reference import AttnState, check_blocks
-from . import _build
+from . import _build, _tma
 from ._build import MAXKV, MAXQ, KernelConfig
 from ._desc import TensorDesc, as_desc
 
@@ -67,7 +67,7 @@ def default_impl(dev: int = 0) -> str:
 
 
 class _Kernel:
-    __slots__ = ("fptr", "threads", "smem", "block_m", "module")
+    __slots__ = ("fptr", "threads", "smem", "block_m", "module", "cfg")
 
     def __init__(self, cfg: KernelConfig, dev: int):
         cp = _cupy()
@@ -81,6 +81,7 @@ class _Kernel:
                 attr = getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
                 drv.funcSetAttribute(self.fptr, attr, cfg.smem_bytes)
         self.threads, self.smem, self.block_m = cfg.threads, cfg.smem_bytes, cfg.block_m
+        self.cfg = cfg
 
 
 def _parse_impl(impl: str) -> tuple[str, int, tuple]:
@@ -93,13 +94,13 @@ def _parse_impl(impl: str) -> tuple[str, int, tuple]:
         try:
             kv = dict(item.split("=") for item in impl[7:].split(",") if item)
             bn = int(kv.pop("BN", 0))
-            bad = set(kv) - {"KST", "VST", "PP", "EA", "PR", "CR"}
+            bad = set(kv) - {"KST", "VST", "PP", "EA", "PR", "CR", "TMA"}
             if not bad:
                 return "sm90ws", bn, tuple(sorted((k, int(v)) for k, v in kv.items()))
         except ValueError:
             pass
     raise ValueError(f"impl must be 'fa2', 'sm90', 'sm90ws', 'sm90ws<BN>' or "
-                     f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,EA=0|1,PR=..,CR=..', got {impl!r}")
+                     f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,EA=0|1,PR=..,CR=..,TMA=0|1', got {impl!r}")
 
 
 def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
@@ -230,9 +231,11 @@ class AttnLaunch:
         qgroups = [qs[i:i + MAXQ] for i in range(0, len(qs), MAXQ)]
         kvgroups = [kvs[i:i + MAXKV] for i in range(0, len(kvs), MAXKV)] or [[]]
         self._launches = []  # (params, grid_x, is_first_kv_group, is_last_kv_group)
+        cfg = self.kernel.cfg
+        rows = cfg.ws_tiles()[0] if cfg.tma else 0
         for qg in qgroups:
             for gi, kg in enumerate(kvgroups):
-                p = np.zeros(_NSLOTS, dtype=np.int64)
+                p = np.zeros(cfg.param_slots, dtype=np.int64)
                 p[0], p[1], p[2] = len(qg), len(kg), self.H
                 p[4:5].view(np.float64)[0] = scale * LOG2E
                 if st is not None:
@@ -255,6 +258,11 @@ class AttnLaunch:
                     base = _HDR + MAXQ * _QF + j * _KVF
                     p[base:base + _KVF] = (k.ptr, v.ptr, k.strides[0], k.strides[1], k.strides[2],
                                            v.strides[0], v.strides[1], v.strides[2], k.shape[1])
+                    if rows:  # tensor maps tk[j], tv[j] after the block tables
+                        tk = _NSLOTS + j * _tma.WORDS
+                        tv = _NSLOTS + (MAXKV + j) * _tma.WORDS
+                        p[tk:tk + _tma.WORDS] = _tma.tensor_map(k, rows)
+                        p[tv:tv + _tma.WORDS] = _tma.tensor_map(v, rows)
                 argv = (ctypes.c_void_p * 1)(p.ctypes.data)  # kernelParams[0] -> the struct
                 self._launches.append((p, argv, ctypes.addressof(argv), tiles, gi == 0,
                                        gi == len(kvgroups) - 1))
