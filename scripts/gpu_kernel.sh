@@ -12,11 +12,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 # compile the kernels the tests and the benchmark use, in parallel, into the disk cache
 python3 - <<'PY' || exit 1
+import os
 from concurrent.futures import ThreadPoolExecutor
 from sfattn.kernels import _build
 from sfattn.kernels.flash import _parse_impl
 cfgs = [c for c in _build.all_configs(("sm_90a",))]
-for impl in ("sm90ws128", "sm90ws:TMA=0", *"${KERNEL_IMPLS:-}".split()):
+for impl in ("sm90ws128", "sm90ws:TMA=0", *os.environ.get("KERNEL_IMPLS", "").split()):
     base, bn, opts = _parse_impl(impl)
     cfgs += [_build.KernelConfig(base, d, t, "sm_90a", bn, opts) for d in (64, 128) for t in ("bf16", "fp16")]
 with ThreadPoolExecutor(16) as ex:
