@@ -27,18 +27,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _time(fn, warmup: int, reps: int) -> float:
     """Median seconds of fn() over reps, CUDA events, after warmup."""
+    return _time_interleaved({"x": fn}, warmup, reps)["x"]
+
+
+def _time_interleaved(fns: dict, warmup: int, reps: int) -> dict:
+    """Median seconds of each fn over ``reps`` rounds; each round times every fn once, in turn.
+
+    Interleaving puts all variants under the same clock and temperature drift, so their ratios
+    are steadier than those of back-to-back series; the host's launch cost is kept out of the
+    GPU time by a short device-side sleep enqueued before the start event.
+    """
     import torch
-    for _ in range(warmup):
-        fn()
-    ts = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {k: [] for k in fns}
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(200_000)  # GPU busy ~0.1 ms while the host enqueues: no launch gap
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts[k].append(a.elapsed_time(b) / 1e3)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def run(args) -> dict:
@@ -68,25 +81,33 @@ def run(args) -> dict:
             res = {"seq": S, "head_dim": D, "heads": H, "batch": B}
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # BHSD views for SDPA
 
-            def bench_sdpa(backend):
-                try:
-                    with sdpa_kernel(backend):
-                        t = _time(lambda: sdpa(qt, kt, vt, scale=scale), args.warmup, reps)
-                    return flops / t / 1e12
-                except Exception as e:  # noqa: BLE001
-                    print(f"  sdpa {backend} failed: {e}", flush=True)
-                    return None
-
-            res["cudnn"] = bench_sdpa(SDPBackend.CUDNN_ATTENTION)
-            res["torch_flash"] = bench_sdpa(SDPBackend.FLASH_ATTENTION)
-            if flash_attn_func is not None:
-                t = _time(lambda: flash_attn_func(q, k, v, softmax_scale=scale), args.warmup, reps)
-                res["flash_attn"] = flops / t / 1e12
             out = torch.empty_like(q)
             lse = torch.empty((B, H, S), device="cuda", dtype=torch.float32)
+            fns = {}  # label -> callable, all timed interleaved below
+            for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                                   ("torch_flash", SDPBackend.FLASH_ATTENTION)):
+                def call(backend=backend):
+                    with sdpa_kernel(backend):
+                        return sdpa(qt, kt, vt, scale=scale)
+                try:
+                    call()
+                    fns[label] = call
+                except Exception as e:  # noqa: BLE001
+                    print(f"  sdpa {label} failed: {e}", flush=True)
+                    res[label] = None
+            if flash_attn_func is not None:
+                fns["flash_attn"] = lambda: flash_attn_func(q, k, v, softmax_scale=scale)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                o_ref = sdpa(qt, kt, vt, scale=scale).transpose(1, 2).float()
             for impl in impls:
                 if impl == "fa2" and S > args.fa2_max_seq:
                     continue
+                # accuracy spot check against the cuDNN output (bf16 both), poisoned output first
+                out.fill_(float("nan"))
+                K.AttnLaunch([q], [k], [v], None, scale, out=[out], impl=impl, finalize=True,
+                             init=True)(init=True, finalize=True)
+                res[f"{impl}_relerr_vs_cudnn"] = (torch.linalg.vector_norm(out.float() - o_ref) /
+                                                  torch.linalg.vector_norm(o_ref)).item()
                 for nb in args.blocks:
                     lens = [S // nb] * nb
                     lens[-1] += S - sum(lens)
@@ -98,20 +119,14 @@ def run(args) -> dict:
                     try:
                         launch = K.AttnLaunch([q], ks, vs, None, scale, out=[out], lse=lse,
                                               impl=impl, finalize=True, init=True)
-                        fn = lambda: launch(init=True, finalize=True)  # noqa: E731
-                        t = _time(fn, args.warmup, reps)
-                        res[f"{impl}_{nb}blk"] = flops / t / 1e12
+                        fns[f"{impl}_{nb}blk"] = lambda launch=launch: launch(init=True,
+                                                                             finalize=True)
                     except Exception as e:  # noqa: BLE001
                         print(f"  {impl} {nb} blocks failed: {e}", flush=True)
                         res[f"{impl}_{nb}blk"] = None
-                # accuracy spot check against the cuDNN output (bf16 both)
-                launch = K.AttnLaunch([q], [k], [v], None, scale, out=[out], impl=impl,
-                                      finalize=True, init=True)
-                launch(init=True, finalize=True)
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    o_ref = sdpa(qt, kt, vt, scale=scale).transpose(1, 2)
-                res[f"{impl}_relerr_vs_cudnn"] = (torch.linalg.vector_norm(
-                    (out.float() - o_ref.float())) / torch.linalg.vector_norm(o_ref.float())).item()
+            del o_ref
+            for label, t in _time_interleaved(fns, args.warmup, reps).items():
+                res[label] = flops / t / 1e12
             # per-call host overhead of the prepared launch (tiny problem)
             rows.append(res)
             print(json.dumps({k_: (round(v_, 1) if isinstance(v_, float) and v_ > 1 else v_)
@@ -225,7 +240,8 @@ def main() -> None:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--heads", type=int, default=24)
-    ap.add_argument("--impls", nargs="+", default=["sm90ws", "sm90ws128", "sm90", "fa2"],
+    ap.add_argument("--impls", nargs="+",
+                    default=["sm90ws", "sm90ws128", "sm90ws:TMA=0", "sm90", "fa2"],
                     help="kernel variants, e.g. sm90ws sm90ws:BN=160,PP=0 sm90 fa2")
     ap.add_argument("--fa2-max-seq", type=int, default=16384)
     ap.add_argument("--warmup", type=int, default=3)
