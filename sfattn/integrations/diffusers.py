@@ -21,6 +21,11 @@ rank keeps the whole prompt, as the model's MLPs and modulation need it. Inside 
 joint sequence is ``text + image``; each rank contributes its 1/world slice of the text rows
 and its image rows to the sequence-parallel attention (so every text key counts once), and
 the text outputs are all-gathered afterwards, so every rank again holds the whole text.
+
+``torch.compile`` (``fullgraph=True`` included): the joint attention and the all-gather are
+two opaque ``torch.library`` ops (``sfattn::sp_joint_attention``, ``sfattn::sp_gather``) with
+fake implementations, so a compiled transformer has no graph break and no rank communication
+in traced Python; the layers and heap buffers are made inside them, on first use.
 """
 from __future__ import annotations
 
@@ -31,18 +36,60 @@ import torch
 import oneside
 
 from ..layer import SPAttention
-from ..op import attention
+from ..op import attention, release
 from ..plan import make_plan
 
 
-class SequenceParallel:
-    """Shards tokens over the ranks of a oneside runtime and runs joint attention with sfattn."""
+_INSTANCES: dict[int, "SequenceParallel"] = {}
 
-    def __init__(self, rt: oneside.Runtime, algorithm: str | None = None, ulysses_degree: int | None = None):
-        self.rt, self.algorithm, self.ulysses_degree = rt, algorithm, ulysses_degree
+
+def _instance(handle: int) -> "SequenceParallel":
+    sp = _INSTANCES.get(handle)
+    if sp is None:
+        raise ValueError(f"sfattn sequence parallelism: no SequenceParallel with handle {handle} (closed?)")
+    return sp
+
+
+@torch.library.custom_op("sfattn::sp_joint_attention", mutates_args=())
+def _joint_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int,
+                        text_len: int) -> torch.Tensor:
+    return _instance(handle)._joint_attention(q, k, v, text_len)
+
+
+@_joint_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, text_len: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("sfattn::sp_gather", mutates_args=())
+def _gather_op(x: torch.Tensor, handle: int, dim: int) -> torch.Tensor:
+    return _instance(handle)._gather(x, dim)
+
+
+@_gather_op.register_fake
+def _(x: torch.Tensor, handle: int, dim: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] *= _instance(handle).world
+    return x.new_empty(shape)
+
+
+class SequenceParallel:
+    """Shards tokens over the ranks of a oneside runtime and runs joint attention with sfattn.
+
+    Subclasses may swap the attention and the all-gather (``_attend``, ``_gather``: what the two
+    torch ops run) and keep the processors, hooks and text handling.
+    """
+
+    def __init__(self, rt: oneside.Runtime, algorithm: str | None = None, ulysses_degree: int | None = None,
+                 local: str = "kernel"):
+        if local not in ("kernel", "torch"):
+            raise ValueError(f"local={local!r}: expected 'kernel' or 'torch' (see sfattn.SPAttention)")
+        self.rt, self.algorithm, self.ulysses_degree, self.local = rt, algorithm, ulysses_degree, local
         self.text_len: int | None = None
         self._layers: dict[tuple, SPAttention] = {}
         self._gathers: dict[tuple, Any] = {}
+        self.handle = id(self)  # a plain int: what the torch ops carry (a constant to torch.compile)
+        _INSTANCES[self.handle] = self
 
     @property
     def world(self) -> int:
@@ -61,7 +108,11 @@ class SequenceParallel:
         return x[tuple(idx)].contiguous()
 
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """All-gather along ``dim`` through the symmetric heap: every rank gets the whole."""
+        """All-gather along ``dim`` (collective): every rank gets the whole, in rank order."""
+        return torch.ops.sfattn.sp_gather(x, self.handle, dim)
+
+    def _gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The all-gather itself, through the symmetric heap."""
         x = x.contiguous()
         key = (tuple(x.shape), str(x.dtype), dim)
         buf = self._gathers.get(key)
@@ -79,24 +130,32 @@ class SequenceParallel:
         layer = self._layers.get(key)
         if layer is None:
             plan = make_plan(self.rt.mesh, H, S, D, self.algorithm, self.ulysses_degree)
-            layer = self._layers[key] = SPAttention(self.rt, plan, B, str(dtype).replace("torch.", ""))
+            layer = self._layers[key] = SPAttention(self.rt, plan, B, str(dtype).replace("torch.", ""),
+                                                    local=self.local)
         return layer
 
     def joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int) -> torch.Tensor:
         """Attention over ``text (replicated, first text_len rows) + image (this rank's rows)``.
 
         ``q, k, v``: ``[B, text_len + local image rows, H, D]``; returns the same shape, the
-        text rows being the full text output on every rank.
+        text rows being the full text output on every rank. One opaque torch op.
         """
-        B, L, H, D = q.shape
+        return torch.ops.sfattn.sp_joint_attention(q, k, v, self.handle, text_len)
+
+    def _joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int) -> torch.Tensor:
+        """The body of :meth:`joint_attention`: this rank's text slice and image rows attend, the
+        text outputs are gathered."""
         tl = self._slice(text_len, "text_len")
-        img = L - text_len
         pieces = [torch.cat([x[:, tl], x[:, text_len:]], dim=1).contiguous() for x in (q, k, v)]
-        layer = self._layer(B, text_len + img * self.world, H, D, q.dtype)
-        o = attention(*pieces, layer)
+        o = self._attend(*pieces)
         n = tl.stop - tl.start
-        text = self.gather(o[:, :n], dim=1)
+        text = self._gather(o[:, :n], 1)
         return torch.cat([text, o[:, n:]], dim=1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Sequence-parallel attention of equal ``[B, L, H, D]`` shards (``L * world`` rows in all)."""
+        B, L, H, D = q.shape
+        return attention(q, k, v, self._layer(B, L * self.world, H, D, q.dtype))
 
     def apply_flux(self, transformer: Any) -> None:
         """Route every attention module of a ``FluxTransformer2DModel`` through sfattn."""
@@ -126,8 +185,10 @@ class SequenceParallel:
             [last.register_forward_hook(lambda m, a, out: self.gather(out))]
 
     def close(self) -> None:
-        """Free the heap buffers (collective)."""
+        """Free the heap buffers (collective); the instance's ops stop working."""
+        _INSTANCES.pop(self.handle, None)
         for layer in self._layers.values():
+            release(layer)
             layer.close()
         for buf in self._gathers.values():
             self.rt.free(buf)
