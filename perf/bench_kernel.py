@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -34,7 +35,8 @@ def _time_interleaved(fns: dict, warmup: int, reps: int) -> dict:
     """Median seconds of each fn over ``reps`` rounds; each round times every fn once, in turn.
 
     Interleaving puts all variants under the same clock and temperature drift, so their ratios
-    are steadier than those of back-to-back series; the host's launch cost is kept out of the
+    are steadier than those of back-to-back series; the order is shuffled every round because a
+    kernel that follows a low-power one starts at a higher clock; the host's launch cost is kept out of the
     GPU time by a short device-side sleep enqueued before the start event.
     """
     import torch
@@ -42,8 +44,11 @@ def _time_interleaved(fns: dict, warmup: int, reps: int) -> dict:
         for _ in range(warmup):
             fn()
     ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    order = list(fns)
+    for rep in range(reps):
+        random.Random(rep).shuffle(order)  # no variant always follows a cooler (slower) one
+        for k in order:
+            fn = fns[k]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(200_000)  # GPU busy ~0.1 ms while the host enqueues: no launch gap
             a.record()

@@ -47,10 +47,15 @@ def main() -> None:
             o = o1.transpose(1, 2) if layout == "bhsd" else o1
             r = ref[:, lo:lo + L]
             err = ((o.double() - r).abs().max() / ref.abs().max()).item()
+            err2 = ((o2.transpose(1, 2) if layout == "bhsd" else o2).double() - r).abs().max().item() / \
+                ref.abs().max().item()
             assert torch.isfinite(o1).all(), (algo, "non-finite output")
-            assert err < 1e-2, (algo, local, H, S, D, err)
-            assert torch.equal(o1, o2), (algo, local, "not bitwise identical run to run")
-            say(f"{algo:>7} {local:>6} H={H} S={S} D={D} {layout}: rel err {err:.2e}, bitwise repeatable")
+            assert err < 1e-2 and err2 < 1e-2, (algo, local, H, S, D, err, err2)
+            diff = (o1.float() - o2.float()).abs().max().item()
+            if local == "kernel":  # the fused kernel is deterministic; cuDNN need not be
+                assert diff == 0, (algo, local, "not bitwise identical run to run", diff)
+            say(f"{algo:>7} {local:>6} H={H} S={S} D={D} {layout}: rel err {err:.2e}, run-to-run "
+                f"max diff {diff:.1e}")
             sfattn.release(layer)
             layer.close()
     # CUDA graphs: capture a layer once, replay it on new inputs (torus with a ring inside too)
