@@ -21,8 +21,19 @@ def _rows(block: Any) -> tuple[Any, int | None]:
     return block if isinstance(block, tuple) else (block, None)
 
 
+def _bf16_to_f64(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as uint16 (how the heap keeps them) -> float64."""
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _f64_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float64 -> bfloat16 bits (uint16), rounding to nearest even like torch."""
+    f = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 class HostAttention:
-    """numpy reference kernels (CPU, float64 math)."""
+    """numpy reference kernels (CPU, float64 math; bfloat16 heaps converted on the way)."""
 
     xp = np
 
@@ -32,17 +43,30 @@ class HostAttention:
         a = a.local if hasattr(a, "rt") else a
         return a if n is None else a[:, :n]
 
+    @staticmethod
+    def _bf16(block: Any) -> bool:
+        return getattr(_rows(block)[0], "dtype", None) == "bfloat16"
+
     def state(self, B: int, S: int, H: int, D: int) -> AttnState:
         return AttnState.empty(B, S, H, D, xp=np, dtype=np.float64)
 
     def prepare(self, q: Sequence[Any], k: Sequence[Any], v: Sequence[Any], state: AttnState, scale: float,
                 init: bool, finalize: bool, out: Sequence[Any] | None = None) -> Callable[[Any], None]:
+        bf16 = self._bf16(q[0])
         q, k, v = ([self.view(b) for b in x] for x in (q, k, v))
         out = None if out is None else [self.view(b) for b in out]
+        if not bf16:
+            def run(stream: Any = None) -> None:
+                reference.attn_blocks(q, k, v, state, scale, init=init, finalize=finalize, out=out)
+            return run
 
-        def run(stream: Any = None) -> None:
-            reference.attn_blocks(q, k, v, state, scale, init=init, finalize=finalize, out=out)
-        return run
+        def run_bf16(stream: Any = None) -> None:  # numpy has no bfloat16: the heap holds its bits
+            qf, kf, vf = ([_bf16_to_f64(b) for b in x] for x in (q, k, v))
+            of = None if out is None else [np.empty(b.shape) for b in out]
+            reference.attn_blocks(qf, kf, vf, state, scale, init=init, finalize=finalize, out=of)
+            for b, o in zip(out or (), of or ()):
+                b[...] = _f64_to_bf16(o)
+        return run_bf16
 
 
 class GpuAttention:

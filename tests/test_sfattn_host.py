@@ -116,6 +116,32 @@ def test_torch_local_kernel_matches_reference(mesh):
             assert err < 1e-6, (mesh, algo, err)
 
 
+def _bf16_layers(rt):
+    """bfloat16 layers on the host backend (heap holds bf16 bits): error vs float64 per local kernel."""
+    import torch
+
+    q, k, v = (torch.from_numpy(x) for x in _inputs(7, 1, 40, 4, 16))
+    ref, _ = attention_ref(q.numpy(), k.numpy(), v.numpy(), 16 ** -0.5)
+    errs = {}
+    for local in ("kernel", "torch"):
+        for algo in ("ulysses", "ring"):
+            layer = SPAttention(rt, make_plan(rt.mesh, 4, 40, 16, algo), 1, "bfloat16", local=local)
+            lo, L = rt.rank * layer.Sl, layer.shard_len()
+            o = layer(*(x[:, lo:lo + L].to(torch.bfloat16) for x in (q, k, v)))
+            assert o.dtype == torch.bfloat16
+            errs[local, algo] = float(np.abs(o.double().numpy() - ref[:, lo:lo + L]).max() / np.abs(ref).max())
+            layer.close()
+    return errs
+
+
+def test_bfloat16_layers_on_the_host_backend():
+    pytest.importorskip("torch")
+    for errs in all_ok(run_ranks(_bf16_layers, 2, heap="8MiB", deadline=120)):
+        assert len(errs) == 4
+        for key, err in errs.items():
+            assert err < 1e-2, (key, err)  # bf16 rounding of inputs and output; was ~1 (bits read as ints)
+
+
 def _allowed(mesh, H, algo) -> bool:
     try:
         make_plan(Mesh(*mesh), H, 64, 8, algo)
