@@ -120,6 +120,7 @@ class TorchAttention:
 
         self.torch, self.device = torch, torch.device(device)
         self.xp = torch
+        self._streams: dict[int, Any] = {}
 
     def state(self, B: int, S: int, H: int, D: int) -> AttnState:
         t = self.torch
@@ -132,6 +133,24 @@ class TorchAttention:
         a, n = _rows(block)
         a = a.torch() if hasattr(a, "rt") else a
         return a if n is None else a[:, :n]
+
+    def _on(self, stream: Any):
+        """Context that makes the raw stream handle ``stream`` torch's current stream.
+
+        Handle 0 is the legacy default stream: torch's own default stream, *not*
+        ``ExternalStream(0)`` (torch turns that into a different stream, so the ops would race
+        the communication enqueued on stream 0).  Stream objects are made once per handle.
+        """
+        t = self.torch
+        if stream is None or self.device.type != "cuda" or \
+                stream == t.cuda.current_stream(self.device).cuda_stream:
+            return _nullcontext()
+        s = self._streams.get(stream)
+        if s is None:
+            s = t.cuda.default_stream(self.device) if stream == 0 else \
+                t.cuda.ExternalStream(stream, device=self.device)
+            self._streams[stream] = s
+        return t.cuda.stream(s)
 
     def _sdpa(self, q, k, v, scale: float):
         """(o [B, H, Sq, D], lse [B, H, Sq]) of BHSD inputs."""
@@ -153,9 +172,7 @@ class TorchAttention:
             r0 += x.shape[1]
 
         def run(stream: Any = None) -> None:
-            ctx = t.cuda.stream(t.cuda.ExternalStream(stream, device=self.device)) \
-                if stream is not None and self.device.type == "cuda" else _nullcontext()
-            with ctx:
+            with self._on(stream):
                 for x, rs in zip(qs, rows):
                     acc, m, l = state.acc[:, rs], state.m[:, :, rs], state.l[:, :, rs]
                     if init:
