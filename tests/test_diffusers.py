@@ -1,5 +1,14 @@
-"""Tiny Flux and Wan transformers, sequence-parallel over 2 host-backend ranks, equal one process."""
+"""Tiny Flux and Wan transformers, sequence-parallel over 2 host-backend ranks, equal one process.
+
+Also the end-to-end example (examples/dit_sp.py) on its tiny configurations: sfattn and the
+yunchang USP baseline (over gloo) against one rank, eager and compiled with fullgraph=True.
+"""
 from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from ranks import all_ok, run_ranks  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
 def _tiny_flux():
@@ -105,3 +116,85 @@ def test_tiny_wan_sequence_parallel_matches_one_process(algorithm):
     for err, shape in res:
         assert shape == (1, 4, 3, 8, 8)
         assert err < 1e-10, err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _example(rt, argv):
+    import dit_sp
+
+    return dit_sp.run(rt, dit_sp.parse_args(argv))
+
+
+@pytest.mark.parametrize("model,compiled", [("flux", True), ("wan", False), ("wan", True)])
+def test_dit_example_tiny_sfattn_and_usp_match_one_rank(model, compiled):
+    """The example's path: Euler steps of the tiny model on 1 rank, with sfattn and with USP on 2."""
+    pytest.importorskip("yunchang")
+    argv = ["--model", model, "--tiny", "--steps", "2", "--dist-init", f"tcp://127.0.0.1:{_free_port()}"]
+    if compiled:  # fullgraph=True: a graph break anywhere (attention, gathers, hooks) raises
+        argv += ["--compile", "--compile-backend", "aot_eager"]
+    res = all_ok(run_ranks(_example, 2, heap="16MiB", deadline=240, timeout=200, argv=argv))
+    r = res[0]
+    assert r["ok"], r["failures"]
+    assert set(r["ms"]) == {"1gpu", "sfattn", "usp"}
+    assert r["usp"] == "yunchang USP U2xR1 torch_math"
+    assert max(r["rel_err"]["sfattn"].values()) < 1e-9, r["rel_err"]
+    assert max(r["rel_err"]["usp"].values()) < 1e-5, r["rel_err"]  # yunchang accumulates in float32
+    if compiled:  # one graph per run: no break, no recompilation between steps
+        assert r["graphs"] == {"1gpu": 1, "sfattn": 1, "usp": 1}
+    else:
+        assert "graphs" not in r
+
+
+def _usp_ring_on_cpu(rt, port):
+    import dit_sp
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rt.rank, world_size=2)
+    try:
+        with pytest.raises(ValueError, match="only pure Ulysses on CPUs"):
+            dit_sp.USPBaseline(rt, heads=4, ulysses_degree=1)
+        with pytest.raises(ValueError, match="ulysses_degree=3: must divide the 2 ranks and the 4 heads"):
+            dit_sp.USPBaseline(rt, heads=4, ulysses_degree=3)
+    finally:
+        dist.destroy_process_group()
+    return True
+
+
+def test_usp_baseline_refuses_what_yunchang_cannot_do_on_cpus():
+    pytest.importorskip("yunchang")
+    all_ok(run_ranks(_usp_ring_on_cpu, 2, port=_free_port(), deadline=120))
+
+
+def test_summary_keys_only_from_full_width_flux4096_on_two_gpus(tmp_path):
+    import dit_sp
+
+    path = tmp_path / "summary.json"
+    path.write_text('{"other": 1}\n')
+    res = dict(ranks=2, device="NVIDIA H200", shared_gpu=False, ok=True, speedup=1.91234, over_usp=1.05)
+    full = dit_sp.parse_args(["--model", "flux", "--size", "4096"])
+    for argv, change in ((["--model", "flux", "--tiny"], {}), (["--model", "flux", "--size", "2048"], {}),
+                         (["--model", "wan"], {}), (["--model", "flux", "--size", "4096"], {"device": "cpu"}),
+                         (["--model", "flux", "--size", "4096"], {"shared_gpu": True}),
+                         (["--model", "flux", "--size", "4096"], {"ranks": 4}),
+                         (["--model", "flux", "--size", "4096"], {"ok": False})):
+        assert "not written" in dit_sp.write_summary(dit_sp.parse_args(argv), dict(res, **change), str(path))
+    assert json.loads(path.read_text()) == {"other": 1}
+    dit_sp.write_summary(full, res, str(path))
+    assert json.loads(path.read_text()) == {"other": 1, "e2e_flux4096_2gpu_speedup": 1.912,
+                                            "e2e_flux4096_over_usp": 1.05}
+
+
+def test_example_rejects_bad_arguments(capsys):
+    import dit_sp
+
+    for argv, msg in ((["--size", "1000"], "--size 1000: must be a multiple of 16"),
+                      (["--frames", "80"], "--frames 80: must be 4k+1"),
+                      (["--steps", "0"], "--steps 0: expected >= 1")):
+        with pytest.raises(SystemExit):
+            dit_sp.parse_args(argv)
+        assert msg in capsys.readouterr().err

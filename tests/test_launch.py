@@ -59,7 +59,7 @@ def test_launcher_rejects_bad_arguments():
     assert r.returncode == 2 and "--machines 3" in r.stderr
 
 
-def test_flux_example_tiny_on_two_ranks():
-    r = _run("-n", "2", "examples/flux_sp.py", "--tiny", "--steps", "2", timeout=300)
+def test_dit_example_tiny_on_two_ranks():
+    r = _run("-n", "2", "examples/dit_sp.py", "--model", "flux", "--tiny", "--steps", "2", "--no-usp", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rel err vs 1 rank" in r.stdout and "sfattn" in r.stdout
+    assert "rel err first step" in r.stdout and "sfattn" in r.stdout and "USP skipped: --no-usp" in r.stdout

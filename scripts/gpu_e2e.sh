@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# On a GPU host (from the repo root): end-to-end sequence-parallel DiT steps with examples/dit_sp.py.
+# Installs the offline wheels, builds the shim, then runs each name of $E2E_RUNS:
+#   flux2048, flux4096  Flux full width (2 double + 4 single blocks), $E2E_RANKS ranks on as many GPUs
+#   wan20s              Wan 2.1-1.3B width, 4 blocks, 321 frames 480x832 (126,360 tokens)
+#   wan20s14b           the same at Wan 2.1-14B width (40 heads)
+#   check               correctness only: 2 ranks on ONE GPU (Flux 1024^2, small Wan; no USP, no timing)
+# Default E2E_RUNS="check flux2048 flux4096 wan20s". E2E_COMPILE=1 (default) adds --compile,
+# E2E_STEPS (default 4) timed steps, E2E_TIMEOUT (default 900) seconds per run, E2E_ARGS extra
+# arguments for every run. flux4096 writes e2e_flux4096_2gpu_speedup / e2e_flux4096_over_usp into
+# $OUT/summary.json (a copy of docs/perf/summary.json: merge those two keys back). Logs: /tmp/e2e_*.log;
+# results: $OUT/e2e.json; a short table last.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/e2e
+export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+if [ "${E2E_INSTALL:-1}" = 1 ]; then  # E2E_INSTALL=0 E2E_BACKEND=host E2E_ARGS=--tiny: a CPU smoke run
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  python3 -m oneside.native > /tmp/shim-build.log 2>&1 || { tail -30 /tmp/shim-build.log; exit 1; }
+fi
+python3 -c "import diffusers" 2>/tmp/e2e/import.log || { tail -5 /tmp/e2e/import.log; echo "diffusers does not import: add the missing wheels (../shared/device/fetch-wheels.sh NAME...)"; exit 1; }
+python3 -c "import yunchang" 2>/dev/null || echo "yunchang does not import: the USP rows will be skipped"
+cp docs/perf/summary.json "$OUT/summary.json"
+N=${E2E_RANKS:-2}
+common="--steps ${E2E_STEPS:-4} ${E2E_ARGS:-}"
+[ "${E2E_COMPILE:-1}" = 1 ] && common="$common --compile"
+status=0
+run() {  # name ranks args...
+  local name=$1 n=$2; shift 2
+  echo "== $name: $n ranks: $*"
+  timeout "${E2E_TIMEOUT:-900}" python3 -m oneside.launch -n "$n" --backend "${E2E_BACKEND:-nvshmem}" examples/dit_sp.py "$@" \
+    --json "/tmp/e2e/$name.json" 2>&1 | grep -v "^WARN" > "/tmp/e2e_$name.log"
+  local rc=${PIPESTATUS[0]}
+  tail -12 "/tmp/e2e_$name.log"
+  [ "$rc" = 0 ] || { status=1; echo "{\"failed\": $rc}" > "/tmp/e2e/$name.json"; }
+}
+rm -f /tmp/e2e/*.json
+for name in ${E2E_RUNS-check flux2048 flux4096 wan20s}; do
+  case $name in
+    flux2048) run $name "$N" --model flux --size 2048 $common ;;
+    flux4096) run $name "$N" --model flux --size 4096 $common --summary "$OUT/summary.json" ;;
+    wan20s) run $name "$N" --model wan --wan-width 1.3b --frames 321 $common ;;
+    wan20s14b) run $name "$N" --model wan --wan-width 14b --frames 321 $common ;;
+    check)
+      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run check_flux 2 --model flux --size 1024 --ranks-per-gpu 2 $common
+      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run check_wan 2 --model wan --frames 33 --height 240 --width 416 --ranks-per-gpu 2 $common ;;
+    *) echo "E2E_RUNS: unknown run '$name' (flux2048 flux4096 wan20s wan20s14b check)"; status=1 ;;
+  esac
+done
+python3 - "$OUT/e2e.json" <<'EOF'
+import json, sys
+from pathlib import Path
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path("/tmp/e2e").glob("*.json")) if p.stem != "import"}
+Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
+print(f"\n{'run':<11} {'tokens':>7} {'1 GPU ms':>9} {'sfattn ms':>9} {'USP ms':>8} {'speedup':>7} {'/USP':>6} {'max err':>8} ok")
+for name, r in runs.items():
+    if "failed" in r:
+        print(f"{name:<11} failed (exit {r['failed']}): see /tmp/e2e_{name}.log")
+        continue
+    ms, err = r["ms"], max((max(e.values()) for e in r["rel_err"].values()), default=float("nan"))
+    usp = f"{ms['usp']:8.1f}" if "usp" in ms else f"{'-':>8}"
+    over = f"{r['over_usp']:6.3f}" if "over_usp" in r else f"{'-':>6}"
+    print(f"{name:<11} {r['tokens'] + r['text_tokens']:>7} {ms['1gpu']:9.1f} {ms['sfattn']:9.1f} {usp} "
+          f"{r['speedup']:7.3f} {over} {err:8.1e} {'yes' if r['ok'] else 'NO'}"
+          + ("  (shared GPU: times meaningless)" if r["shared_gpu"] else ""))
+EOF
+exit $status
