@@ -32,17 +32,20 @@ def test_all_configurations_compile_without_spills(tmp_path):
         log = res.stdout + res.stderr
         if cfg.impl != "merge":
             assert "0 bytes spill stores" in log, f"{cfg} spills registers:\n{log}"
-        if cfg.impl in ("sm90", "sm90ws"):
+        if cfg.impl == "sm90ws":
             # the compiler must not serialise the wgmma pipeline behind our back
             assert "C7510" not in log and "C7515" not in log and "C7508" not in log, log
 
 
 @needs_nvcc
-def test_sm90_kernel_uses_wgmma(tmp_path):
-    cfg = _build.KernelConfig("sm90", 128, "bf16", "sm_90a")
-    ptx = _build.compile_kernel(cfg, tmp_path / "k.ptx", fmt="ptx")
-    text = ptx.read_text()
-    assert "wgmma.mma_async" in text and "cp.async" in text
+def test_sm90ws_kernel_uses_wgmma_and_tma(tmp_path):
+    cfg = _build.KernelConfig("sm90ws", 128, "bf16", "sm_90a")
+    text = _build.compile_kernel(cfg, tmp_path / "k.ptx", fmt="ptx").read_text()
+    assert "wgmma.mma_async" in text and "cp.async.bulk.tensor.4d" in text
+    assert ".param .align 64 .b8 sf_attn_sm90ws_param_0[%d]" % (8 * cfg.param_slots) in text
+    cfg = _build.KernelConfig("sm90ws", 128, "bf16", "sm_90a", opts=(("TMA", 0),))
+    text = _build.compile_kernel(cfg, tmp_path / "k0.ptx", fmt="ptx").read_text()
+    assert "cp.async.bulk.tensor" not in text and "cp.async.cg.shared.global" in text
 
 
 @needs_nvcc

@@ -23,7 +23,7 @@ from sfattn import kernels as K  # noqa: E402
 from sfattn import reference as R  # noqa: E402
 
 CC = torch.cuda.get_device_capability(0)
-IMPLS = ["fa2"] + (["sm90", "sm90ws", "sm90ws128", "sm90ws:TMA=0"] if CC == (9, 0) else [])
+IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0"] if CC == (9, 0) else [])
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = 1e-2
 

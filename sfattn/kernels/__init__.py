@@ -10,9 +10,8 @@ bf16, or :class:`TensorDesc` raw pointers)::
     AttnLaunch(...)  # a prepared call for the hot path: descriptors packed once
 
 Importing this package needs neither CuPy nor a GPU; CuPy is imported at the first launch.
-Implementations: 'sm90ws' (Hopper, warp-specialised wgmma, the default on sm_90), 'sm90'
-(Hopper wgmma, no warp specialisation) and 'fa2' (mma.sync, sm_80+, the default elsewhere);
-$SFATTN_IMPL overrides.  Design and measurements: docs/kernel-notes.md.
+Implementations: 'sm90ws' (Hopper: warp-specialised wgmma, K/V through TMA; the default on
+sm_90) and 'fa2' (mma.sync, sm_80+, the default elsewhere); $SFATTN_IMPL overrides.  Design and measurements: docs/kernel-notes.md.
 """
 from ..reference import AttnState
 from ._desc import TensorDesc, as_desc

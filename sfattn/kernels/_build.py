@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu", "attn_sm90.cu",
-           "attn_sm90ws.cu", "attn_merge.cu")
+SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu", "attn_sm90ws.cu",
+           "attn_merge.cu")
 
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
-SM90_NWG, SM90_BN = 2, 128
 WS_PRODUCER_REGS, WS_CONSUMER_REGS = 24, 240
 # sm90ws per head dim: (keys per tile, K ring slots, V ring slots); fits 227 KB of shared memory
 WS_TILES = {64: (192, 3, 3), 128: (176, 2, 2)}
@@ -31,10 +30,10 @@ MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One compiled kernel: ``impl`` in {'fa2', 'sm90', 'sm90ws', 'merge'}, head dim, dtype, arch.
+    """One compiled kernel: ``impl`` in {'fa2', 'sm90ws', 'merge'}, head dim, dtype, arch.
 
-    fa2: portable mma.sync; sm90: wgmma, 2 warpgroups; sm90ws: wgmma, warp-specialised
-    (producer warpgroup + 2 ping-ponging consumer warpgroups).
+    fa2: portable mma.sync; sm90ws: Hopper wgmma, warp-specialised (producer warpgroup + 2
+    ping-ponging consumer warpgroups).
     """
 
     impl: str
@@ -67,30 +66,28 @@ class KernelConfig:
 
     @property
     def source(self) -> str:
-        return {"fa2": "attn_fa2.cu", "sm90": "attn_sm90.cu", "sm90ws": "attn_sm90ws.cu",
+        return {"fa2": "attn_fa2.cu", "sm90ws": "attn_sm90ws.cu",
                 "merge": "attn_merge.cu"}[self.impl]
 
     @property
     def func_name(self) -> str:
-        return {"fa2": "sf_attn_fa2", "sm90": "sf_attn_sm90", "sm90ws": "sf_attn_sm90ws",
+        return {"fa2": "sf_attn_fa2", "sm90ws": "sf_attn_sm90ws",
                 "merge": "sf_merge"}[self.impl]
 
     @property
     def threads(self) -> int:
-        return {"fa2": 32 * FA2_NW, "sm90": 128 * SM90_NWG, "sm90ws": 384, "merge": 256}[self.impl]
+        return {"fa2": 32 * FA2_NW, "sm90ws": 384, "merge": 256}[self.impl]
 
     @property
     def block_m(self) -> int:
         """Q rows per thread block."""
-        return {"fa2": 16 * FA2_NW, "sm90": 64 * SM90_NWG, "sm90ws": 128, "merge": 0}[self.impl]
+        return {"fa2": 16 * FA2_NW, "sm90ws": 128, "merge": 0}[self.impl]
 
     @property
     def smem_bytes(self) -> int:
         d = self.head_dim
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
-        if self.impl == "sm90":
-            return (64 * SM90_NWG * d + 5 * SM90_BN * d) * 2 + 1024  # 2 K + 3 V stages, align slack
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
             return (128 * d + (kst + vst) * bn * d) * 2 + 1024
@@ -101,7 +98,7 @@ class KernelConfig:
             return [f"-DMERGE_T={MERGE_TYPES[self.dtype]}"]
         return [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
                 f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}", f"-DFA2_NW={FA2_NW}",
-                f"-DFA2_BN={FA2_BN}", f"-DSM90_NWG={SM90_NWG}", f"-DSM90_BN={SM90_BN}",
+                f"-DFA2_BN={FA2_BN}",
                 f"-DWS_PRODUCER_REGS={dict(self.opts).get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={dict(self.opts).get('CR', WS_CONSUMER_REGS)}",
                 f"-DWS_PP={dict(self.opts).get('PP', 1)}", f"-DWS_EA={dict(self.opts).get('EA', 1)}",
@@ -120,7 +117,7 @@ def all_configs(archs: tuple[str, ...] = ("sm_90a", "sm_80")) -> list[KernelConf
     """Every configuration the package may compile: sm90 kernels for sm_90a, fa2 for each arch."""
     cfgs = []
     for arch in archs:
-        impls = ("sm90ws", "sm90", "fa2") if arch == "sm_90a" else ("fa2",)
+        impls = ("sm90ws", "fa2") if arch == "sm_90a" else ("fa2",)
         for impl in impls:
             for d in (64, 128):
                 for dt in ("bf16", "fp16"):

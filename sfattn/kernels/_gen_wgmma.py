@@ -1,5 +1,5 @@
 """Generate wgmma_ops.cuh: inline-PTX wrappers of the sm_90a wgmma instructions used by
-attn_sm90.cu (long operand lists are tedious to write by hand).
+attn_sm90ws.cu (long operand lists are tedious to write by hand).
 
 Run: python -m sfattn.kernels._gen_wgmma   (rewrites sfattn/kernels/wgmma_ops.cuh)
 """

@@ -58,7 +58,7 @@ def _device_cc(dev: int) -> int:
 def default_impl(dev: int = 0) -> str:
     """'sm90ws' (warp-specialised wgmma) on Hopper, 'fa2' (mma.sync) elsewhere.
 
-    $SFATTN_IMPL overrides ('fa2', 'sm90', 'sm90ws' or 'sm90ws<BN>' for another tile width).
+    $SFATTN_IMPL overrides ('fa2', 'sm90ws', or 'sm90ws<BN>' / 'sm90ws:...' for other tiles).
     """
     env = os.environ.get("SFATTN_IMPL")
     if env:
@@ -85,8 +85,8 @@ class _Kernel:
 
 
 def _parse_impl(impl: str) -> tuple[str, int, tuple]:
-    """'fa2' | 'sm90' | 'sm90ws' | 'sm90ws<BN>' | 'sm90ws:BN=160,PP=0,...' -> (base, bn, opts)."""
-    if impl in ("fa2", "sm90", "sm90ws", "merge"):
+    """'fa2' | 'sm90ws' | 'sm90ws<BN>' | 'sm90ws:BN=160,PP=0,...' -> (base, bn, opts)."""
+    if impl in ("fa2", "sm90ws", "merge"):
         return impl, 0, ()
     if impl.startswith("sm90ws") and impl[6:].isdigit():
         return "sm90ws", int(impl[6:]), ()
@@ -99,7 +99,7 @@ def _parse_impl(impl: str) -> tuple[str, int, tuple]:
                 return "sm90ws", bn, tuple(sorted((k, int(v)) for k, v in kv.items()))
         except ValueError:
             pass
-    raise ValueError(f"impl must be 'fa2', 'sm90', 'sm90ws', 'sm90ws<BN>' or "
+    raise ValueError(f"impl must be 'fa2', 'sm90ws', 'sm90ws<BN>' or "
                      f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,EA=0|1,PR=..,CR=..,TMA=0|1', got {impl!r}")
 
 
@@ -113,7 +113,7 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
             if k is None:
                 cc = _device_cc(dev)
                 base, bn, opts = _parse_impl(impl)
-                if base in ("sm90", "sm90ws"):
+                if base == "sm90ws":
                     if cc != 90:
                         raise ValueError(f"impl={impl!r} needs a Hopper GPU (sm_90), device {dev} is "
                                          f"sm_{cc}")
@@ -313,7 +313,7 @@ def attn_blocks(q_blocks: Sequence[Any], k_blocks: Sequence[Any], v_blocks: Sequ
     Arrays: CuPy arrays, CUDA torch tensors or TensorDesc; q/k/v/out bf16 or fp16 with a
     contiguous head dim (64 or 128) and 16-byte aligned rows; state float32.  ``stream``: a
     CuPy/torch stream or a raw cudaStream_t (default: the current stream of the inputs' library).
-    ``impl``: 'sm90' (Hopper wgmma) or 'fa2' (portable mma.sync); default by device.
+    ``impl``: 'sm90ws' (Hopper wgmma + TMA) or 'fa2' (portable mma.sync); default by device.
     Asynchronous like any kernel launch.
     """
     if not finalize:
