@@ -218,11 +218,23 @@ __device__ __forceinline__ void sf_store(const SfParams& p, const SfQBlk& qb, in
   }
 }
 
-// Online-softmax update of one S tile held in the mma C layout (NS n8-chunks of 16 rows),
-// already scaled to log2 units.  Turns s into unnormalised probabilities p, rescales o.
-template <int NS, int NJ>
-__device__ __forceinline__ void sf_softmax_update(float (&s)[NS][4], float (&o)[NJ][4],
-                                                  float (&mr)[2], float (&lr)[2]) {
+// Mask key columns >= nvalid of an S tile in the mma C layout (column of s[j][e] is 8j+2t+(e&1)).
+template <int NS>
+__device__ __forceinline__ void sf_mask_cols(float (&s)[NS][4], int nvalid, int t) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = -INFINITY;
+}
+
+// Softmax statistics of one S tile (raw logits, masked entries -inf) in the mma C layout (rows r
+// and r+8 of a quad): new running max (log2 units, the scale folded into the exponent),
+// p = exp2(s * sl2 - m) in place, alpha = rescale factor of the previous state, l updated.
+// O is rescaled separately (sf_rescale), so the caller can do it while O is still in flight.
+template <int NS>
+__device__ __forceinline__ void sf_softmax(float (&s)[NS][4], float sl2, float (&mr)[2],
+                                           float (&lr)[2], float (&alpha)[2]) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float mx = -INFINITY;
@@ -230,32 +242,36 @@ __device__ __forceinline__ void sf_softmax_update(float (&s)[NS][4], float (&o)[
     for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(mr[i], mx);
+    const float m_new = fmaxf(mr[i], mx * sl2);
     const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // guards -inf - -inf
-    const float alpha = exp2f(mr[i] - m_use);
+    alpha[i] = exp2f(mr[i] - m_use);
     mr[i] = m_new;
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
-      s[j][2 * i] = exp2f(s[j][2 * i] - m_use);
-      s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - m_use);
+      s[j][2 * i] = exp2f(fmaf(s[j][2 * i], sl2, -m_use));
+      s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], sl2, -m_use));
       sum += s[j][2 * i] + s[j][2 * i + 1];
     }
-    lr[i] = lr[i] * alpha + sum;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) { o[j][2 * i] *= alpha; o[j][2 * i + 1] *= alpha; }
+    lr[i] = lr[i] * alpha[i] + sum;
   }
 }
 
-// Scale S to log2 units and mask key columns >= nvalid (column of s[j][e] is 8j + 2t + (e & 1)).
+template <int NJ>
+__device__ __forceinline__ void sf_rescale(float (&o)[NJ][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+    o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+  }
+}
+
+// P (fp32, C layout) of key columns 16kk..16kk+15 as the A fragment of a k16 MMA (the same
+// register layout for mma.sync m16n8k16 and for wgmma with A from registers).
 template <int NS>
-__device__ __forceinline__ void sf_scale_mask(float (&s)[NS][4], float scale_log2, int nvalid,
-                                              int t) {
-#pragma unroll
-  for (int j = 0; j < NS; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int col = 8 * j + 2 * t + (e & 1);
-      s[j][e] = (col < nvalid) ? s[j][e] * scale_log2 : -INFINITY;
-    }
+__device__ __forceinline__ void sf_pack_a(const float (&s)[NS][4], int kk, uint32_t (&a)[4]) {
+  a[0] = sf_pack2(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = sf_pack2(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = sf_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = sf_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }

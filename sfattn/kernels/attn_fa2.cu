@@ -120,16 +120,15 @@ sf_attn_fa2(const __grid_constant__ SfParams p) {
       }
     }
     const int nvalid = min(BN, (int)p.kv[cur_kb].len - cur_n0);
-    sf_scale_mask<NS>(s, sl2, nvalid, t);
-    sf_softmax_update<NS, NJ>(s, o, mr, lr);
+    if (nvalid < BN) sf_mask_cols<NS>(s, nvalid, t);
+    float alpha[2];
+    sf_softmax<NS>(s, sl2, mr, lr, alpha);
+    sf_rescale<NJ>(o, alpha);
 
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = sf_pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = sf_pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = sf_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = sf_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      sf_pack_a<NS>(s, kk, a);
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bf[4];

@@ -249,29 +249,14 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     auto softmax = [&]() {
       reg_fence<NS>(s);
       const int nvalid = (int)p.kv[ckb].len - cn0;
-      if (nvalid < BN) {
-#pragma unroll
-        for (int j = 0; j < NS; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = -INFINITY;
-      }
-      sm90_softmax<NS>(s, sl2, mr, lr, alpha);
+      if (nvalid < BN) sf_mask_cols<NS>(s, nvalid, t);
+      sf_softmax<NS>(s, sl2, mr, lr, alpha);
     };
     auto rescale_pack_next = [&]() {
       reg_fence<NJ>(o);
+      sf_rescale<NJ>(o, alpha);
 #pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
-      }
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        pa[kk][0] = sf_pack2(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = sf_pack2(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = sf_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = sf_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
+      for (int kk = 0; kk < BN / 16; ++kk) sf_pack_a<NS>(s, kk, pa[kk]);
       reg_fence<NJ>(o);
       reg_fence_u<BN / 16>(pa);
       cn0 += BN;

@@ -38,32 +38,3 @@ __device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
 __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-
-// Softmax statistics of one S tile (raw logits, masked entries -inf): new running max (log2
-// units, scale folded into the exponent), p = exp2(s * sl2 - m) in place, alpha = rescale factor
-// of the previous state, l updated.  O is rescaled separately (it may still be in flight).
-template <int NS>
-__device__ __forceinline__ void sm90_softmax(float (&s)[NS][4], float sl2, float (&mr)[2],
-                                             float (&lr)[2], float (&alpha)[2]) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(mr[i], mx * sl2);
-    const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // guards -inf - -inf
-    alpha[i] = exp2f(mr[i] - m_use);
-    mr[i] = m_new;
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      s[j][2 * i] = exp2f(fmaf(s[j][2 * i], sl2, -m_use));
-      s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], sl2, -m_use));
-      sum += s[j][2 * i] + s[j][2 * i + 1];
-    }
-    lr[i] = lr[i] * alpha[i] + sum;
-  }
-}
-
