@@ -80,19 +80,15 @@ def build(a: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> to
     stay float32 here too, as with ``from_pretrained(torch_dtype=...)``.
     """
     from diffusers import FluxTransformer2DModel, WanTransformer3DModel
-    from diffusers.utils import logging
 
-    logging.set_verbosity_error()  # the "kept in float32" notice of .to(dtype)
     cls = FluxTransformer2DModel if a.model == "flux" else WanTransformer3DModel
     torch.manual_seed(0)
     with torch.device(device):
-        model = cls(**model_config(a))
-    model = model.to(dtype).eval()
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    if dtype in (torch.bfloat16, torch.float16) and keep:
-        for name, p in model.named_parameters():
-            if any(k in name.split(".") for k in keep):
-                p.data = p.data.float()
+        model = cls(**model_config(a)).eval()
+    keep = (getattr(model, "_keep_in_fp32_modules", None) or []) if dtype in (torch.bfloat16, torch.float16) else []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not any(k in name.split(".") for k in keep):
+            t.data = t.data.to(dtype)
     return model
 
 
@@ -277,7 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (fullgraph=True)")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--sdpa", choices=("cudnn", "default"), default="cudnn",
-                    help="the 1-GPU run's SDPA on GPUs: cuDNN (as USP's local kernel) or torch's choice")
+                    help="torch SDPA on GPUs (the 1-GPU run, Wan's cross-attention): cuDNN (as USP's local "
+                         "kernel) or torch's choice")
     ap.add_argument("--ranks-per-gpu", type=int, default=1,
                     help="ranks sharing one GPU (> 1: correctness only, no USP, no speed-up claims)")
     ap.add_argument("--heap", default=None, help="symmetric heap per rank (default: sized from the shapes)")
@@ -374,16 +371,16 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
         if a.compile:
             res.setdefault("graphs", {})[name] = counters["stats"]["unique_graphs"]
 
-    ref = None
-    with torch.inference_mode():
-        if me == 0:  # the 1-GPU reference, whole, on rank 0 alone
-            from contextlib import nullcontext
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+    from contextlib import nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if gpu and a.sdpa == "cudnn" else nullcontext()
-            with ctx:
-                final, first, times = denoise(step_fn(a, compiled(model), x, None), x["latents"], a.steps,
-                                              a.warmup, sync)
+    # every SDPA outside sfattn/USP (the 1-GPU run, Wan's cross-attention) on the same backend
+    sdpa = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if gpu and a.sdpa == "cudnn" else nullcontext()
+    ref = None
+    with torch.inference_mode(), sdpa:
+        if me == 0:  # the 1-GPU reference, whole, on rank 0 alone
+            final, first, times = denoise(step_fn(a, compiled(model), x, None), x["latents"], a.steps,
+                                          a.warmup, sync)
             ref = (final, first)
             res["ms"]["1gpu"] = 1e3 * statistics.median(times)
             graphs("1gpu")
