@@ -22,6 +22,10 @@ def _handle(layer: SPAttention) -> int:
 try:
     import torch
 
+    # torch.compile runs this while tracing (the registration is real before the graph runs),
+    # rather than replaying the registry update after the graph, which calls the op first
+    _handle = torch.compiler.assume_constant_result(_handle)
+
     @torch.library.custom_op("sfattn::attention", mutates_args=())
     def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> torch.Tensor:
         layer = _LAYERS.get(handle)

@@ -41,6 +41,28 @@ def test_torch_op_under_torch_compile_fullgraph():
     assert all(same for _, same in res)
 
 
+def _compiled_first(rt):
+    """Layers first used inside a compiled function (never called eagerly), passed as arguments."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 16, 4, 16, dtype=torch.float64, generator=g) for _ in range(3))
+    ref, _ = attention_ref(q.numpy(), k.numpy(), v.numpy(), 16 ** -0.5)
+    lo = rt.rank * 8
+    sh = [x[:, lo:lo + 8].contiguous() for x in (q, k, v)]
+    layers = [sfattn.SPAttention(rt, sfattn.make_plan(rt.mesh, 4, 16, 16, a), 1, "float64") for a in ("ulysses", "ring")]
+    f = torch.compile(lambda a, b, c, layer: sfattn.attention(a, b, c, layer) + 0, backend="aot_eager", fullgraph=True)
+    errs = [float(np.abs(f(*sh, layer).numpy() - ref[:, lo:lo + 8]).max()) for layer in layers + layers[:1]]
+    for layer in layers:
+        sfattn.release(layer)
+        layer.close()
+    return errs
+
+
+def test_torch_op_compiled_before_any_eager_call():
+    # the op's layer registry must be filled before the graph runs, and each layer keep its own handle
+    for errs in all_ok(run_ranks(_compiled_first, 2, heap="8MiB", deadline=300, timeout=240)):
+        assert len(errs) == 3 and max(errs) < 1e-12, errs
+
+
 def test_attention_rejects_non_layer():
     with pytest.raises(TypeError, match="layer: expected an sfattn.SPAttention"):
         sfattn.attention(torch.zeros(1), torch.zeros(1), torch.zeros(1), layer=None)
