@@ -6,7 +6,9 @@ Shapes: Flux 3072^2 (36864 image + 512 text tokens), Flux 4096^2 (65536 + 512), 
 x 128; a CogVideoX-class 20 s 768x1360 video (41 latent frames x 4080 + 226 text tokens), 24
 heads x 64; batch 1, bf16. Each algorithm the mesh allows is timed with CUDA events on the
 current stream (3 warm-up calls, median of 10), next to single-GPU torch SDPA (cuDNN) on the
-whole sequence, measured in the same run. Writes ``layer_<M>x<G>.json``; then run
+whole sequence, measured in the same run. Writes ``layer_<M>x<G>[_link<GBPS>_<US>][_rpg<K>].json``
+(``_rpgK`` when K ranks share one GPU, e.g. ``-n 4 --machines 4`` on 2 GPUs: K = 2, so such a
+result never passes for a run on real machines; ``meta.ranks_per_gpu`` says it too); then run
 ``perf/report_layer.py`` for the table and the summary keys.
 """
 from __future__ import annotations
@@ -25,6 +27,17 @@ from common import median_ms  # noqa: E402
 import sfattn  # noqa: E402
 from sfattn.plan import PlanError  # noqa: E402
 
+def ranks_per_gpu(world_size: int, gpus: int) -> int:
+    """Ranks sharing the busiest GPU when ``world_size`` ranks go round-robin over ``gpus``."""
+    return max(1, -(-world_size // gpus)) if gpus > 0 else 1
+
+
+def result_name(mesh: str, link: str | None, rpg: int) -> str:
+    """``layer_<mesh>[_link<GBPS>_<US>][_rpg<K>].json`` (the rpg tag only when K > 1)."""
+    tag = f"_link{link.replace(',', '_')}" if link else ""
+    return f"layer_{mesh}{tag}" + (f"_rpg{rpg}" if rpg > 1 else "") + ".json"
+
+
 SHAPES = {"flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128),
           "video20s": (41 * 4080 + 226, 24, 64)}
 
@@ -39,6 +52,7 @@ def main() -> None:
     dev = torch.device("cuda", rt.backend.device)
     mesh = f"{rt.mesh.machines}x{rt.mesh.gpus_per_machine}"
     link = os.environ.get("ONESIDE_EMULATE_LINK")
+    rpg = ranks_per_gpu(rt.world_size, torch.cuda.device_count())
     results: dict[str, dict[str, float]] = {}
     emulated = None
     if link and rt.mesh.machines > 1:  # check the pacing: a 64 MiB put to the other machine
@@ -92,13 +106,12 @@ def main() -> None:
     if me == 0:
         meta = {"device": torch.cuda.get_device_name(dev), "mesh": mesh, "ranks": rt.world_size,
                 "emulated_link": link, "emulated_put_GBps": emulated,
-                "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+                "gpus": torch.cuda.device_count(), "ranks_per_gpu": rpg, "torch": torch.__version__,
                 "command": (f"ONESIDE_EMULATE_LINK={link} " if link else "")
                 + f"python -m oneside.launch -n {rt.world_size} --machines {rt.mesh.machines} "
                   f"--backend nvshmem perf/bench_layer.py"}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        tag = f"_link{link.replace(',', '_')}" if link else ""
-        (Path(args.out) / f"layer_{mesh}{tag}.json").write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
+        (Path(args.out) / result_name(mesh, link, rpg)).write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
     oneside.finalize()
 
 

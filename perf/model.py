@@ -3,6 +3,8 @@
     python perf/model.py --calibrate docs/perf/layer_1x2.json docs/perf/layer_2x1.json --out docs/perf
     python perf/model.py --predict torus --machines 2 --gpus 1 --shape flux3072 --system h200_pair \\
         --inter-GBps 25                       # e.g. 2 virtual machines on 2 GPUs, link paced to 25 GB/s
+    python perf/model.py --predict usp --machines 4 --gpus 1 --ranks-per-gpu 2 --inter-GBps 10 \\
+        --from-calibration docs/perf/model_calibration.json   # 4 virtual machines on 2 GPUs
 
 Degrees and placement come from ``sfattn.plan.make_plan`` (the same T x U x R plan the layer runs).
 One rank's layer time is simulated step by step: layout copies, the Ulysses all-to-all (serial),
@@ -69,6 +71,7 @@ class Params:
     fixed_ms: float = 0.0        # per-layer constant of any multi-GPU plan (launches, host gaps)
     overlap: bool = True         # False: every transfer on the compute stream (serial)
     ring_pipelined: bool = True  # False: one compute step per torus chunk after all ring pulls
+    ranks_per_gpu: int = 1       # ranks time-sharing one GPU: kernel and layout-copy speed / this
     itemsize: int = 2            # bf16
     name: str = ""
 
@@ -108,11 +111,12 @@ H200_CLUSTER = Params(623.0, 416.0, Link(450.0, 4.0, 0.83), Link(400.0, 10.0, 0.
 SYSTEMS = {"h200_pair": H200_PAIR, "a100_p4de": A100_P4DE, "h200_cluster": H200_CLUSTER}
 
 
-def _check(algorithm: str, machines: int, gpus: int, shape: Shape) -> None:
+def _check(algorithm: str, machines: int, gpus: int, shape: Shape, params: Params) -> None:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
     for name, v in (("machines", machines), ("gpus", gpus), ("seq_len", shape.seq_len),
-                    ("heads", shape.heads), ("head_dim", shape.head_dim), ("batch", shape.batch)):
+                    ("heads", shape.heads), ("head_dim", shape.head_dim), ("batch", shape.batch),
+                    ("ranks_per_gpu", params.ranks_per_gpu)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r}: expected a positive int")
 
@@ -124,16 +128,22 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
     Returns ``total_ms``, ``compute_ms``, ``exposed_comm_ms`` (transfers and barriers not hidden
     under compute), ``overhead_ms`` (layout copies + ``fixed_ms``), the degrees and the bytes one
     rank sends over each link class. Raises ValueError naming a bad argument.
+
+    ``gpus`` counts ranks per (virtual) machine; with ``params.ranks_per_gpu = k`` every k of
+    them time-share one physical GPU: compute and layout copies run at 1/k of the GPU's speed,
+    while links are unchanged (an emulated link paces each transfer between virtual machines
+    whether or not both ranks sit on the same GPU; see oneside/backends/nvshmem.py).
     """
     shape = SHAPES[shape] if isinstance(shape, str) else shape
-    _check(algorithm, machines, gpus, shape)
+    _check(algorithm, machines, gpus, shape, params)
     mesh = _plan.Mesh(machines, gpus)
     plan = _plan.make_plan(mesh, shape.heads, shape.seq_len, shape.head_dim, algorithm, ulysses_degree)
     W, T, U, R, G = mesh.world_size, plan.T, plan.U, plan.R, gpus
     B, S, H, D = shape.batch, shape.seq_len, shape.heads, shape.head_dim
     Sl = -(-S // W)
     L = B * Sl * H * D * params.itemsize                    # bytes of one tensor's local shard
-    compute = 4 * B * Sl * S * H * D / (params.tflops(D) * 1e12)
+    rpg = params.ranks_per_gpu                              # ranks sharing this rank's GPU
+    compute = 4 * B * Sl * S * H * D * rpg / (params.tflops(D) * 1e12)
     out = dict(algorithm=algorithm, machines=machines, gpus=gpus, T=T, U=U, R=R,
                compute_ms=compute * 1e3, total_ms=compute * 1e3, exposed_comm_ms=0.0, overhead_ms=0.0,
                intra_bytes=0.0, inter_bytes=0.0)
@@ -199,7 +209,7 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
                     tor = max(tor, c) + o_x
         core = max(c, tor)
 
-    layout = 8 * L / (params.hbm_GBps * 1e9)       # pack Q, K, V and unpack O: read + write
+    layout = 8 * L * rpg / (params.hbm_GBps * 1e9)  # pack Q, K, V and unpack O: read + write
     ulysses = a2a(3) + a2a(1) if U > 1 else 0.0
     barriers = 2 * barrier(machines > 1) + (barrier(ux > 0) if U > 1 else 0.0)
     overhead = layout + params.fixed_ms * 1e-3
@@ -214,23 +224,45 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
 
 # -- calibration ---------------------------------------------------------------------------
 def load_measurements(paths: list[str | Path]) -> list[dict]:
-    """layer_<M>x<G>.json files -> points {machines, gpus, shape, algorithm, ms} (SDPA rows too)."""
+    """layer_<M>x<G>[_link..][_rpgK].json files -> points {machines, gpus, shape, algorithm, ms,
+    inter, ranks_per_gpu} (SDPA rows too). ``ranks_per_gpu`` comes from the file's meta (1 when
+    absent: the files from before it was recorded ran one rank per GPU)."""
     points = []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        M, G = (int(x) for x in data["meta"]["mesh"].split("x"))
-        link = data["meta"].get("emulated_link")  # "GBPS,LATENCY_US" of a paced inter-machine link
+        meta = data.get("meta", {})
+        try:
+            M, G = (int(x) for x in meta["mesh"].split("x"))
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: meta.mesh missing or not 'MxG' (not a bench_layer.py result?)") from None
+        link = meta.get("emulated_link")  # "GBPS,LATENCY_US" of a paced inter-machine link
         inter = tuple(float(x) for x in link.split(",")) if link else None
+        rpg = meta.get("ranks_per_gpu")
+        rpg = 1 if rpg is None else rpg
+        if not isinstance(rpg, int) or rpg < 1:
+            raise ValueError(f"{path}: meta.ranks_per_gpu={rpg}: expected >= 1")
         for shape, row in data["ms"].items():
+            if shape not in SHAPES:
+                raise ValueError(f"{path}: shape {shape!r} is not one of the model's {sorted(SHAPES)}")
             for algo, ms in row.items():
-                points.append(dict(machines=M, gpus=G, shape=shape, algorithm=algo, ms=float(ms), inter=inter))
+                points.append(dict(machines=M, gpus=G, shape=shape, algorithm=algo, ms=float(ms), inter=inter,
+                                   ranks_per_gpu=rpg))
     return points
 
 
 def _at(point: dict, params: Params) -> Params:
-    """The parameters a measured point ran under (its emulated inter-machine link, if any)."""
-    inter = point.get("inter")
-    return params if not inter else replace(params, inter=Link(inter[0], inter[1] if len(inter) > 1 else 0.0))
+    """The parameters a measured point ran under (its emulated inter-machine link and its ranks
+    per GPU, if any)."""
+    inter, rpg = point.get("inter"), point.get("ranks_per_gpu", 1)
+    if inter:
+        params = replace(params, inter=Link(inter[0], inter[1] if len(inter) > 1 else 0.0))
+    return params if rpg == params.ranks_per_gpu else replace(params, ranks_per_gpu=rpg)
+
+
+def _mesh_label(point: dict) -> str:
+    link = f" link {point['inter'][0]:g} GB/s" if point.get("inter") else ""
+    rpg = point.get("ranks_per_gpu", 1)
+    return f"{point['machines']}x{point['gpus']}{link}" + (f" ({rpg} ranks/GPU)" if rpg > 1 else "")
 
 
 def calibrate(points: list[dict], base: Params, iters: int = 50) -> Params:
@@ -279,14 +311,74 @@ def calibration_table(points: list[dict], params: Params) -> list[dict]:
         if p["algorithm"] not in ALGORITHMS:
             continue
         m = predict(p["algorithm"], p["machines"], p["gpus"], p["shape"], _at(p, params))["total_ms"]
-        link = f" link {p['inter'][0]:g} GB/s" if p.get("inter") else ""
-        rows.append(dict(mesh=f"{p['machines']}x{p['gpus']}{link}", shape=p["shape"], algorithm=p["algorithm"],
+        rows.append(dict(mesh=_mesh_label(p), shape=p["shape"], algorithm=p["algorithm"],
                          measured_ms=round(p["ms"], 3), model_ms=round(m, 3),
                          rel_error=round((m - p["ms"]) / p["ms"], 4)))
     return rows
 
 
 # -- predictions ---------------------------------------------------------------------------
+# Emulated links of scripts/gpu_peers.sh (GB/s, latency 10 us): 2 virtual machines on 2 GPUs at the
+# model's largest Torus gains over USP (flux3072 peaks at 15, flux4096 at 8 GB/s), and 4 virtual
+# machines on 2 GPUs (2 ranks per GPU) where the USP / TAS / Torus ordering changes.
+VM2_LINKS = (15.0, 10.0, 8.0)
+VM4_LINKS = (40.0, 20.0, 10.0)
+EMULATED_LATENCY_US = 10.0
+ORDER_ALGOS = ("usp", "tas", "torus")
+ORDER_MARGIN = 0.05  # pairs the model puts closer than this are ties: not compared
+
+
+def ordering(times: dict[str, float], margin: float = ORDER_MARGIN) -> str:
+    """``'torus < usp < tas'``-style ordering of ORDER_ALGOS, ``~`` joining neighbours within ``margin``."""
+    names = sorted(ORDER_ALGOS, key=times.get)
+    out = names[0]
+    for a, b in zip(names, names[1:]):
+        out += (" ~ " if times[b] <= times[a] * (1 + margin) else " < ") + b
+    return out
+
+
+def order_check(points: list[dict], params: Params, margin: float = ORDER_MARGIN) -> dict:
+    """Measured vs modelled ordering of USP / TAS / Torus for each (mesh, link, ranks per GPU,
+    shape) that measured all three; a pair counts only where the model separates it by > margin."""
+    sets: dict[tuple, dict[str, dict]] = {}
+    for p in points:
+        if p["algorithm"] in ORDER_ALGOS:
+            key = (p["machines"], p["gpus"], p.get("inter"), p.get("ranks_per_gpu", 1), p["shape"])
+            sets.setdefault(key, {})[p["algorithm"]] = p
+    rows, matched, total = [], 0, 0
+    for key, got in sets.items():
+        if set(got) != set(ORDER_ALGOS):
+            continue
+        meas = {a: got[a]["ms"] for a in ORDER_ALGOS}
+        model = {a: predict(a, got[a]["machines"], got[a]["gpus"], got[a]["shape"], _at(got[a], params))["total_ms"]
+                 for a in ORDER_ALGOS}
+        ok = n = 0
+        for i, a in enumerate(ORDER_ALGOS):
+            for b in ORDER_ALGOS[i + 1:]:
+                if abs(model[a] / model[b] - 1) > margin:
+                    n += 1
+                    ok += (model[a] < model[b]) == (meas[a] < meas[b])
+        matched, total = matched + ok, total + n
+        rows.append(dict(mesh=_mesh_label(got["usp"]), shape=key[-1], measured=ordering(meas, margin),
+                         model=ordering(model, margin), pairs_matched=ok, pairs_compared=n))
+    return dict(rows=rows, pairs_matched=matched, pairs_compared=total)
+
+
+def emulated_prediction(params: Params, machines: int, ranks_per_gpu: int, links: tuple[float, ...],
+                        shapes: tuple[str, ...] = ("flux3072", "flux4096")) -> list[dict]:
+    """USP / TAS / Torus (and the rest) on ``machines`` virtual machines of one rank each, links
+    paced to each of ``links`` GB/s (latency EMULATED_LATENCY_US), ``ranks_per_gpu`` per GPU."""
+    rows = []
+    for x in links:
+        p = replace(params, inter=Link(x, EMULATED_LATENCY_US), ranks_per_gpu=ranks_per_gpu)
+        for s in shapes:
+            ms = {a: round(predict(a, machines, 1, s, p)["total_ms"], 3) for a in ALGORITHMS}
+            rows.append(dict(inter_GBps=x, shape=s, **ms, order=ordering(ms),
+                             torus_over_usp=round(ms["usp"] / ms["torus"], 3),
+                             torus_over_best_baseline=round(min(ms["usp"], ms["tas"]) / ms["torus"], 3)))
+    return rows
+
+
 PAPER = {"tas_over_usp_avg_beyond_2": 1.27, "tas_over_usp_max": 1.64,
          "torus_over_usp_avg": 1.35, "torus_over_usp_max": 1.77}
 
@@ -399,6 +491,20 @@ def markdown(calib: dict, pred: dict) -> str:
             "| inter GB/s | shape | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     out += [f"| {r['inter_GBps']:g} | {r['shape']} | " + " | ".join(f(r[a]) for a in cols) + " |"
             for r in pred["emulated_2x1_paced"]]
+    em = pred["emulated_gpu_peers"]
+    for key, title in (("vm2", "2 virtual machines on 2 GPUs"), ("vm4_rpg2", "4 virtual machines on 2 GPUs "
+                                                                             "(2 ranks per GPU)")):
+        out += ["", f"### Prediction for scripts/gpu_peers.sh: {title}, links paced (latency "
+                    f"{em['latency_us']:g} us)", "", "| inter GB/s | shape | " + " | ".join(algos)
+                + " | ordering (~: within 5 %) | Torus / USP | Torus / min(USP, TAS) |", "|---|---|" + "---|" * (len(algos) + 3)]
+        out += [f"| {r['inter_GBps']:g} | {r['shape']} | " + " | ".join(f(r[a]) for a in algos)
+                + f" | {r['order']} | {r['torus_over_usp']:.3f} | {r['torus_over_best_baseline']:.3f} |" for r in em[key]]
+    if calib.get("order_check", {}).get("rows"):
+        oc = calib["order_check"]
+        out += ["", "### Ordering of USP / TAS / Torus: measured vs model", "",
+                "| mesh | shape | measured | model | pairs matched |", "|---|---|---|---|---|"]
+        out += [f"| {r['mesh']} | {r['shape']} | {r['measured']} | {r['model']} | {r['pairs_matched']} / "
+                f"{r['pairs_compared']} |" for r in oc["rows"]]
     return "\n".join(out)
 
 
@@ -417,6 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inter-latency-us", type=float)
     ap.add_argument("--intra-GBps", type=float)
     ap.add_argument("--tflops", type=float, nargs=2, metavar=("D128", "D64"))
+    ap.add_argument("--ranks-per-gpu", type=int, default=1, metavar="K",
+                    help="ranks time-sharing one GPU (e.g. 4 virtual machines on 2 GPUs: --machines 4 "
+                         "--gpus 1 --ranks-per-gpu 2); compute and layout copies run at 1/K speed")
     ap.add_argument("--serial", action="store_true", help="no overlap (communication on the compute stream)")
     ap.add_argument("--from-calibration", metavar="JSON", help="start from the fitted params of a "
                     "model_calibration.json (our kernel's throughput) instead of --system")
@@ -438,8 +547,11 @@ def main(argv: list[str] | None = None) -> None:
             p = replace(p, intra=replace(p.intra, GBps=args.intra_GBps))
         if args.tflops:
             p = replace(p, tflops_d128=args.tflops[0], tflops_d64=args.tflops[1])
-        p = replace(p, overlap=not args.serial)
-        print(json.dumps(predict(args.predict, args.machines, args.gpus, args.shape, p), indent=1))
+        p = replace(p, overlap=not args.serial, ranks_per_gpu=args.ranks_per_gpu)
+        try:
+            print(json.dumps(predict(args.predict, args.machines, args.gpus, args.shape, p), indent=1))
+        except ValueError as e:
+            ap.error(str(e))
         return
     if args.calibrate is None:
         ap.error("give --predict ALGORITHM or --calibrate LAYER_JSON...")
@@ -448,10 +560,19 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(res["calibration"], res["predictions"]))
 
 
+def order_summary(check: dict) -> dict:
+    """Summary keys of the 4-virtual-machine (2 ranks per GPU) ordering check, if measured."""
+    rows = [r for r in check["rows"] if "ranks/GPU" in r["mesh"]]
+    if not rows:
+        return {}
+    ok, n = sum(r["pairs_matched"] for r in rows), sum(r["pairs_compared"] for r in rows)
+    return {"model_emulated_rpg_order_pairs_matched": ok, "model_emulated_rpg_order_pairs_compared": n}
+
+
 def run_all(paths: list[str], out: Path | None) -> dict:
     """Calibrate on our measurements, predict the paper's and an H200 cluster, write the results."""
     points = load_measurements(paths)
-    sdpa = [p for p in points if p["algorithm"] == "sdpa_1gpu_cudnn"]
+    sdpa = [p for p in points if p["algorithm"] == "sdpa_1gpu_cudnn" and p["ranks_per_gpu"] == 1]
     cudnn = {}
     for d in (128, 64):
         v = [4 * SHAPES[p["shape"]].seq_len ** 2 * SHAPES[p["shape"]].heads * d / (p["ms"] * 1e9)
@@ -484,6 +605,9 @@ def run_all(paths: list[str], out: Path | None) -> dict:
         return dict(inter_GBps=x, shape=s, **row)
 
     paced = [paced_row(x, s) for x in (395.0, 100.0, 50.0, 25.0, 12.5, 6.25) for s in ("flux3072", "flux4096", "video20s")]
+    emulated = dict(latency_us=EMULATED_LATENCY_US, margin=ORDER_MARGIN,
+                    vm2=emulated_prediction(now, 2, 1, VM2_LINKS), vm4_rpg2=emulated_prediction(now, 4, 2, VM4_LINKS))
+    calib["order_check"] = order_check(points, fitted)
     shapes, machines = ["flux3072", "flux4096", "video20s", "video40s"], [1, 2, 3, 4]
     systems = {}
     for key in ("a100_p4de", "h200_cluster"):
@@ -498,6 +622,7 @@ def run_all(paths: list[str], out: Path | None) -> dict:
         systems[key] = dict(params=asdict(SYSTEMS[key]), speedups=rows, aggregate=aggregate(rows),
                             inter_bandwidth_sensitivity=sens)
     pred = dict(paper=PAPER, systems=systems, h200_pair_current_layer=pair_now, emulated_2x1_paced=paced,
+                emulated_gpu_peers=emulated,
                 note="layer latency (attention only), batch 1; speed-up = USP time / algorithm time")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -514,7 +639,8 @@ def run_all(paths: list[str], out: Path | None) -> dict:
                         "model_a100_tas_over_usp_avg_beyond_2": a["tas_over_usp_avg_beyond_2"],
                         "model_a100_torus_over_usp_avg_beyond_2": a["torus_over_usp_avg_beyond_2"],
                         "model_a100_torus_over_usp_max": a["torus_over_usp_max_2_and_more"],
-                        "model_h200_torus_over_usp_avg_beyond_2": h["torus_over_usp_avg_beyond_2"]},
+                        "model_h200_torus_over_usp_avg_beyond_2": h["torus_over_usp_avg_beyond_2"],
+                        **order_summary(calib["order_check"])},
                        out / "summary.json")
     print(json.dumps(dict(fitted={k: v for k, v in asdict(fitted).items() if k in ("tflops_d128", "tflops_d64", "fixed_ms")},
                           cudnn=calib["cudnn_tflops_from_sdpa_rows"], model_max_rel_error=max_err,

@@ -1,6 +1,11 @@
 """Table and summary keys from ``layer_<mesh>.json`` files (bench_layer.py).
 
     python perf/report_layer.py docs/perf/layer_1x2.json docs/perf/layer_2x1.json
+
+The emulated-link keys (``torus_over_usp_emulated_best``, ``torus_over_best_baseline_emulated_min``)
+come from the 2-virtual-machine runs with one rank per GPU only; runs with several ranks per GPU
+(``meta.ranks_per_gpu`` > 1, e.g. 4 virtual machines on 2 GPUs) get their tables and
+``layer_ms_*_rpgK_*`` keys, and are compared with the model by ``perf/model.py --calibrate``.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ def main(paths: list[Path]) -> str:
         data = json.loads(path.read_text())
         mesh = data["meta"]["mesh"]
         link = data["meta"].get("emulated_link")
-        tag = mesh + (f"_link{link.replace(',', '_')}" if link else "")
+        rpg = int(data["meta"].get("ranks_per_gpu") or 1)
+        tag = mesh + (f"_link{link.replace(',', '_')}" if link else "") + (f"_rpg{rpg}" if rpg > 1 else "")
         title = f"Mesh {mesh}" + (f", emulated inter-machine link {link} (GB/s, us; a 64 MiB put measured "
                                   f"{data['meta']['emulated_put_GBps']:.1f} GB/s)" if link else "")
+        title += f", {rpg} ranks per GPU (virtual machines sharing GPUs: not a real {mesh} run)" if rpg > 1 else ""
         lines += [f"{title} ({data['meta']['ranks']} ranks on {data['meta']['gpus']} x {data['meta']['device']}); "
                   f"`{data['meta']['command']}`", "",
                   "| shape | " + " | ".join(ALGOS) + " | SDPA cuDNN, 1 GPU | best speed-up over 1 GPU |",
@@ -36,7 +43,7 @@ def main(paths: list[Path]) -> str:
             for a in ALGOS:
                 if a in row:
                     summary[f"layer_ms_{tag}_{shape}_{a}"] = round(row[a], 3)
-            if link:
+            if link and rpg == 1 and data["meta"]["mesh"] == "2x1":
                 torus_gain.append(row["usp"] / row["torus"])
                 torus_vs_best.append(min(row["usp"], row["tas"]) / row["torus"])
         lines.append("")

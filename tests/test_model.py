@@ -160,3 +160,114 @@ def test_bad_arguments():
         model.predict("usp", 1, 2, model.Shape(1000, 0, 64))
     with pytest.raises(ValueError, match="points"):
         model.calibrate([], model.H200_PAIR)
+
+
+# -- ranks sharing a GPU (4 virtual machines on 2 GPUs) -----------------------------------------
+def test_ranks_per_gpu_slows_compute_not_links():
+    free = replace(model.H200_PAIR, intra=model.Link(math.inf), inter=model.Link(math.inf), barrier_us=0.0,
+                   hbm_GBps=math.inf, fixed_ms=0.0)
+    slow = replace(model.H200_PAIR, inter=model.Link(10.0, 10.0))
+    for a in model.ALGORITHMS:
+        one, two = (model.predict(a, 4, 1, "flux3072", replace(free, ranks_per_gpu=k)) for k in (1, 2))
+        assert two["compute_ms"] == pytest.approx(2 * one["compute_ms"])
+        assert two["total_ms"] == pytest.approx(2 * one["total_ms"])
+        # links are not shared out: the bytes and the transfer times are the same
+        s1, s2 = (model.predict(a, 4, 1, "flux3072", replace(slow, ranks_per_gpu=k)) for k in (1, 2))
+        assert s2["inter_bytes"] == s1["inter_bytes"]
+        assert s2["total_ms"] >= s1["total_ms"]
+        # more compute to hide behind: exposed communication never grows
+        assert s2["exposed_comm_ms"] <= s1["exposed_comm_ms"] + 1e-9
+
+
+def test_ranks_per_gpu_rejects_bad_values():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="ranks_per_gpu"):
+            model.predict("usp", 4, 1, "flux3072", replace(model.H200_PAIR, ranks_per_gpu=bad))
+
+
+def test_four_virtual_machines_prediction():
+    """The setting of scripts/gpu_peers.sh's vm4 step: Torus ahead where the link is slow."""
+    rows = model.emulated_prediction(model.H200_PAIR, 4, 2, model.VM4_LINKS)
+    assert {r["inter_GBps"] for r in rows} == set(model.VM4_LINKS)
+    slowest = [r for r in rows if r["inter_GBps"] == min(model.VM4_LINKS)]
+    assert all(r["order"].startswith("torus <") and r["torus_over_usp"] > 1.2 for r in slowest)
+
+
+def test_two_machine_peak_gain_at_the_script_links():
+    """VM2_LINKS hold each shape's largest Torus / USP gain over a fine grid (fitted params)."""
+    import json
+
+    d = json.loads((_path.parent.parent / "docs" / "perf" / "model_calibration.json").read_text())["params_fitted"]
+    p = model.Params(**{**d, "intra": model.Link(**d["intra"]), "inter": model.Link(**d["inter"])})
+    grid = [x / 2 for x in range(6, 81)]  # 3 - 40 GB/s
+    for s in ("flux3072", "flux4096"):
+        gain = {x: model.emulated_prediction(p, 2, 1, (x,), (s,))[0]["torus_over_usp"] for x in grid}
+        peak = max(gain.values())
+        assert max(gain[x] for x in model.VM2_LINKS) == pytest.approx(peak, abs=0.01), s
+
+
+def _layer_file(tmp_path, name, mesh, link, rpg, ms):
+    import json
+
+    meta = {"mesh": mesh, "emulated_link": link, "ranks": 4, "gpus": 2, "device": "x", "command": "x"}
+    if rpg is not None:
+        meta["ranks_per_gpu"] = rpg
+    path = tmp_path / name
+    path.write_text(json.dumps({"meta": meta, "ms": ms}))
+    return path
+
+
+def test_calibration_reads_ranks_per_gpu_files(tmp_path):
+    true = replace(model.H200_PAIR, tflops_d128=480.0, tflops_d64=350.0, fixed_ms=0.2)
+    files = []
+    for M, G, link, rpg in ((1, 2, None, None), (2, 1, None, 1), (2, 1, "10,10", None), (4, 1, "10,10", 2),
+                            (4, 1, "40,10", 2)):
+        pt = lambda a, s: dict(machines=M, gpus=G, shape=s, algorithm=a, inter=(10.0, 10.0) if link else None,  # noqa: E731
+                               ranks_per_gpu=rpg or 1)
+        ms = {s: {a: model.predict(a, M, G, s, model._at(pt(a, s), true))["total_ms"] for a in model.ALGORITHMS}
+              for s in ("flux3072", "video20s")}
+        if link == "40,10":
+            ms = {s: {a: model.predict(a, M, G, s, replace(true, inter=model.Link(40.0, 10.0), ranks_per_gpu=2))
+                      ["total_ms"] for a in model.ALGORITHMS} for s in ("flux3072", "video20s")}
+        files.append(_layer_file(tmp_path, f"f{len(files)}.json", f"{M}x{G}", link, rpg, ms))
+    points = model.load_measurements(files)
+    assert {p["ranks_per_gpu"] for p in points} == {1, 2}
+    fit = model.calibrate(points, replace(true, tflops_d128=600.0, tflops_d64=600.0, fixed_ms=0.0))
+    assert fit.tflops_d128 == pytest.approx(480.0, rel=1e-5) and fit.fixed_ms == pytest.approx(0.2, rel=1e-4)
+    table = model.calibration_table(points, fit)
+    assert any("(2 ranks/GPU)" in r["mesh"] for r in table)
+    check = model.order_check(points, fit)
+    assert check["pairs_compared"] > 0 and check["pairs_matched"] == check["pairs_compared"]
+    summary = model.order_summary(check)
+    assert summary["model_emulated_rpg_order_pairs_matched"] == summary["model_emulated_rpg_order_pairs_compared"] > 0
+
+
+def test_load_measurements_errors(tmp_path):
+    bad_mesh = _layer_file(tmp_path, "a.json", "four", None, None, {})
+    with pytest.raises(ValueError, match="meta.mesh"):
+        model.load_measurements([bad_mesh])
+    bad_rpg = _layer_file(tmp_path, "b.json", "4x1", None, 0, {"flux3072": {"usp": 1.0}})
+    with pytest.raises(ValueError, match="ranks_per_gpu"):
+        model.load_measurements([bad_rpg])
+    bad_shape = _layer_file(tmp_path, "c.json", "4x1", None, 2, {"flux9999": {"usp": 1.0}})
+    with pytest.raises(ValueError, match="flux9999"):
+        model.load_measurements([bad_shape])
+
+
+def test_cli_ranks_per_gpu(capsys):
+    import json
+
+    model.main(["--predict", "usp", "--machines", "4", "--gpus", "1", "--ranks-per-gpu", "2", "--inter-GBps", "10"])
+    two = json.loads(capsys.readouterr().out)
+    model.main(["--predict", "usp", "--machines", "4", "--gpus", "1", "--inter-GBps", "10"])
+    one = json.loads(capsys.readouterr().out)
+    assert two["compute_ms"] == pytest.approx(2 * one["compute_ms"])
+    with pytest.raises(SystemExit):
+        model.main(["--predict", "usp", "--machines", "4", "--gpus", "1", "--ranks-per-gpu", "0"])
+
+
+def test_ranks_per_gpu_scales_layout_copies_exactly():
+    p = replace(model.H200_PAIR, fixed_ms=0.0)
+    for a in model.ALGORITHMS:  # torus has T = 4 here: its stage loop must not touch the factor
+        one, two = (model.predict(a, 4, 1, "flux3072", replace(p, ranks_per_gpu=k)) for k in (1, 2))
+        assert two["overhead_ms"] == pytest.approx(2 * one["overhead_ms"]), a
