@@ -2,6 +2,7 @@
 # On the 2-GPU host (from the repo root): issue 5's measurements. Installs the offline wheels, builds
 # the shim, then runs the steps of $GPU_PEERS_STEPS in order (default: all; estimates on 2 x H200):
 #   peers   perf/attention_vs_peers.py on 2 ranks, every shape ($PEERS_SHAPES)          ~5-6 min
+#           (split shapes over calls with PEERS_TAG: peers_TAG.json; report_peers merges them)
 #   vm2     bench_layer, 2 virtual machines (-n 2 --machines 2), each link of $VM2_LINKS  ~1 min each
 #   vm4     bench_layer, 4 virtual machines on 2 GPUs (-n 4 --machines 4: 2 ranks per GPU),
 #           each link of $VM4_LINKS                                                    ~1.5 min each
@@ -55,7 +56,7 @@ for s in $STEPS; do
   case $s in
     peers)
       step peers 420 python3 -m oneside.launch -n 2 --backend nvshmem perf/attention_vs_peers.py \
-        --shapes "$PEERS_SHAPES" --out "$W/res" ;;
+        --shapes "$PEERS_SHAPES" ${PEERS_TAG:+--tag "$PEERS_TAG"} --out "$W/res" ;;
     vm2)
       for link in $VM2_LINKS; do
         step "vm2_link${link/,/_}" 150 env ONESIDE_EMULATE_LINK="$link" python3 -m oneside.launch -n 2 --machines 2 \
