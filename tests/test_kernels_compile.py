@@ -101,8 +101,9 @@ def test_parameter_packing(fake_device):
     ks = [td(5, 16384), td(0, 20480), td(1000, 24576)]
     outs = [td(100, 28672), td(0, 32768), td(200, 36864)]
     launch = flash.AttnLaunch(qs, ks, ks, st, 0.5, out=outs, impl="sm90ws:TMA=0", finalize=True)
-    (p, _argv, _argp, tiles, first, last), = launch._launches
-    assert tiles == 1 + 2 and first and last  # 100 rows -> 1 tile, 200 rows -> 2 tiles (BM 128)
+    (p, _argv, _argp, grid, first, last), = launch._launches
+    # 100 rows -> 1 tile, 200 rows -> 2 tiles (BM 128); x 3 heads on grid.x, batch 2 on grid.z
+    assert grid == ((1 + 2) * 3, 1, 2) and first and last
     assert (p[0], p[1], p[2]) == (2, 2, 3)  # empty blocks dropped
     assert abs(p[4:5].view("float64")[0] - 0.5 * flash.LOG2E) < 1e-12
     q1 = p[flash._HDR + flash._QF: flash._HDR + 2 * flash._QF]
@@ -146,12 +147,16 @@ def test_tma_maps_are_packed_after_the_block_tables(fake_device, monkeypatch):
     (p, *_), = launch._launches
     cfg = launch.kernel.cfg
     bn = cfg.ws_tiles()[0]
-    assert cfg.tma and len(p) == cfg.param_slots == flash._NSLOTS + 2 * _build.MAXKV * _tma.WORDS
+    assert cfg.tma and len(p) == cfg.param_slots == \
+        flash._NSLOTS + (2 * _build.MAXKV + _build.MAXQ) * _tma.WORDS
     tk = lambda j: p[flash._NSLOTS + j * _tma.WORDS]  # noqa: E731
     tv = lambda j: p[flash._NSLOTS + (_build.MAXKV + j) * _tma.WORDS]  # noqa: E731
-    assert (tk(0), tk(1), tv(0), tv(1)) == (1 << 20, 2 << 20, 1 << 20, 3 << 20)
+    tq = lambda j: p[flash._NSLOTS + (2 * _build.MAXKV + j) * _tma.WORDS]  # noqa: E731
+    assert (tk(0), tk(1), tv(0), tv(1), tq(0)) == (1 << 20, 2 << 20, 1 << 20, 3 << 20, 4096)
     by_ptr = {c[2]: c for c in calls}
-    assert len(by_ptr) == 3  # k0 is shared by K and V: encoded once (cache)
+    assert len(by_ptr) == 4  # k0 is shared by K and V: encoded once (cache)
+    assert by_ptr[4096][5] == [64, 128, 1, 1]  # Q: 128-row tiles
+    assert launch._launches[0][3] == (1 * 3, 1, 1)  # (Q tiles x heads, 1, batch)
     dtype, rank, _, dims, strides, box, sw = by_ptr[2 << 20]
     assert (dtype, rank, sw) == (9, 4, 3)
     assert dims == [128, 17, 3, 1] and box == [64, bn, 1, 1]

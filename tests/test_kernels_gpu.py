@@ -23,7 +23,7 @@ from sfattn import kernels as K  # noqa: E402
 from sfattn import reference as R  # noqa: E402
 
 CC = torch.cuda.get_device_capability(0)
-IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0"] if CC == (9, 0) else [])
+IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0", "sm90ws:PERSIST=1"] if CC == (9, 0) else [])
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = 1e-2
 
@@ -228,3 +228,30 @@ def test_bad_inputs_raise_clear_errors():
         K.attn_blocks([q], [q], [q], st, 0.1, init=True)
     with pytest.raises(ValueError, match="scale"):
         K.attn_blocks([q], [q], [q], None, -1.0, init=True, finalize=True, out=[q.clone()])
+
+
+@pytest.mark.skipif(CC != (9, 0), reason="the persistent launch is a Hopper (TMA) variant")
+@pytest.mark.parametrize("D", [64, 128])
+def test_persistent_blocks_loop_over_tiles(D):
+    """Far more (Q tile, head) work items than SMs, so each persistent block runs several tiles
+    (ring and barrier phases carried across tiles): bitwise equal to one block per tile."""
+    g = _gen(13 + D)
+    B, H = 2, 16
+    qlens, klens = [1000, 2055, 7], [900, 1, 2000]
+    q = _strided(B, sum(qlens), H, D, torch.bfloat16, g)
+    k, v = (_rand((B, sum(klens), H, D), torch.bfloat16, g) for _ in range(2))
+    qb, kb, vb = _split(q, qlens), _split(k, klens), _split(v, klens)
+    res = {}
+    for impl in ("sm90ws", "sm90ws:PERSIST=1"):
+        st = _state(B, sum(qlens), H, D)
+        out = [torch.full_like(x, float("nan")) for x in qb]
+        lse = torch.full((B, H, sum(qlens)), float("nan"), device="cuda")
+        K.attn_blocks(qb, kb[:1], vb[:1], st, 0.09, init=True, impl=impl)
+        K.attn_blocks(qb, kb[1:], vb[1:], st, 0.09, finalize=True, out=out, lse=lse, impl=impl)
+        torch.cuda.synchronize()
+        res[impl] = (torch.cat(out, 1), lse)
+    (o1, l1), (o2, l2) = res.values()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    assert rel(o2, ref_attn(q, k, v, 0.09)[0]) < TOL
+    tiles = sum(-(-n // 128) for n in qlens) * H
+    assert tiles > 3 * torch.cuda.get_device_properties(0).multi_processor_count // B

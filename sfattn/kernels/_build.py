@@ -41,7 +41,7 @@ class KernelConfig:
     dtype: str
     arch: str  # e.g. 'sm_90a', 'sm_80'
     bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
-    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, EA, PR, CR, TMA
+    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, EA, PR, CR, TMA, PERSIST
 
     @property
     def tma(self) -> bool:
@@ -49,10 +49,15 @@ class KernelConfig:
         return self.impl == "sm90ws" and bool(int(dict(self.opts).get("TMA", 1)))
 
     @property
+    def persistent(self) -> bool:
+        """sm90ws with TMA launched with one block per SM looping over the tiles (PERSIST=1)."""
+        return self.tma and bool(int(dict(self.opts).get("PERSIST", 0)))
+
+    @property
     def param_slots(self) -> int:
         """Size of the kernel's parameter struct in int64 slots (SfParams in attn_common.cuh)."""
         base = 16 + 11 * MAXQ + 9 * MAXKV
-        return base + (2 * MAXKV * 16 if self.tma else 0)
+        return base + ((2 * MAXKV + MAXQ) * 16 if self.tma else 0)
 
     def ws_tiles(self) -> tuple[int, int, int]:
         bn, kst, vst = WS_TILES[self.head_dim]

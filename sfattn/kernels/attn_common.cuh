@@ -71,6 +71,8 @@ struct SfParams {
   // tk[i] / tv[i]: 4-D maps (head dim, seq, head, batch) of kv[i].k / kv[i].v; box 64 x WS_BN
   // x 1 x 1 with the 128-byte swizzle; rows past the block's length read as zeros.
   SfTmap tk[SF_MAXKV], tv[SF_MAXKV];
+  // tq[i]: the same for q[i].q, box 64 x 128 rows (one Q tile panel)
+  SfTmap tq[SF_MAXQ];
 #endif
 };
 

@@ -115,6 +115,11 @@ __device__ __forceinline__ void ws_load_tile(uint32_t sbase, const sf_elem* g, l
   }
 }
 
+// Work items ("tiles") are (Q tile x, head h) pairs, x fastest, over grid.x; the batch is grid.z.
+// A block takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...: with a grid of one block per tile
+// (the default) each block runs one tile; with a grid of one block per SM (persistent, TMA only)
+// the K/V ring and its barrier phases run on across tiles, so the next tile's Q and first K/V
+// tiles load while the consumers finish the current one (last P V product and the epilogue).
 extern "C" __global__ void __launch_bounds__(WS_NT, 1)
 sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
@@ -122,8 +127,8 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   constexpr uint32_t TILE = BN * D * 2;
   static_assert(BN % 16 == 0 && (BN * 128) % 1024 == 0, "BN must be a multiple of 16");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // kfull[KST], kempty[KST], vfull[VST], vempty[VST], qfull
-  __shared__ __align__(8) uint64_t bars[2 * KST + 2 * VST + 1];
+  // kfull[KST], kempty[KST], vfull[VST], vempty[VST], qfull, qempty
+  __shared__ __align__(8) uint64_t bars[2 * KST + 2 * VST + 2];
   const uint32_t s0 = (sf_smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = s0;
   const uint32_t sK = sQ + BM * D * 2;  // K slot i at sK + i * TILE
@@ -134,19 +139,22 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   auto vfull = [&](int i) { return bar0 + 8 * (2 * KST + i); };
   auto vempty = [&](int i) { return bar0 + 8 * (2 * KST + VST + i); };
   const uint32_t qfull = bar0 + 8 * (2 * KST + 2 * VST);
+  const uint32_t qempty = qfull + 8;
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int qi = sf_find_qblock(p, blockIdx.x);
-  const SfQBlk& qb = p.q[qi];
-  const int qrow0 = ((int)blockIdx.x - (int)qb.tile0) * BM;
+  const int b = blockIdx.z;
   const int nkv = (int)p.nkv;
+  const SfQBlk& qlast = p.q[p.nq - 1];
+  const int tiles_x = (int)qlast.tile0 + (int)((qlast.len + BM - 1) / BM);
+  const int ntiles = tiles_x * (int)p.H;
 
-  constexpr uint32_t FULL_COUNT = WS_TMA ? 1 : 128;  // TMA: one expect_tx arrival per fill
+  // FULL: TMA fills arrive once (expect_tx); cp.async fills once per producer thread
+  constexpr uint32_t FULL_COUNT = WS_TMA ? 1 : 128;
   if (tid == 0) {
     for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), FULL_COUNT); mbar_init(kempty(i), WS_EMPTY_COUNT); }
     for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), FULL_COUNT); mbar_init(vempty(i), WS_EMPTY_COUNT); }
-    mbar_init(qfull, 128);
+    mbar_init(qfull, FULL_COUNT);
+    mbar_init(qempty, WS_EMPTY_COUNT);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -155,155 +163,183 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     // ------------------------------ producer ------------------------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WS_PRODUCER_REGS));
     const int ptid = tid;
-    {
+#if WS_TMA
+    static_assert(offsetof(SfParams, tk) == 8 * (16 + 11 * SF_MAXQ + 9 * SF_MAXKV),
+                  "SfParams layout must match the host's int64 slots");
+    if (ptid == 0 && nkv > 0) {
+      for (int kb = 0; kb < nkv; ++kb) { tma_prefetch_map(&p.tk[kb]); tma_prefetch_map(&p.tv[kb]); }
+      int lt = 0, it = 0;
+      for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+        const int x = tile % tiles_x, h = tile / tiles_x;
+        const int qi = sf_find_qblock(p, x);
+        const int qrow0 = (x - (int)p.q[qi].tile0) * BM;
+        if (it > 0) mbar_wait(qempty, (it - 1) & 1);  // the previous tile's S GEMMs are done
+        mbar_expect_tx(qfull, BM * D * 2);
+#pragma unroll
+        for (int pn = 0; pn < D / 64; ++pn)
+          tma_load_4d(sQ + pn * BM * 128, &p.tq[qi], pn * 64, qrow0, h, b, qfull);
+        for (int kb = 0; kb < nkv; ++kb) {
+          const int len = (int)p.kv[kb].len;
+          for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
+            const int ks = lt % KST, vs = lt % VST;
+            if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
+            mbar_expect_tx(kfull(ks), TILE);
+#pragma unroll
+            for (int pn = 0; pn < D / 64; ++pn)
+              tma_load_4d(sK + ks * TILE + pn * BN * 128, &p.tk[kb], pn * 64, n0, h, b, kfull(ks));
+            if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
+            mbar_expect_tx(vfull(vs), TILE);
+#pragma unroll
+            for (int pn = 0; pn < D / 64; ++pn)
+              tma_load_4d(sV + vs * TILE + pn * BN * 128, &p.tv[kb], pn * 64, n0, h, b, vfull(vs));
+          }
+        }
+      }
+    }
+#else
+    // cp.async: one tile per block (the host never launches this variant persistent)
+    if (nkv > 0 && (int)blockIdx.x < ntiles) {
+      const int x = (int)blockIdx.x % tiles_x, h = (int)blockIdx.x / tiles_x;
+      const SfQBlk& qb = p.q[sf_find_qblock(p, x)];
+      const int qrow0 = (x - (int)qb.tile0) * BM;
       const int qvalid = min(BM, (int)qb.len - qrow0);
       const sf_elem* qptr = reinterpret_cast<const sf_elem*>(qb.q) + b * qb.qsb + h * qb.qsh +
                             (long long)qrow0 * qb.qss;
       ws_load_tile<BM>(sQ, qptr, qb.qss, qvalid, ptid);
       cp_async_arrive(qfull);
-    }
-#if WS_TMA
-    static_assert(offsetof(SfParams, tk) == 8 * (16 + 11 * SF_MAXQ + 9 * SF_MAXKV),
-                  "SfParams layout must match the host's int64 slots");
-    if (ptid == 0) {
-      for (int kb = 0; kb < nkv; ++kb) { tma_prefetch_map(&p.tk[kb]); tma_prefetch_map(&p.tv[kb]); }
       int lt = 0;
       for (int kb = 0; kb < nkv; ++kb) {
-        const int len = (int)p.kv[kb].len;
+        const SfKVBlk& kv = p.kv[kb];
+        const int len = (int)kv.len;
+        const sf_elem* kp = reinterpret_cast<const sf_elem*>(kv.k) + b * kv.ksb + h * kv.ksh;
+        const sf_elem* vp = reinterpret_cast<const sf_elem*>(kv.v) + b * kv.vsb + h * kv.vsh;
         for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
+          const int nvalid = min(BN, len - n0);
           const int ks = lt % KST, vs = lt % VST;
           if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
-          mbar_expect_tx(kfull(ks), TILE);
-#pragma unroll
-          for (int pn = 0; pn < D / 64; ++pn)
-            tma_load_4d(sK + ks * TILE + pn * BN * 128, &p.tk[kb], pn * 64, n0, h, b, kfull(ks));
+          ws_load_tile<BN>(sK + ks * TILE, kp + (long long)n0 * kv.kss, kv.kss, nvalid, ptid);
+          cp_async_arrive(kfull(ks));
           if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
-          mbar_expect_tx(vfull(vs), TILE);
-#pragma unroll
-          for (int pn = 0; pn < D / 64; ++pn)
-            tma_load_4d(sV + vs * TILE + pn * BN * 128, &p.tv[kb], pn * 64, n0, h, b, vfull(vs));
+          ws_load_tile<BN>(sV + vs * TILE, vp + (long long)n0 * kv.vss, kv.vss, nvalid, ptid);
+          cp_async_arrive(vfull(vs));
         }
       }
     }
-#else
-    int lt = 0;
-    for (int kb = 0; kb < nkv; ++kb) {
-      const SfKVBlk& kv = p.kv[kb];
-      const int len = (int)kv.len;
-      const sf_elem* kp = reinterpret_cast<const sf_elem*>(kv.k) + b * kv.ksb + h * kv.ksh;
-      const sf_elem* vp = reinterpret_cast<const sf_elem*>(kv.v) + b * kv.vsb + h * kv.vsh;
-      for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
-        const int nvalid = min(BN, len - n0);
-        const int ks = lt % KST, vs = lt % VST;
-        if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
-        ws_load_tile<BN>(sK + ks * TILE, kp + (long long)n0 * kv.kss, kv.kss, nvalid, ptid);
-        cp_async_arrive(kfull(ks));
-        if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
-        ws_load_tile<BN>(sV + vs * TILE, vp + (long long)n0 * kv.vss, kv.vss, nvalid, ptid);
-        cp_async_arrive(vfull(vs));
-      }
-    }
-#endif
     sf_cp_async_wait<0>();
+#endif
     return;  // the producer's registers are released; the consumers' region is separate
   } else {
     // ------------------------------ consumers ------------------------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
     const int c = wg - 1, ctid = tid - 128;
     const int warp = (ctid >> 5) & 3, lane = ctid & 31, t = lane & 3;
-    const int lr0 = qrow0 + c * 64 + warp * 16 + (lane >> 2);
-    const long long srow = qb.row0 + lr0;
-    const int nrow_ok = min(2, max(0, ((int)qb.len - lr0 + 7) / 8));
-    float o[NJ][4], mr[2], lr[2];
-    sf_load_state<NJ>(p, b, h, srow, nrow_ok, t, o, mr, lr);
-
-    const uint32_t qdesc_base = sQ + c * 64 * 128;
     const float sl2 = (float)p.scale_log2;
+    const uint32_t qdesc_base = sQ + c * 64 * 128;
     const int my_bar = 1 + c, other_bar = 2 - c;
+    const bool arrives = !WS_EA || lane == 0;  // "empty" arrivals: one per warp (or per thread)
     uint32_t pa[BN / 16][4];
     float s[NS][4];
+    float o[NJ][4], mr[2], lr[2];
     float alpha[2];
-    int ckb = 0, cn0 = 0, ct = 0;
+    int ct = 0;  // K/V tiles consumed since the kernel started: ring slot and phase
 
-    auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
-    auto wait_v_prev = [&]() {  // V_{ct-1}
-      mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1);
-    };
-    auto issue_s = [&]() {
-      const uint32_t kbase = sK + (ct % KST) * TILE;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t da = sf_desc(qdesc_base + (kk >> 2) * (BM * 128) + (kk & 3) * 32, 16, 1024);
-        const uint64_t db = sf_desc(kbase + (kk >> 2) * (BN * 128) + (kk & 3) * 32, 16, 1024);
-        WGMMA_S(s, da, db, kk > 0);
-      }
-      wg_commit();
-    };
-    auto issue_pv = [&]() {  // O += P_{ct-1} V_{ct-1}
-      const uint32_t vbase = sV + ((ct - 1) % VST) * TILE;
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk)
-        WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
-      wg_commit();
-    };
-    auto softmax = [&]() {
-      reg_fence<NS>(s);
-      const int nvalid = (int)p.kv[ckb].len - cn0;
-      if (nvalid < BN) sf_mask_cols<NS>(s, nvalid, t);
-      sf_softmax<NS>(s, sl2, mr, lr, alpha);
-    };
-    auto rescale_pack_next = [&]() {
-      reg_fence<NJ>(o);
-      sf_rescale<NJ>(o, alpha);
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) sf_pack_a<NS>(s, kk, pa[kk]);
-      reg_fence<NJ>(o);
-      reg_fence_u<BN / 16>(pa);
-      cn0 += BN;
-      if (cn0 >= (int)p.kv[ckb].len) { ++ckb; cn0 = 0; }
-      ++ct;
-    };
+    int it = 0;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+      const int x = tile % tiles_x, h = tile / tiles_x;
+      const SfQBlk& qb = p.q[sf_find_qblock(p, x)];
+      const int qrow0 = (x - (int)qb.tile0) * BM;
+      const int lr0 = qrow0 + c * 64 + warp * 16 + (lane >> 2);
+      const long long srow = qb.row0 + lr0;
+      const int nrow_ok = min(2, max(0, ((int)qb.len - lr0 + 7) / 8));
+      sf_load_state<NJ>(p, b, h, srow, nrow_ok, t, o, mr, lr);
+      int ckb = 0, cn0 = 0;
 
-    mbar_wait(qfull, 0);
-    fence_async_smem();
-    if (nkv > 0) {
-      if (c == 1) named_arrive(1);  // consumer 0 issues first
-      wait_k();
-      if (!WS_TMA) fence_async_smem();  // cp.async (generic proxy) writes -> wgmma reads
-      named_sync(my_bar);
-      wg_fence();
-      issue_s();
-      named_arrive(other_bar);
-      wg_wait<0>();
-      if (!WS_EA || lane == 0) mbar_arrive(kempty(ct % KST));  // after this warp's wgmma wait
-      softmax();
-      rescale_pack_next();
-      while (ckb < nkv) {
+      auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
+      auto wait_v_prev = [&]() {  // V_{ct-1}
+        mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1);
+      };
+      auto issue_s = [&]() {
+        const uint32_t kbase = sK + (ct % KST) * TILE;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint64_t da = sf_desc(qdesc_base + (kk >> 2) * (BM * 128) + (kk & 3) * 32, 16, 1024);
+          const uint64_t db = sf_desc(kbase + (kk >> 2) * (BN * 128) + (kk & 3) * 32, 16, 1024);
+          WGMMA_S(s, da, db, kk > 0);
+        }
+        wg_commit();
+      };
+      auto issue_pv = [&]() {  // O += P_{ct-1} V_{ct-1}
+        const uint32_t vbase = sV + ((ct - 1) % VST) * TILE;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
+        wg_commit();
+      };
+      auto release_k = [&]() {  // after this warp's wait for S_ct: K slot (and Q after the last S)
+        if (arrives) {
+          mbar_arrive(kempty(ct % KST));
+          if (ckb == nkv - 1 && cn0 + BN >= (int)p.kv[ckb].len) mbar_arrive(qempty);
+        }
+      };
+      auto softmax = [&]() {
+        reg_fence<NS>(s);
+        const int nvalid = (int)p.kv[ckb].len - cn0;
+        if (nvalid < BN) sf_mask_cols<NS>(s, nvalid, t);
+        sf_softmax<NS>(s, sl2, mr, lr, alpha);
+      };
+      auto rescale_pack_next = [&]() {
+        reg_fence<NJ>(o);
+        sf_rescale<NJ>(o, alpha);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) sf_pack_a<NS>(s, kk, pa[kk]);
+        reg_fence<NJ>(o);
+        reg_fence_u<BN / 16>(pa);
+        cn0 += BN;
+        if (cn0 >= (int)p.kv[ckb].len) { ++ckb; cn0 = 0; }
+        ++ct;
+      };
+
+      if (nkv > 0) {
+        mbar_wait(qfull, it & 1);
+        if (c == 1) named_arrive(1);  // consumer 0 issues first
         wait_k();
-        wait_v_prev();
-        if (!WS_TMA) fence_async_smem();
+        if (!WS_TMA) fence_async_smem();  // cp.async (generic proxy) writes -> wgmma reads
         named_sync(my_bar);
         wg_fence();
         issue_s();
+        named_arrive(other_bar);
+        wg_wait<0>();
+        release_k();
+        softmax();
+        rescale_pack_next();
+        while (ckb < nkv) {
+          wait_k();
+          wait_v_prev();
+          if (!WS_TMA) fence_async_smem();
+          named_sync(my_bar);
+          wg_fence();
+          issue_s();
+          issue_pv();
+          named_arrive(other_bar);
+          wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
+          release_k();
+          softmax();     // overlaps the P V products on the tensor cores
+          wg_wait<0>();
+          if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+          rescale_pack_next();
+        }
+        wait_v_prev();
+        if (!WS_TMA) fence_async_smem();
+        named_sync(my_bar);
+        wg_fence();  // the last P V product
         issue_pv();
         named_arrive(other_bar);
-        wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
-        if (!WS_EA || lane == 0) mbar_arrive(kempty(ct % KST));  // after this warp's wgmma wait
-        softmax();     // overlaps the P V products on the tensor cores
         wg_wait<0>();
-        if (!WS_EA || lane == 0) mbar_arrive(vempty((ct - 1) % VST));
-        rescale_pack_next();
+        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        reg_fence<NJ>(o);
+        if (c == 0) named_sync(my_bar);  // consume consumer 1's last arrive
       }
-      wait_v_prev();
-      if (!WS_TMA) fence_async_smem();
-      named_sync(my_bar);
-      wg_fence();  // the last P V product
-      issue_pv();
-      named_arrive(other_bar);
-      wg_wait<0>();
-      reg_fence<NJ>(o);
-      if (c == 0) named_sync(my_bar);  // consume consumer 1's last arrive
+      sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
     }
-    sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
   }
 }

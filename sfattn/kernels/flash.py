@@ -67,7 +67,7 @@ def default_impl(dev: int = 0) -> str:
 
 
 class _Kernel:
-    __slots__ = ("fptr", "threads", "smem", "block_m", "module", "cfg")
+    __slots__ = ("fptr", "threads", "smem", "block_m", "module", "cfg", "sms")
 
     def __init__(self, cfg: KernelConfig, dev: int):
         cp = _cupy()
@@ -82,6 +82,7 @@ class _Kernel:
                 drv.funcSetAttribute(self.fptr, attr, cfg.smem_bytes)
         self.threads, self.smem, self.block_m = cfg.threads, cfg.smem_bytes, cfg.block_m
         self.cfg = cfg
+        self.sms = cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"]
 
 
 def _parse_impl(impl: str) -> tuple[str, int, tuple]:
@@ -94,13 +95,13 @@ def _parse_impl(impl: str) -> tuple[str, int, tuple]:
         try:
             kv = dict(item.split("=") for item in impl[7:].split(",") if item)
             bn = int(kv.pop("BN", 0))
-            bad = set(kv) - {"KST", "VST", "PP", "EA", "PR", "CR", "TMA"}
+            bad = set(kv) - {"KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST"}
             if not bad:
                 return "sm90ws", bn, tuple(sorted((k, int(v)) for k, v in kv.items()))
         except ValueError:
             pass
     raise ValueError(f"impl must be 'fa2', 'sm90ws', 'sm90ws<BN>' or "
-                     f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,EA=0|1,PR=..,CR=..,TMA=0|1', got {impl!r}")
+                     f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,EA=0|1,PR=..,CR=..,TMA=0|1,PERSIST=0|1', got {impl!r}")
 
 
 def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
@@ -230,7 +231,7 @@ class AttnLaunch:
         kvs = [(k, v) for k, v in zip(kd, vd) if k.shape[1] > 0]
         qgroups = [qs[i:i + MAXQ] for i in range(0, len(qs), MAXQ)]
         kvgroups = [kvs[i:i + MAXKV] for i in range(0, len(kvs), MAXKV)] or [[]]
-        self._launches = []  # (params, grid_x, is_first_kv_group, is_last_kv_group)
+        self._launches = []  # (params, argv, argv address, grid, first kv group, last kv group)
         cfg = self.kernel.cfg
         rows = cfg.ws_tiles()[0] if cfg.tma else 0
         for qg in qgroups:
@@ -263,8 +264,19 @@ class AttnLaunch:
                         tv = _NSLOTS + (MAXKV + j) * _tma.WORDS
                         p[tk:tk + _tma.WORDS] = _tma.tensor_map(k, rows)
                         p[tv:tv + _tma.WORDS] = _tma.tensor_map(v, rows)
+                if rows:  # then tq[j]: Q tiles of bm rows
+                    for j, (_row0, q, _o) in enumerate(qg):
+                        tq = _NSLOTS + (2 * MAXKV + j) * _tma.WORDS
+                        p[tq:tq + _tma.WORDS] = _tma.tensor_map(q, bm)
+                if cfg.impl == "sm90ws":  # work items (Q tile, head) on grid.x, batch on grid.z
+                    work = tiles * self.H
+                    gx = min(work, max(1, self.kernel.sms // max(1, self.B))) if cfg.persistent \
+                        else work
+                    grid = (gx, 1, self.B)
+                else:
+                    grid = (tiles, self.H, self.B)
                 argv = (ctypes.c_void_p * 1)(p.ctypes.data)  # kernelParams[0] -> the struct
-                self._launches.append((p, argv, ctypes.addressof(argv), tiles, gi == 0,
+                self._launches.append((p, argv, ctypes.addressof(argv), grid, gi == 0,
                                        gi == len(kvgroups) - 1))
         self.has_out = od is not None
         self.has_lse = ld is not None
@@ -283,14 +295,14 @@ class AttnLaunch:
         drv = _cupy().cuda.driver
         sp = _stream_ptr(stream, self.torch_inputs, self.device)
         k = self.kernel
-        for p, _argv, argp, gx, first, last in self._launches:
+        for p, _argv, argp, (gx, gy, gz), first, last in self._launches:
             if gx == 0:
                 continue
             flags = (_INIT if (init and first) else 0) | (_FINALIZE if (finalize and last) else 0)
             flags |= (_STATE if self.has_state else 0) | (_LSE if (self.has_lse and finalize and last)
                                                           else 0)
             p[3] = flags  # the driver copies the parameters at launch: reuse is safe
-            drv.launchKernel(k.fptr, gx, self.H, self.B, k.threads, 1, 1, k.smem, sp, argp, 0)
+            drv.launchKernel(k.fptr, gx, gy, gz, k.threads, 1, 1, k.smem, sp, argp, 0)
 
 
 def empty_state(B: int, S: int, H: int, D: int, like: Any) -> AttnState:
