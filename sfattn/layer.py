@@ -97,6 +97,9 @@ class SPAttention:
             # block of the attention kernel retires, instead of after the whole kernel
             # (CUDA clamps a priority beyond its range to the highest one)
             self._streams = [cupy.cuda.Stream(non_blocking=True, priority=-1000) for _ in range(2)]
+            # a second compute stream: with T > 1, alternate Q chunks' chains run on it, so one
+            # chunk's kernel fills the part-empty last wave of the other's (perf/bench_schedule.py)
+            self._compute2 = cupy.cuda.Stream(non_blocking=True)
             self._events: dict = {}
         self._build()
         rt.sync()
@@ -145,9 +148,12 @@ class SPAttention:
                            for p in src for rr in peers}
         # 3. Push O: my finished rows of chunk p -> member p's RO[t]
         self.push_o = {p: rt.batch("put", [(self.TO[p], self.Tt[p], self.RO[t])]) for p in src[1:]}
-        # 4. The compute schedule on the caller's stream, as a flat list of steps:
-        #    ("wait", event) | ("run", launch) | ("push", chunk)
+        # 4. The compute schedule as a flat list of (kind, arg, compute stream) steps:
+        #    ("wait", event, s) | ("run", launch, s) | ("push", chunk, s); s = 0: the caller's
+        #    stream, 1: the second compute stream. Each Q chunk's chain of calls (one running
+        #    state) stays on one stream; with T > 1 every other chunk goes to stream 1.
         L = self.local
+        lane = {p: (i % 2 if T > 1 else 0) for i, p in enumerate(src)}
 
         def q_blocks(p: int):
             buf = self.RU["q"][t] if p == t else self.TQ[p]
@@ -168,32 +174,32 @@ class SPAttention:
 
         steps, waited = [], set()
 
-        def wait(ev) -> None:
-            if ev is not None and ev not in waited:
-                waited.add(ev)
-                steps.append(("wait", ev))
+        def wait(ev, s: int) -> None:
+            if ev is not None and (ev, s) not in waited:
+                waited.add((ev, s))
+                steps.append(("wait", ev, s))
 
         holders = [r, *peers]  # ring members in compute order: my own K/V first
         for p in src:  # Pull Q stages: chunk p against the stationary chunk t
-            wait(("q", p) if p != t else None)
+            wait(("q", p) if p != t else None, lane[p])
             for n_rr, rr in enumerate(holders):
                 ks, vs, ev = kv_blocks(t, rr)
-                wait(ev)
+                wait(ev, lane[p])
                 fin = T == 1 and n_rr == R - 1
                 steps.append(("run", L.prepare(q_blocks(p), ks, vs, self.states[p], self.scale, init=n_rr == 0,
-                                               finalize=fin, out=out_blocks(p) if fin else None)))
+                                               finalize=fin, out=out_blocks(p) if fin else None), lane[p]))
         for j, pk in enumerate(src[1:], start=1):  # Pull KV stages: every Q chunk against chunk pk
             last = j == T - 1
             order = [p for p in src if p != t] + [t] if last else src
             for n_rr, rr in enumerate(holders):
                 ks, vs, ev = kv_blocks(pk, rr)
-                wait(ev)
                 fin = last and n_rr == R - 1
                 for p in order:
+                    wait(ev, lane[p])
                     steps.append(("run", L.prepare(q_blocks(p), ks, vs, self.states[p], self.scale, init=False,
-                                                   finalize=fin, out=out_blocks(p) if fin else None)))
+                                                   finalize=fin, out=out_blocks(p) if fin else None), lane[p]))
                     if fin and p != t:  # Push O while the remaining rows finish
-                        steps.append(("push", p))
+                        steps.append(("push", p, lane[p]))
         self.steps = steps
         # the SymArray views used per call
         self._send_views = {x: self.SU[x] if U > 1 else self.RU[x] for x in "qkv"}
@@ -268,16 +274,21 @@ class SPAttention:
                 for rr in self.ring_peers:
                     self.ring_pulls[p, rr].issue(Bs)
                     self._record(("ring", p, rr), Bs)
-        for kind, arg in self.steps:  # compute, waiting per chunk
+        Cs = (C, self._compute2.ptr if self.gpu else None)
+        if T > 1:  # fork the second compute stream off the caller's
+            self._wait(Cs[1], "start")
+        for kind, arg, s in self.steps:  # compute, waiting per chunk
             if kind == "run":
-                arg(C)
+                arg(Cs[s])
             elif kind == "wait":
-                self._wait(C, arg)
+                self._wait(Cs[s], arg)
             else:  # push O of chunk `arg` on the Torus stream once its rows are final
-                self._record(("o", arg), C)
+                self._record(("o", arg), Cs[s])
                 self._wait(A, ("o", arg))
                 self.push_o[arg].issue(A)
-        if T > 1:
+        if T > 1:  # join: the second compute stream and the Torus pushes
+            self._record("computed2", Cs[1])
+            self._wait(C, "computed2")
             self._record("pushed", A)
             self._wait(C, "pushed")
         rt.barrier_all(C)
