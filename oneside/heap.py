@@ -223,3 +223,26 @@ class SymArray:
             t = self.rt.backend.torch_tensor(self.local)
             self._torch = t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
         return self._torch
+
+
+def join(views: "list[SymArray]", axis: int) -> SymArray | None:
+    """One window over ``views`` that lie back to back in one allocation along ``axis``, or None.
+
+    The views must share dtype, allocation and every length but ``axis``'s, have length 1 on all
+    axes before ``axis`` (so each is one slab of that axis), and each must start where the previous
+    one ends -- e.g. the first rows of consecutive blocks ``buf[i, :, :n]`` when all but the last
+    are whole.  No data moves; the result is a view like any other.
+    """
+    if not views:
+        return None
+    a0 = views[0]
+    for a, b in zip(views, views[1:]):
+        if (b.rt is not a0.rt or b.alloc_offset != a0.alloc_offset or b.dtype != a0.dtype
+                or b.ndim != a0.ndim or b.shape[:axis] != a0.shape[:axis]
+                or b.shape[axis + 1:] != a0.shape[axis + 1:] or b.offset != a.offset + a.nbytes):
+            return None
+    if any(n != 1 for n in a0.shape[:axis]):
+        return None
+    shape = list(a0.shape)
+    shape[axis] = sum(v.shape[axis] for v in views)
+    return a0._view(a0.offset, tuple(shape))

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from oneside.heap import join as oneside_join
+
 from . import reference
 from .reference import AttnState
 
@@ -112,7 +114,8 @@ class TorchAttention:
     the flash CPU kernel on CPUs), merged into the running state with torch ops.
 
     The peer comparisons use it to run sfattn with the same local kernel as torch-based
-    baselines; it is slower than the fused kernel (one SDPA call and one merge per K/V block).
+    baselines; it is slower than the fused kernel (one SDPA call per group of adjacent blocks,
+    merges in torch ops between them).
     """
 
     def __init__(self, device: Any):
@@ -152,50 +155,96 @@ class TorchAttention:
             self._streams[stream] = s
         return t.cuda.stream(s)
 
-    def _sdpa(self, q, k, v, scale: float):
-        """(o [B, H, Sq, D], lse [B, H, Sq]) of BHSD inputs."""
+    def _sdpa(self, q, k, v, scale: float, lse: bool = True):
+        """(o [B, H, Sq, D], lse [B, H, Sq] or None) of BHSD inputs."""
         aten = self.torch.ops.aten
         if q.device.type == "cuda":
-            o, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+            o, l = aten._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, False, False, scale=scale)[:2]
         else:
-            o, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return o, lse.reshape(q.shape[:3])
+            o, l = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return o, (l.reshape(q.shape[:3]) if lse else None)
+
+    @staticmethod
+    def _join(blocks: Sequence[Any]) -> Any:
+        """One torch view over heap blocks that lie back to back along the sequence (the U blocks
+        of a Ulysses buffer when B == 1 and all but the last are whole), else None: one SDPA call
+        instead of one per block, and no merges between them."""
+        views = []
+        for b in blocks:
+            a, n = _rows(b)
+            if not hasattr(a, "rt") or a.ndim != 4:
+                return None
+            if n is not None and n != a.shape[1]:
+                if a.shape[0] != 1:
+                    return None
+                a = a[:, :n]
+            views.append(a)
+        j = oneside_join(views, axis=1) if len(views) > 1 else None
+        return None if j is None else j.torch()
 
     def prepare(self, q, k, v, state, scale, init, finalize, out=None):
+        """One call: every Q block against every K/V block, chained through ``state``.
+
+        Adjacent blocks are joined into one view (one SDPA call). With ``init`` and ``finalize``
+        and a single (joined) K/V block the output is written straight from SDPA and the state
+        is left untouched (the layer never reads it after a finalizing call); otherwise the first
+        block of an ``init`` call sets the state and later blocks merge into it.
+        """
         t = self.torch
         qs = [self.view(b) for b in q]
         kvs = [(self.view(a), self.view(b)) for a, b in zip(k, v) if (_rows(a)[1] is None or _rows(a)[1] > 0)]
         outs = None if out is None else [self.view(b) for b in out]
+        qj = self._join(q)
+        oj = None if out is None else self._join(out)
+        if qj is not None and (out is None or oj is not None):
+            qs, outs = [qj], (None if out is None else [oj])
+        nonempty = [(a, b) for a, b in zip(k, v) if (_rows(a)[1] is None or _rows(a)[1] > 0)]
+        kj, vj = self._join([a for a, _ in nonempty]), self._join([b for _, b in nonempty])
+        if kj is not None and vj is not None:
+            kvs = [(kj, vj)]
+        kvh = [(a.transpose(1, 2), b.transpose(1, 2)) for a, b in kvs]
         rows, r0 = [], 0
         for x in qs:
             rows.append(slice(r0, r0 + x.shape[1]))
             r0 += x.shape[1]
+        direct = init and finalize and len(kvh) == 1
 
         def run(stream: Any = None) -> None:
             with self._on(stream):
-                for x, rs in zip(qs, rows):
+                for i, (x, rs) in enumerate(zip(qs, rows)):
+                    qh = x.transpose(1, 2)
+                    if direct:  # the whole attention of these rows in one SDPA call
+                        if x.shape[1]:
+                            o, _ = self._sdpa(qh, *kvh[0], scale, lse=False)
+                            outs[i].copy_(o.transpose(1, 2))
+                        continue
                     acc, m, l = state.acc[:, rs], state.m[:, :, rs], state.l[:, :, rs]
-                    if init:
+                    if init and (not kvh or x.shape[1] == 0):
                         acc.zero_()
                         m.fill_(-float("inf"))
                         l.zero_()
                     if x.shape[1] == 0:
                         continue
-                    qh = x.transpose(1, 2)
-                    for kb, vb in kvs:
-                        o, lse = self._sdpa(qh, kb.transpose(1, 2), vb.transpose(1, 2), scale)
+                    for j, (kb, vb) in enumerate(kvh):
+                        o, lse = self._sdpa(qh, kb, vb, scale)
+                        o = o.transpose(1, 2)
+                        if init and j == 0:  # the first block sets the state
+                            acc.copy_(o)
+                            m.copy_(lse)
+                            l.fill_(1.0)
+                            continue
                         lse = lse.to(m.dtype)
                         new = t.maximum(m, lse)
                         a1 = t.where(t.isinf(new) & (new < 0), t.ones_like(m), t.exp(m - new))
                         a2 = t.exp(lse - new)
                         l.mul_(a1).add_(a2)
-                        acc.mul_(a1.transpose(1, 2)[..., None]).add_(o.transpose(1, 2).to(acc.dtype) * a2.transpose(1, 2)[..., None])
+                        acc.mul_(a1.transpose(1, 2)[..., None]).addcmul_(o, a2.transpose(1, 2)[..., None])
                         m.copy_(new)
-                if finalize:
+                if finalize and not direct:
                     for rs, ob in zip(rows, outs):
                         l = state.l[:, :, rs]
                         inv = t.where(l > 0, 1.0 / t.where(l > 0, l, t.ones_like(l)), t.zeros_like(l))
-                        ob.copy_((state.acc[:, rs] * inv.transpose(1, 2)[..., None]).to(ob.dtype))
+                        ob.copy_(state.acc[:, rs] * inv.transpose(1, 2)[..., None])
         return run
 
 

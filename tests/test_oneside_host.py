@@ -343,3 +343,28 @@ def test_symarray_views_and_torch():
         assert rt.heap_used < used
     finally:
         oneside.finalize()
+
+
+def _heap_join(rt):
+    from oneside.heap import join
+
+    buf = rt.alloc((3, 1, 8, 2, 4), "float32")
+    other = rt.alloc((1, 8, 2, 4), "float32")
+    b2 = rt.alloc((2, 8, 2, 4), "float32")
+    j = join([buf[0], buf[1], buf[2][:, :5]], axis=1)  # whole, whole, first rows: one window
+    out = [j.shape, j.offset == buf[0].offset]
+    j.local[...] = np.arange(j.size, dtype=np.float32).reshape(j.shape)
+    out.append(bool((buf[1].local == j.local[:, 8:16]).all()))
+    out += [join([buf[0][:, :3], buf[1]], axis=1),   # a gap between them
+            join([buf[1], buf[0]], axis=1),           # out of order
+            join([buf[2], other], axis=1),            # another allocation
+            join([b2, b2], axis=1)]                   # batch > 1: not one slab
+    for a in (buf, other, b2):
+        rt.free(a)
+    return out
+
+
+def test_heap_join_of_back_to_back_windows():
+    (shape, same_start, aliased, *rest), = all_ok(run_ranks(_heap_join, 1, heap="1MiB"))
+    assert shape == (1, 21, 2, 4) and same_start and aliased
+    assert rest == [None, None, None, None]

@@ -66,3 +66,37 @@ def test_torch_op_compiled_before_any_eager_call():
 def test_attention_rejects_non_layer():
     with pytest.raises(TypeError, match="layer: expected an sfattn.SPAttention"):
         sfattn.attention(torch.zeros(1), torch.zeros(1), torch.zeros(1), layer=None)
+
+
+def _sdpa_calls(rt, algo):
+    from sfattn.local import TorchAttention
+
+    calls = []
+    orig = TorchAttention._sdpa
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return orig(self, *a, **kw)
+    TorchAttention._sdpa = counting
+    try:
+        plan = sfattn.make_plan(rt.mesh, 8, 32, 16, algo)
+        layer = sfattn.SPAttention(rt, plan, 1, "float64", local="torch")
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, 32, 8, 16, dtype=torch.float64, generator=g) for _ in range(3))
+        ref, _ = attention_ref(q.numpy(), k.numpy(), v.numpy(), layer.scale)
+        lo, L = rt.rank * layer.Sl, layer.shard_len()
+        o = sfattn.attention(*(x[:, lo:lo + L] for x in (q, k, v)), layer)
+        sfattn.release(layer)
+        layer.close()
+    finally:
+        TorchAttention._sdpa = orig
+    return len(calls), float(np.abs(o.numpy() - ref[:, lo:lo + L]).max())
+
+
+def test_torch_local_path_joins_ulysses_blocks_into_one_sdpa_call():
+    """4 ranks of Ulysses: the 4 received K/V (and Q) blocks lie back to back on the heap, so the
+    whole local attention is one SDPA call (no per-block calls and merges)."""
+    for calls, err in all_ok(run_ranks(_sdpa_calls, 4, heap="8MiB", algo="ulysses")):
+        assert calls == 1 and err < 1e-12
+    for calls, err in all_ok(run_ranks(_sdpa_calls, 2, heap="8MiB", algo="ring")):
+        assert calls == 2 and err < 1e-12  # own K/V, then the peer's: chained through the state
