@@ -105,6 +105,7 @@ def main() -> None:
         results[name] = row
     if me == 0:
         meta = {"device": torch.cuda.get_device_name(dev), "mesh": mesh, "ranks": rt.world_size,
+                "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
                 "emulated_link": link, "emulated_put_GBps": emulated,
                 "gpus": torch.cuda.device_count(), "ranks_per_gpu": rpg, "torch": torch.__version__,
                 "command": (f"ONESIDE_EMULATE_LINK={link} " if link else "")

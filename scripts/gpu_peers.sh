@@ -5,7 +5,7 @@
 #           (split shapes over calls with PEERS_TAG: peers_TAG.json; report_peers merges them)
 #   vm2     bench_layer, 2 virtual machines (-n 2 --machines 2), each link of $VM2_LINKS  ~1 min each
 #   vm4     bench_layer, 4 virtual machines on 2 GPUs (-n 4 --machines 4: 2 ranks per GPU),
-#           each link of $VM4_LINKS                                                    ~1.5 min each
+#           each link of $VM4_LINKS, under MPS (GPU_PEERS_MPS=0: without)              ~1.5 min each
 #   report  report_peers.py, report_layer.py, model.py --calibrate over docs/perf's results plus
 #           the new ones (CPU, seconds)
 # Links: "GBPS,LATENCY_US" for ONESIDE_EMULATE_LINK; the defaults are perf/model.py's VM2_LINKS /
@@ -37,6 +37,27 @@ if [ "${GPU_PEERS_INSTALL:-1}" = 1 ]; then
 fi
 status=0
 declare -a TABLE
+# Ranks sharing a GPU (vm4) run under MPS (GPU_PEERS_MPS=1, the default): without it the two
+# processes time-slice the GPU and each one's spinning waits and link-timer kernels steal the
+# other's slices (measured on one H100, 2 virtual machines, 20 GB/s, flux3072: the link paced at
+# 14.8 GB/s and one rank's 1-GPU SDPA took 54.6 ms instead of 27.3; under MPS 20.0 GB/s and 27.3 ms).
+mps_on() {
+  [ "${GPU_PEERS_MPS:-1}" = 1 ] || return 0
+  export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d && sleep 2; then
+    echo "MPS control daemon started ($CUDA_MPS_PIPE_DIRECTORY)"
+  else
+    echo "MPS did not start: ranks sharing a GPU time-slice it (timings distorted)"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+}
+mps_off() {
+  [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || return 0
+  echo quit | nvidia-cuda-mps-control
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+trap mps_off EXIT
 step() {  # name limit_s command...: run under timeout (cut to the budget left), log, record
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET - SECONDS))
@@ -63,10 +84,12 @@ for s in $STEPS; do
           --backend nvshmem perf/bench_layer.py --shapes "$LAYER_SHAPES" --out "$W/res"
       done ;;
     vm4)
+      mps_on
       for link in $VM4_LINKS; do
         step "vm4_link${link/,/_}" 200 env ONESIDE_EMULATE_LINK="$link" python3 -m oneside.launch -n 4 --machines 4 \
           --backend nvshmem perf/bench_layer.py --shapes "$LAYER_SHAPES" --out "$W/res"
-      done ;;
+      done
+      mps_off ;;
     report)
       # the reports read docs/perf's committed results plus the new ones (new files win)
       cp "$W"/res/*.json docs/perf/ 2>/dev/null
