@@ -24,6 +24,10 @@ WS_PRODUCER_REGS, WS_CONSUMER_REGS = 24, 240
 # sm90ws per head dim: (keys per tile, K ring slots, V ring slots); fits 227 KB of shared memory
 WS_TILES = {64: (192, 3, 3), 128: (176, 2, 2)}
 MAXQ, MAXKV = 16, 16
+# int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
+# then (TMA kernels) the tensor maps tk[MAXKV], tv[MAXKV], tq[MAXQ] of MAP_SLOTS each
+HDR_SLOTS, Q_SLOTS, KV_SLOTS, MAP_SLOTS = 16, 11, 9, 16
+TABLE_SLOTS = HDR_SLOTS + MAXQ * Q_SLOTS + MAXKV * KV_SLOTS
 
 MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
 
@@ -56,8 +60,7 @@ class KernelConfig:
     @property
     def param_slots(self) -> int:
         """Size of the kernel's parameter struct in int64 slots (SfParams in attn_common.cuh)."""
-        base = 16 + 11 * MAXQ + 9 * MAXKV
-        return base + ((2 * MAXKV + MAXQ) * 16 if self.tma else 0)
+        return TABLE_SLOTS + ((2 * MAXKV + MAXQ) * MAP_SLOTS if self.tma else 0)
 
     def ws_tiles(self) -> tuple[int, int, int]:
         bn, kst, vst = WS_TILES[self.head_dim]

@@ -16,11 +16,12 @@ import threading
 
 import numpy as np
 
+from ._build import MAP_SLOTS
 from ._desc import TensorDesc
 
 _DTYPES = {"fp16": 6, "bf16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _SWIZZLE_128B, _L2_256B, _INTERLEAVE_NONE, _OOB_ZERO = 3, 3, 0, 0
-WORDS = 16  # a CUtensorMap is 16 x 64-bit words (128 bytes)
+WORDS = MAP_SLOTS  # a CUtensorMap is 16 x 64-bit words (128 bytes)
 
 _lib = None
 _lock = threading.Lock()

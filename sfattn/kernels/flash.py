@@ -24,9 +24,7 @@ from ._desc import TensorDesc, as_desc
 LOG2E = 1.4426950408889634
 _INIT, _FINALIZE, _STATE, _LSE = 1, 2, 4, 8
 # int64 slot layout of SfParams (attn_common.cuh)
-_HDR = 16
-_QF, _KVF = 11, 9
-_NSLOTS = _HDR + MAXQ * _QF + MAXKV * _KVF
+_HDR, _QF, _KVF, _NSLOTS = _build.HDR_SLOTS, _build.Q_SLOTS, _build.KV_SLOTS, _build.TABLE_SLOTS
 HEAD_DIMS = (64, 128)
 
 _cp = None
@@ -260,14 +258,14 @@ class AttnLaunch:
                     p[base:base + _KVF] = (k.ptr, v.ptr, k.strides[0], k.strides[1], k.strides[2],
                                            v.strides[0], v.strides[1], v.strides[2], k.shape[1])
                     if rows:  # tensor maps tk[j], tv[j] after the block tables
-                        tk = _NSLOTS + j * _tma.WORDS
-                        tv = _NSLOTS + (MAXKV + j) * _tma.WORDS
-                        p[tk:tk + _tma.WORDS] = _tma.tensor_map(k, rows)
-                        p[tv:tv + _tma.WORDS] = _tma.tensor_map(v, rows)
+                        tk = _NSLOTS + j * _build.MAP_SLOTS
+                        tv = _NSLOTS + (MAXKV + j) * _build.MAP_SLOTS
+                        p[tk:tk + _build.MAP_SLOTS] = _tma.tensor_map(k, rows)
+                        p[tv:tv + _build.MAP_SLOTS] = _tma.tensor_map(v, rows)
                 if rows:  # then tq[j]: Q tiles of bm rows
                     for j, (_row0, q, _o) in enumerate(qg):
-                        tq = _NSLOTS + (2 * MAXKV + j) * _tma.WORDS
-                        p[tq:tq + _tma.WORDS] = _tma.tensor_map(q, bm)
+                        tq = _NSLOTS + (2 * MAXKV + j) * _build.MAP_SLOTS
+                        p[tq:tq + _build.MAP_SLOTS] = _tma.tensor_map(q, bm)
                 if cfg.impl == "sm90ws":  # work items (Q tile, head) on grid.x, batch on grid.z
                     work = tiles * self.H
                     gx = min(work, max(1, self.kernel.sms // max(1, self.B))) if cfg.persistent \
