@@ -17,46 +17,13 @@ import json
 import math
 import os
 import platform
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from common import interleaved_medians
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _time(fn, warmup: int, reps: int) -> float:
-    """Median seconds of fn() over reps, CUDA events, after warmup."""
-    return _time_interleaved({"x": fn}, warmup, reps)["x"]
-
-
-def _time_interleaved(fns: dict, warmup: int, reps: int) -> dict:
-    """Median seconds of each fn over ``reps`` rounds; each round times every fn once, in turn.
-
-    Interleaving puts all variants under the same clock and temperature drift, so their ratios
-    are steadier than those of back-to-back series; the order is shuffled every round because a
-    kernel that follows a low-power one starts at a higher clock; the host's launch cost is kept out of the
-    GPU time by a short device-side sleep enqueued before the start event.
-    """
-    import torch
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    ts = {k: [] for k in fns}
-    order = list(fns)
-    for rep in range(reps):
-        random.Random(rep).shuffle(order)  # no variant always follows a cooler (slower) one
-        for k in order:
-            fn = fns[k]
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(200_000)  # GPU busy ~0.1 ms while the host enqueues: no launch gap
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts[k].append(a.elapsed_time(b) / 1e3)
-    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def run(args) -> dict:
@@ -130,7 +97,7 @@ def run(args) -> dict:
                         print(f"  {impl} {nb} blocks failed: {e}", flush=True)
                         res[f"{impl}_{nb}blk"] = None
             del o_ref
-            for label, t in _time_interleaved(fns, args.warmup, reps).items():
+            for label, t in interleaved_medians(fns, args.warmup, reps).items():
                 res[label] = flops / t / 1e12
             # per-call host overhead of the prepared launch (tiny problem)
             rows.append(res)

@@ -11,7 +11,7 @@ blocks. This replays exactly those calls (same lengths, heads, chaining of the r
 init/finalize) with the data already in place -- no communication -- so the differences are the
 schedule's compute overhead alone; 'torus_2streams' runs each Q chunk's chain on its own stream
 so that one call's blocks fill the other's last wave. Timing: interleaved rounds, shuffled, median
-(perf/bench_kernel.py's method).
+(perf/common.py's interleaved_medians).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     import torch
-    from bench_kernel import _time_interleaved
+    from common import interleaved_medians
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -124,7 +124,7 @@ def main() -> None:
     for name in a.shapes.split(","):
         S, H, D = SHAPES[name]
         fns = schedules(S, H, D)
-        ms = {k: v * 1e3 for k, v in _time_interleaved(fns, 3, a.reps).items()}
+        ms = {k: v * 1e3 for k, v in interleaved_medians(fns, 3, a.reps).items()}
         res[name] = ms
         print(f"{name:>9}: " + "  ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
               + f"  | torus/usp {ms['torus'] / ms['usp']:.3f}, torus_2streams/usp "

@@ -53,3 +53,34 @@ def human(n: int) -> str:
         if n >= 1 << k:
             return f"{n >> k} {unit}"
     return f"{n} B"
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of each fn over ``reps`` rounds; each round times every fn once, in turn.
+
+    Interleaving puts all variants under the same clock and temperature drift, so their ratios
+    are steadier than those of back-to-back series; the order is shuffled every round because a
+    kernel that follows a low-power one starts at a higher clock; the host's launch cost is kept
+    out of the GPU time by a short device-side sleep enqueued before the start event.
+    """
+    import random
+
+    import torch
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {k: [] for k in fns}
+    order = list(fns)
+    for rep in range(reps):
+        random.Random(rep).shuffle(order)  # no variant always follows a cooler (slower) one
+        for k in order:
+            fn = fns[k]
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(200_000)  # GPU busy ~0.1 ms while the host enqueues: no launch gap
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts[k].append(a.elapsed_time(b) / 1e3)
+    return {k: statistics.median(v) for k, v in ts.items()}
