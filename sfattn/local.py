@@ -192,13 +192,13 @@ class TorchAttention:
         """
         t = self.torch
         qs = [self.view(b) for b in q]
-        kvs = [(self.view(a), self.view(b)) for a, b in zip(k, v) if (_rows(a)[1] is None or _rows(a)[1] > 0)]
+        nonempty = [(a, b) for a, b in zip(k, v) if (_rows(a)[1] is None or _rows(a)[1] > 0)]
+        kvs = [(self.view(a), self.view(b)) for a, b in nonempty]
         outs = None if out is None else [self.view(b) for b in out]
         qj = self._join(q)
         oj = None if out is None else self._join(out)
         if qj is not None and (out is None or oj is not None):
             qs, outs = [qj], (None if out is None else [oj])
-        nonempty = [(a, b) for a, b in zip(k, v) if (_rows(a)[1] is None or _rows(a)[1] > 0)]
         kj, vj = self._join([a for a, _ in nonempty]), self._join([b for _, b in nonempty])
         if kj is not None and vj is not None:
             kvs = [(kj, vj)]
