@@ -1,19 +1,18 @@
 // Hopper (sm_90a) fused multi-block attention forward, warp-specialised (FlashAttention-3 ideas,
 // own code): 3 warpgroups per block.
-//   WG0 (producer, few registers): cp.async loads of the Q tile and of K and V tiles into two
-//       separate rings (WS_KST and WS_VST slots); each thread's copies complete onto a "full"
-//       mbarrier of the slot (cp.async.mbarrier.arrive).
+//   WG0 (producer, few registers): loads the Q tile and the K and V tiles into two separate
+//       rings (WS_KST and WS_VST slots), each fill completing on a "full" mbarrier of its slot.
 //   WG1, WG2 (consumers, 64 Q rows each, many registers): per K/V tile of WS_BN keys, S = Q K^T
 //       and O += P V with wgmma; the softmax of S_t overlaps P_{t-1} V_{t-1} on the tensor cores.
 //       K_t's slot is released ("empty" mbarrier) as soon as S_t is done, V_t's after P_t V_t, so
 //       the producer refills K early and the larger WS_BN tiles fit two slots per ring.
 // The two consumers take turns issuing their GEMMs (named barriers, "ping-pong"), so one's
 // softmax runs while the other's GEMMs occupy the tensor cores.
-// K/V loads: WS_TMA=1 (default) has one producer thread drive the bulk tensor copy engine (TMA):
-// one instruction per 64-column panel of a tile, completing on the slot's "full" mbarrier by
-// transaction bytes; the host encodes one tensor map per K and V block (strided views, tails
+// Loads: WS_TMA=1 (default) has one producer thread drive the bulk tensor copy engine (TMA):
+// one instruction per 64-column panel of a Q, K or V tile, completing on the "full" mbarrier by
+// transaction bytes; the host encodes one tensor map per Q, K and V block (strided views, tails
 // zero-filled by the engine).  WS_TMA=0 keeps the portable path: all 128 producer threads
-// issue 16-byte cp.async copies.  Q (once per block) always loads with cp.async.
+// issue 16-byte cp.async copies (cp.async.mbarrier.arrive), one tile per block.
 #ifndef WS_TMA
 #define WS_TMA 1
 #endif
