@@ -24,7 +24,7 @@ from typing import Any
 
 import oneside
 
-from .local import GpuAttention, HostAttention, TorchAttention
+from .local import FA3Attention, GpuAttention, HostAttention, TorchAttention
 from .plan import Plan
 
 
@@ -42,7 +42,8 @@ class SPAttention:
     ones shorter when it does not divide); numpy arrays on the host backend, CuPy arrays or
     torch tensors on GPUs. Returns the attention output for the same rows. ``local``:
     ``'kernel'`` (the fused multi-block kernel; the numpy reference on the host backend) or
-    ``'torch'`` (torch SDPA with log-sum-exp, merged; the same local kernel as torch baselines).
+    ``'torch'`` (torch SDPA with log-sum-exp, merged; the same local kernel as torch baselines) or
+    ``'fa3'`` (FlashAttention-3 with log-sum-exp, merged; Hopper GPUs, bf16, needs ``fa3_fwd``).
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
@@ -71,9 +72,15 @@ class SPAttention:
             self.local = TorchAttention(f"cuda:{rt.backend.device}" if rt.backend.is_gpu else "cpu")
         elif local == "kernel":
             self.local = GpuAttention(rt.backend.device) if rt.backend.is_gpu else HostAttention()
+        elif local == "fa3":
+            if not rt.backend.is_gpu:
+                raise ValueError("local='fa3' needs GPUs (FlashAttention-3 on Hopper); this runtime "
+                                 f"uses the {rt.backend.name!r} backend")
+            self.local = FA3Attention(f"cuda:{rt.backend.device}", self.dtype)
         else:
             raise ValueError(f"local={local!r}: expected 'kernel' (sfattn's fused kernel; numpy on the host "
-                             f"backend) or 'torch' (torch SDPA with log-sum-exp, merged)")
+                             f"backend), 'torch' (torch SDPA with log-sum-exp, merged) or 'fa3' "
+                             f"(FlashAttention-3 with log-sum-exp, merged; Hopper, bf16)")
         B = batch
         piece = (B, Sl, Ht, D)
         a = lambda shape: rt.alloc(shape, self.dtype)  # noqa: E731

@@ -248,6 +248,43 @@ class TorchAttention:
         return run
 
 
+def fa3_forward() -> Callable[..., Any] | None:
+    """FlashAttention-3's forward ``(q, k, v, softmax_scale=, causal=) -> (o, lse, ...)`` on BSHD
+    tensors (the ``fa3_fwd`` package), or None where it does not import."""
+    try:
+        from fa3_fwd_interface import _flash_attn_forward
+    except Exception:  # noqa: BLE001 - absent, or built for another torch/CUDA
+        return None
+    return _flash_attn_forward
+
+
+class FA3Attention(TorchAttention):
+    """FlashAttention-3 (Hopper, bf16) as the local kernel, returning its log-sum-exp, merged into
+    the running state like the torch path: the local kernel xDiT/yunchang users run on Hopper,
+    for side-by-side comparisons and for users who have it."""
+
+    def __init__(self, device: Any, dtype: str):
+        fwd = fa3_forward()
+        if fwd is None:
+            raise ValueError("local='fa3' needs FlashAttention-3's forward (the fa3_fwd package, "
+                             "'from fa3_fwd_interface import flash_attn_func') on a Hopper GPU; it "
+                             "does not import here")
+        super().__init__(device)
+        if self.device.type != "cuda" or self.torch.cuda.get_device_capability(self.device)[0] != 9:
+            raise ValueError(f"local='fa3' runs on Hopper GPUs (sm_90); the layer's device is "
+                             f"{self.device}")
+        if dtype != "bfloat16":
+            raise ValueError(f"local='fa3' takes bfloat16 layers (the fa3_fwd build has no fp16), "
+                             f"got dtype {dtype!r}")
+        self._fwd = fwd
+
+    def _sdpa(self, q, k, v, scale: float, lse: bool = True):
+        """(o [B, H, Sq, D], lse [B, H, Sq]) of BHSD views (FA3 takes the BSHD tensors beneath)."""
+        o, l = self._fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                         softmax_scale=scale, causal=False)[:2]
+        return o.transpose(1, 2), (l if lse else None)
+
+
 class _nullcontext:
     def __enter__(self):
         return self

@@ -12,6 +12,7 @@ import torch
 
 import oneside
 import sfattn
+from sfattn.local import fa3_forward
 from sfattn.plan import PlanError
 
 
@@ -30,7 +31,8 @@ def main() -> None:
     for H, S, D, layout in cases:
         g = torch.Generator(device=dev).manual_seed(H * S)
         q, k, v = (torch.randn(2, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
-        for algo, local in [(a, lc) for a in sfattn.ALGORITHMS for lc in ("kernel", "torch")]:
+        locals_ = ("kernel", "torch") + (("fa3",) if fa3_forward() is not None else ())
+        for algo, local in [(a, lc) for a in sfattn.ALGORITHMS for lc in locals_]:
             try:
                 plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
             except PlanError:
@@ -52,7 +54,7 @@ def main() -> None:
             assert torch.isfinite(o1).all(), (algo, "non-finite output")
             assert err < 1e-2 and err2 < 1e-2, (algo, local, H, S, D, err, err2)
             diff = (o1.float() - o2.float()).abs().max().item()
-            if local == "kernel":  # the fused kernel is deterministic; cuDNN need not be
+            if local == "kernel":  # the fused kernel is deterministic; cuDNN and FA3 need not be
                 assert diff == 0, (algo, local, "not bitwise identical run to run", diff)
             say(f"{algo:>7} {local:>6} H={H} S={S} D={D} {layout}: rel err {err:.2e}, run-to-run "
                 f"max diff {diff:.1e}")

@@ -13,7 +13,8 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
 def _compile(cfg, tmp_path):
-    out = tmp_path / f"{cfg.impl}_{cfg.head_dim}_{cfg.dtype}_{cfg.arch}.cubin"
+    tag = abs(hash((cfg.bn, cfg.opts)))
+    out = tmp_path / f"{cfg.impl}_{cfg.head_dim}_{cfg.dtype}_{cfg.arch}_{tag}.cubin"
     res = subprocess.run([NVCC, *cfg.nvcc_args(out), "-Xptxas", "-v"], capture_output=True,
                          text=True)
     return cfg, out, res
@@ -23,7 +24,8 @@ def _compile(cfg, tmp_path):
 def test_all_configurations_compile_without_spills(tmp_path):
     cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128)
                                    for d in (64, 128)] + \
-        [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)]
+        [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)] + \
+        [_build.KernelConfig("sm90ws", 64, dt, "sm_90a", opts=(("NC", 3),)) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -46,6 +48,26 @@ def test_sm90ws_kernel_uses_wgmma_and_tma(tmp_path):
     cfg = _build.KernelConfig("sm90ws", 128, "bf16", "sm_90a", opts=(("TMA", 0),))
     text = _build.compile_kernel(cfg, tmp_path / "k0.ptx", fmt="ptx").read_text()
     assert "cp.async.bulk.tensor" not in text and "cp.async.cg.shared.global" in text
+
+
+@needs_nvcc
+def test_exp2_is_one_mufu_and_knobs_reach_the_source(tmp_path):
+    """exp2f without -ftz costs a range check and two multiplies per element: the kernels use
+    ex2.approx.ftz; EX2=0 restores exp2f, NC=3 builds 512-thread blocks of 192 Q rows."""
+    cfg = _build.KernelConfig("sm90ws", 64, "bf16", "sm_90a")
+    text = _build.compile_kernel(cfg, tmp_path / "a.ptx", fmt="ptx").read_text()
+    assert "ex2.approx.ftz.f32" in text and "ex2.approx.f32" not in text
+    cfg = _build.KernelConfig("sm90ws", 64, "bf16", "sm_90a", opts=(("EX2", 0), ("RT", 0)))
+    assert "-DSF_EX2_FTZ=0" in cfg.defines() and "-DSF_RESCALE_THR=0" in cfg.defines()
+    text = _build.compile_kernel(cfg, tmp_path / "b.ptx", fmt="ptx").read_text()
+    assert "ex2.approx.f32" in text
+    cfg = _build.KernelConfig("sm90ws", 64, "bf16", "sm_90a", opts=(("NC", 3),))
+    assert (cfg.threads, cfg.block_m, cfg.ws_tiles()[0]) == (512, 192, 128)
+    assert "-DWS_CONSUMER_REGS=160" in cfg.defines()
+    text = _build.compile_kernel(cfg, tmp_path / "c.ptx", fmt="ptx").read_text()
+    assert ".maxntid 512" in text
+    with pytest.raises(ValueError, match="NC"):
+        _build.KernelConfig("sm90ws", 64, "bf16", "sm_90a", opts=(("NC", 4),)).threads
 
 
 @needs_nvcc
@@ -76,7 +98,7 @@ def test_kernel_selection_and_impl_names(fake_device):
     flash = fake_device
     assert flash.get_kernel("merge", 0, "bf16", 0).cfg.impl == "merge"
     k = flash.get_kernel("sm90ws", 128, "bf16", 0).cfg
-    assert (k.impl, k.arch, k.ws_tiles()) == ("sm90ws", "sm_90a", _build.WS_TILES[128])
+    assert (k.impl, k.arch, k.ws_tiles()) == ("sm90ws", "sm_90a", _build.WS_TILES[(128, _build.WS_CONSUMERS[128])])
     k = flash.get_kernel("sm90ws:BN=128,PP=0", 64, "fp16", 0).cfg
     assert k.ws_tiles()[0] == 128 and "-DWS_PP=0" in k.defines()
     assert flash.get_kernel("fa2", 64, "bf16", 0).cfg.arch == "sm_90a"

@@ -23,7 +23,8 @@ from sfattn import kernels as K  # noqa: E402
 from sfattn import reference as R  # noqa: E402
 
 CC = torch.cuda.get_device_capability(0)
-IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0", "sm90ws:PERSIST=1"] if CC == (9, 0) else [])
+IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0", "sm90ws:PERSIST=1", "sm90ws:NC=3",
+                     "sm90ws:NC=3,PERSIST=1", "sm90ws:EX2=0,RT=0"] if CC == (9, 0) else [])
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = 1e-2
 
@@ -152,6 +153,38 @@ def test_many_blocks_chained_strided(impl, dtype, D):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("order", ["rising", "falling", "steps"])
+def test_row_max_moving_across_key_tiles(impl, D, order):
+    """Logits whose row maximum rises tile after tile (rescale every few tiles, past the kernels'
+    rescale threshold), falls (never rescaled after the first tile) or jumps in steps; chained
+    over two calls so the carried max is the kernel's own."""
+    g = _gen(31 + D + len(order))
+    B, H, sq, sk = 1, 2, 333, 3001
+    u = torch.randn(D, generator=g, device="cuda")
+    u = u / u.norm() * math.sqrt(D)  # |u|^2 = D: the logit of q ~ u against k ~ c u is ~ c sqrt(D)
+    j = torch.arange(sk, device="cuda", dtype=torch.float32)
+    c = {"rising": 3.0 * j / sk, "falling": 3.0 * (1 - j / sk),
+         "steps": 0.7 * torch.div(j, 700, rounding_mode="floor")}[order]
+    q = (_rand((B, sq, H, D), torch.float32, g, 0.5) + u).to(torch.bfloat16)
+    k = (_rand((B, sk, H, D), torch.float32, g, 0.5) + c[None, :, None, None] * u).to(torch.bfloat16)
+    v = _rand((B, sk, H, D), torch.bfloat16, g)
+    scale = 1 / math.sqrt(D)
+    st = _state(B, sq, H, D)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, sq), float("nan"), device="cuda")
+    K.attn_blocks([q], [k[:, :1234]], [v[:, :1234]], st, scale, init=True, impl=impl)
+    K.attn_blocks([q], [k[:, 1234:]], [v[:, 1234:]], st, scale, finalize=True, out=[out], lse=lse,
+                  impl=impl)
+    torch.cuda.synchronize()
+    o_ref, lse_ref = ref_attn(q, k, v, scale)
+    assert rel(out, o_ref) < TOL
+    assert (lse.double() - lse_ref).abs().max().item() < 1e-3
+    o_st = st.acc.double() / st.l.double().transpose(1, 2)[..., None]
+    assert rel(o_st, o_ref) < TOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_more_blocks_than_one_launch_holds(impl):
     g = _gen(11)
     B, H, D = 1, 2, 64
@@ -242,7 +275,7 @@ def test_persistent_blocks_loop_over_tiles(D):
     k, v = (_rand((B, sum(klens), H, D), torch.bfloat16, g) for _ in range(2))
     qb, kb, vb = _split(q, qlens), _split(k, klens), _split(v, klens)
     res = {}
-    for impl in ("sm90ws", "sm90ws:PERSIST=1"):
+    for impl in ("sm90ws", "sm90ws:PERSIST=1"):  # (NC=3 with PERSIST=1: in the impl grid)
         st = _state(B, sum(qlens), H, D)
         out = [torch.full_like(x, float("nan")) for x in qb]
         lse = torch.full((B, H, sum(qlens)), float("nan"), device="cuda")

@@ -229,6 +229,8 @@ def _bad_inputs(rt):
         SPAttention(rt, plan, 1, "float64", layout="sbhd")
     with pytest.raises(ValueError, match="local="):
         SPAttention(rt, plan, 1, "float64", local="cudnn")
+    with pytest.raises(ValueError, match="local='fa3' needs GPUs"):
+        SPAttention(rt, plan, 1, "float64", local="fa3")
     return True
 
 

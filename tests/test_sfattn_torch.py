@@ -100,3 +100,12 @@ def test_torch_local_path_joins_ulysses_blocks_into_one_sdpa_call():
         assert calls == 1 and err < 1e-12
     for calls, err in all_ok(run_ranks(_sdpa_calls, 2, heap="8MiB", algo="ring")):
         assert calls == 2 and err < 1e-12  # own K/V, then the peer's: chained through the state
+
+
+def test_fa3_local_path_says_what_it_needs():
+    """local='fa3' without FlashAttention-3 (or off Hopper) is a clear error, not an ImportError."""
+    from sfattn.local import FA3Attention, fa3_forward
+    if fa3_forward() is not None:
+        pytest.skip("fa3_fwd imports here")
+    with pytest.raises(ValueError, match="fa3_fwd"):
+        FA3Attention("cpu", "bfloat16")

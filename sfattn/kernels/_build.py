@@ -20,9 +20,17 @@ SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu",
 
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
-WS_PRODUCER_REGS, WS_CONSUMER_REGS = 24, 240
-# sm90ws per head dim: (keys per tile, K ring slots, V ring slots); fits 227 KB of shared memory
-WS_TILES = {64: (192, 3, 3), 128: (176, 2, 2)}
+WS_PRODUCER_REGS = 24
+WS_CONSUMER_REGS = {2: 240, 3: 160}  # per consumer warpgroup count: 24 x 128 + CR x 128 NC <= 64K
+# sm90ws per head dim: consumer warpgroups (64 Q rows each)
+WS_CONSUMERS = {64: 2, 128: 2}
+# sm90ws per (head dim, consumer warpgroups): (keys per tile, K ring slots, V ring slots); fits
+# 227 KB of shared memory and, with 3 consumers (160 registers each), their registers
+WS_TILES = {(64, 2): (192, 3, 3), (128, 2): (176, 2, 2), (64, 3): (128, 3, 3), (128, 3): (128, 2, 2)}
+# sm90ws knobs (impl='sm90ws:NAME=value,...'): ring slots, ping-pong, empty arrivals per warp,
+# producer/consumer registers, TMA loads, persistent launch, consumer warpgroups, exp2 flavour,
+# rescale threshold (log2 units, 0: rescale whenever the max grows)
+WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT")
 MAXQ, MAXKV = 16, 16
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
 # then (TMA kernels) the tensor maps tk[MAXKV], tv[MAXKV], tq[MAXQ] of MAP_SLOTS each
@@ -45,7 +53,7 @@ class KernelConfig:
     dtype: str
     arch: str  # e.g. 'sm_90a', 'sm_80'
     bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
-    opts: tuple = ()  # sm90ws only: extra (name, value) knobs: KST, VST, PP, EA, PR, CR, TMA, PERSIST
+    opts: tuple = ()  # sm90ws only: extra (name, value) knobs, see WS_KNOBS
 
     @property
     def tma(self) -> bool:
@@ -62,12 +70,22 @@ class KernelConfig:
         """Size of the kernel's parameter struct in int64 slots (SfParams in attn_common.cuh)."""
         return TABLE_SLOTS + ((2 * MAXKV + MAXQ) * MAP_SLOTS if self.tma else 0)
 
+    @property
+    def consumers(self) -> int:
+        """sm90ws: consumer warpgroups of 64 Q rows (2 or 3)."""
+        if self.impl != "sm90ws":
+            return 0
+        nc = int(dict(self.opts).get("NC", WS_CONSUMERS[self.head_dim]))
+        if nc not in WS_CONSUMER_REGS:
+            raise ValueError(f"sm90ws NC (consumer warpgroups) must be 2 or 3, got {nc}")
+        return nc
+
     def ws_tiles(self) -> tuple[int, int, int]:
-        bn, kst, vst = WS_TILES[self.head_dim]
+        bn, kst, vst = WS_TILES[(self.head_dim, self.consumers)]
         o = dict(self.opts)
         if self.bn and self.bn != bn:
             tile = self.bn * self.head_dim * 2
-            free = 227 * 1024 - 2048 - 128 * self.head_dim * 2
+            free = 227 * 1024 - 2048 - self.block_m * self.head_dim * 2
             n = max(2, min(3, free // tile // 2))
             bn, kst, vst = self.bn, n, n
         return bn, int(o.get("KST", kst)), int(o.get("VST", vst))
@@ -84,12 +102,12 @@ class KernelConfig:
 
     @property
     def threads(self) -> int:
-        return {"fa2": 32 * FA2_NW, "sm90ws": 384, "merge": 256}[self.impl]
+        return {"fa2": 32 * FA2_NW, "sm90ws": 128 * (self.consumers + 1), "merge": 256}[self.impl]
 
     @property
     def block_m(self) -> int:
         """Q rows per thread block."""
-        return {"fa2": 16 * FA2_NW, "sm90ws": 128, "merge": 0}[self.impl]
+        return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "merge": 0}[self.impl]
 
     @property
     def smem_bytes(self) -> int:
@@ -98,21 +116,24 @@ class KernelConfig:
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
-            return (128 * d + (kst + vst) * bn * d) * 2 + 1024
+            return (self.block_m * d + (kst + vst) * bn * d) * 2 + 1024
         return 0
 
     def defines(self) -> list[str]:
         if self.impl == "merge":
             return [f"-DMERGE_T={MERGE_TYPES[self.dtype]}"]
-        return [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
-                f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}", f"-DFA2_NW={FA2_NW}",
-                f"-DFA2_BN={FA2_BN}",
-                f"-DWS_PRODUCER_REGS={dict(self.opts).get('PR', WS_PRODUCER_REGS)}",
-                f"-DWS_CONSUMER_REGS={dict(self.opts).get('CR', WS_CONSUMER_REGS)}",
-                f"-DWS_PP={dict(self.opts).get('PP', 1)}", f"-DWS_EA={dict(self.opts).get('EA', 1)}",
-                f"-DWS_TMA={int(self.tma)}",
-                *([f"-DWS_BN={self.ws_tiles()[0]}", f"-DWS_KST={self.ws_tiles()[1]}",
-                   f"-DWS_VST={self.ws_tiles()[2]}"] if self.impl == "sm90ws" else [])]
+        o = dict(self.opts)
+        common = [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
+                  f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}",
+                  f"-DSF_EX2_FTZ={o.get('EX2', 1)}", f"-DSF_RESCALE_THR={o.get('RT', 8)}"]
+        if self.impl == "fa2":
+            return [*common, f"-DFA2_NW={FA2_NW}", f"-DFA2_BN={FA2_BN}"]
+        bn, kst, vst = self.ws_tiles()
+        nc = self.consumers
+        return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
+                f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
+                f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
+                f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:
         num = self.arch.split("_", 1)[1]

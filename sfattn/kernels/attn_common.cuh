@@ -230,33 +230,72 @@ __device__ __forceinline__ void sf_mask_cols(float (&s)[NS][4], int nvalid, int 
       if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = -INFINITY;
 }
 
+#ifndef SF_EX2_FTZ
+#define SF_EX2_FTZ 1  // 1: exp2 is one MUFU.EX2 (results below 2^-126 flush to 0); 0: exp2f
+#endif
+#ifndef SF_RESCALE_THR
+#define SF_RESCALE_THR 8  // > 0: keep a row's max until a tile exceeds it by this much (log2 units)
+#endif
+
+// 2^x.  exp2f without -ftz wraps MUFU.EX2 in a range check and two predicated multiplies (for
+// denormal results), which nearly doubled the softmax's ALU instructions; the flushed results are
+// < 2^-126 of the row's largest term, far below the bf16/fp16 rounding of P.
+__device__ __forceinline__ float sf_exp2(float x) {
+#if SF_EX2_FTZ
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // Softmax statistics of one S tile (raw logits, masked entries -inf) in the mma C layout (rows r
 // and r+8 of a quad): new running max (log2 units, the scale folded into the exponent),
 // p = exp2(s * sl2 - m) in place, alpha = rescale factor of the previous state, l updated.
 // O is rescaled separately (sf_rescale), so the caller can do it while O is still in flight.
+// With SF_RESCALE_THR > 0 the running max is only raised when the tile's max exceeds it by more
+// than SF_RESCALE_THR: otherwise alpha is exactly 1 (the caller skips the O rescale) and p may
+// reach 2^SF_RESCALE_THR, which fp32 accumulators and bf16/fp16 P hold without loss.  Any max
+// that is >= the true one up to that slack gives the same normalised result.
 template <int NS>
 __device__ __forceinline__ void sf_softmax(float (&s)[NS][4], float sl2, float (&mr)[2],
                                            float (&lr)[2], float (&alpha)[2]) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float mx = -INFINITY;
+    float mx0 = -INFINITY, mx1 = -INFINITY;  // two chains: the max is latency-, not issue-bound
 #pragma unroll
-    for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+    for (int j = 0; j < NS; j += 2) {
+      mx0 = fmaxf(mx0, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+      if (j + 1 < NS) mx1 = fmaxf(mx1, fmaxf(s[j + 1][2 * i], s[j + 1][2 * i + 1]));
+    }
+    float mx = fmaxf(mx0, mx1);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(mr[i], mx * sl2);
+    const float m_tile = mx * sl2;
+#if SF_RESCALE_THR > 0
+    const float m_new = (m_tile > mr[i] + (float)SF_RESCALE_THR) ? m_tile : mr[i];
+#else
+    const float m_new = fmaxf(mr[i], m_tile);
+#endif
     const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // guards -inf - -inf
-    alpha[i] = exp2f(mr[i] - m_use);
+    alpha[i] = (m_new == mr[i]) ? 1.f : sf_exp2(mr[i] - m_use);
     mr[i] = m_new;
-    float sum = 0.f;
+    float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
-      s[j][2 * i] = exp2f(fmaf(s[j][2 * i], sl2, -m_use));
-      s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], sl2, -m_use));
-      sum += s[j][2 * i] + s[j][2 * i + 1];
+      s[j][2 * i] = sf_exp2(fmaf(s[j][2 * i], sl2, -m_use));
+      s[j][2 * i + 1] = sf_exp2(fmaf(s[j][2 * i + 1], sl2, -m_use));
+      sum0 += s[j][2 * i];
+      sum1 += s[j][2 * i + 1];
     }
-    lr[i] = lr[i] * alpha[i] + sum;
+    lr[i] = lr[i] * alpha[i] + (sum0 + sum1);
   }
+}
+
+// True if any row of the warp needs its O rescaled (some alpha != 1); warp-uniform.
+__device__ __forceinline__ bool sf_needs_rescale(const float (&alpha)[2]) {
+  return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
 }
 
 template <int NJ>

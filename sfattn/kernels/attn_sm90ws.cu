@@ -1,13 +1,16 @@
 // Hopper (sm_90a) fused multi-block attention forward, warp-specialised (FlashAttention-3 ideas,
-// own code): 3 warpgroups per block.
+// own code): 1 + WS_NC warpgroups per block.
 //   WG0 (producer, few registers): loads the Q tile and the K and V tiles into two separate
 //       rings (WS_KST and WS_VST slots), each fill completing on a "full" mbarrier of its slot.
-//   WG1, WG2 (consumers, 64 Q rows each, many registers): per K/V tile of WS_BN keys, S = Q K^T
+//   WG1..WS_NC (consumers, 64 Q rows each, many registers; 2 at head dim 128, 3 at 64, where the
+//       smaller O and S leave room for a third): per K/V tile of WS_BN keys, S = Q K^T
 //       and O += P V with wgmma; the softmax of S_t overlaps P_{t-1} V_{t-1} on the tensor cores.
 //       K_t's slot is released ("empty" mbarrier) as soon as S_t is done, V_t's after P_t V_t, so
 //       the producer refills K early and the larger WS_BN tiles fit two slots per ring.
-// The two consumers take turns issuing their GEMMs (named barriers, "ping-pong"), so one's
-// softmax runs while the other's GEMMs occupy the tensor cores.
+// The consumers take turns issuing their GEMMs (named barriers passed round a ring, "ping-pong"),
+// so one's softmax runs while the others' GEMMs occupy the tensor cores.  A row's O is rescaled
+// only when its running max grew by more than SF_RESCALE_THR (attn_common.cuh): after the first
+// tiles that is rare, and the warp skips the O multiplies.
 // Loads: WS_TMA=1 (default) has one producer thread drive the bulk tensor copy engine (TMA):
 // one instruction per 64-column panel of a Q, K or V tile, completing on the "full" mbarrier by
 // transaction bytes; the host encodes one tensor map per Q, K and V block (strided views, tails
@@ -35,8 +38,11 @@
 #ifndef WS_CONSUMER_REGS
 #define WS_CONSUMER_REGS 240
 #endif
-#define WS_BM 128
-#define WS_NT 384
+#ifndef WS_NC
+#define WS_NC 2  // consumer warpgroups (64 Q rows each)
+#endif
+#define WS_BM (64 * WS_NC)
+#define WS_NT (128 * (WS_NC + 1))
 
 #define WGMMA_S SF_CAT(sf_wgmma_ss_n, WS_BN)
 #define WGMMA_O SF_CAT(sf_wgmma_rs_n, SF_D)
@@ -85,7 +91,7 @@ __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
 #ifndef WS_EA
 #define WS_EA 1  // 1: one "empty" arrival per consumer warp (lane 0); 0: every consumer thread
 #endif
-#define WS_EMPTY_COUNT (WS_EA ? 8 : 256)
+#define WS_EMPTY_COUNT (WS_EA ? 4 * WS_NC : 128 * WS_NC)
 __device__ __forceinline__ void named_sync(int id) {
   if (WS_PP) asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -234,7 +240,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     const int warp = (ctid >> 5) & 3, lane = ctid & 31, t = lane & 3;
     const float sl2 = (float)p.scale_log2;
     const uint32_t qdesc_base = sQ + c * 64 * 128;
-    const int my_bar = 1 + c, other_bar = 2 - c;
+    const int my_bar = 1 + c, next_bar = 1 + (c + 1) % WS_NC;  // GEMM-issue token ring
     const bool arrives = !WS_EA || lane == 0;  // "empty" arrivals: one per warp (or per thread)
     uint32_t pa[BN / 16][4];
     float s[NS][4];
@@ -288,7 +294,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       };
       auto rescale_pack_next = [&]() {
         reg_fence<NJ>(o);
-        sf_rescale<NJ>(o, alpha);
+        if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) sf_pack_a<NS>(s, kk, pa[kk]);
         reg_fence<NJ>(o);
@@ -300,13 +306,13 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
 
       if (nkv > 0) {
         mbar_wait(qfull, it & 1);
-        if (c == 1) named_arrive(1);  // consumer 0 issues first
+        if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
         wait_k();
         if (!WS_TMA) fence_async_smem();  // cp.async (generic proxy) writes -> wgmma reads
         named_sync(my_bar);
         wg_fence();
         issue_s();
-        named_arrive(other_bar);
+        named_arrive(next_bar);
         wg_wait<0>();
         release_k();
         softmax();
@@ -319,7 +325,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
           wg_fence();
           issue_s();
           issue_pv();
-          named_arrive(other_bar);
+          named_arrive(next_bar);
           wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
           release_k();
           softmax();     // overlaps the P V products on the tensor cores
@@ -332,11 +338,11 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         named_sync(my_bar);
         wg_fence();  // the last P V product
         issue_pv();
-        named_arrive(other_bar);
+        named_arrive(next_bar);
         wg_wait<0>();
         if (arrives) mbar_arrive(vempty((ct - 1) % VST));
         reg_fence<NJ>(o);
-        if (c == 0) named_sync(my_bar);  // consume consumer 1's last arrive
+        if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
       }
       sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
     }

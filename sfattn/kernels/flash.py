@@ -93,13 +93,13 @@ def _parse_impl(impl: str) -> tuple[str, int, tuple]:
         try:
             kv = dict(item.split("=") for item in impl[7:].split(",") if item)
             bn = int(kv.pop("BN", 0))
-            bad = set(kv) - {"KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST"}
+            bad = set(kv) - set(_build.WS_KNOBS)
             if not bad:
                 return "sm90ws", bn, tuple(sorted((k, int(v)) for k, v in kv.items()))
         except ValueError:
             pass
-    raise ValueError(f"impl must be 'fa2', 'sm90ws', 'sm90ws<BN>' or "
-                     f"'sm90ws:BN=..,KST=..,VST=..,PP=0|1,EA=0|1,PR=..,CR=..,TMA=0|1,PERSIST=0|1', got {impl!r}")
+    raise ValueError(f"impl must be 'fa2', 'sm90ws', 'sm90ws<BN>' or 'sm90ws:NAME=int,...' with "
+                     f"NAME in BN, {', '.join(_build.WS_KNOBS)}; got {impl!r}")
 
 
 def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
