@@ -25,7 +25,8 @@ def test_all_configurations_compile_without_spills(tmp_path):
     cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128)
                                    for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)] + \
-        [_build.KernelConfig("sm90ws", 64, dt, "sm_90a", opts=(("NC", 3),)) for dt in ("bf16", "fp16")]
+        [_build.KernelConfig("sm90ws", 64, dt, "sm_90a", opts=(("NC", 2),)) for dt in ("bf16", "fp16")] + \
+        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 2),)) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -68,6 +69,13 @@ def test_exp2_is_one_mufu_and_knobs_reach_the_source(tmp_path):
     assert ".maxntid 512" in text
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90ws", 64, "bf16", "sm_90a", opts=(("NC", 4),)).threads
+    cfg = _build.KernelConfig("sm90ws", 128, "bf16", "sm_90a", opts=(("CL", 2),))
+    text = _build.compile_kernel(cfg, tmp_path / "d.ptx", fmt="ptx").read_text()
+    assert ".multicast::cluster" in text and ".reqnctapercluster 2, 1, 1" in text
+    for d, bad in ((64, (("CL", 2),)), (128, (("CL", 2), ("TMA", 0))),
+                   (128, (("CL", 2), ("PERSIST", 1)))):
+        with pytest.raises(ValueError, match="CL"):
+            _build.KernelConfig("sm90ws", d, "bf16", "sm_90a", opts=bad).defines()
 
 
 @needs_nvcc

@@ -24,9 +24,16 @@ from sfattn import reference as R  # noqa: E402
 
 CC = torch.cuda.get_device_capability(0)
 IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0", "sm90ws:PERSIST=1", "sm90ws:NC=3",
-                     "sm90ws:NC=3,PERSIST=1", "sm90ws:EX2=0,RT=0"] if CC == (9, 0) else [])
+                     "sm90ws:NC=3,PERSIST=1", "sm90ws:EX2=0,RT=0", "sm90ws:NC=2",
+                     "sm90ws:CL=2"] if CC == (9, 0) else [])
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = 1e-2
+
+
+def _supported(impl, D):
+    """Skip configurations a head dim does not have (CL=2 multicasts 64-column panels: D 128)."""
+    if "CL=2" in impl and D != 128:
+        pytest.skip("CL=2 is a head dim 128 configuration")
 
 
 def _gen(seed):
@@ -89,6 +96,7 @@ def test_reference_on_gpu_matches_cpu_reference():
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("sq,sk", [(1, 1), (77, 1000), (4099, 77), (1000, 4099)])
 def test_single_block_pair(impl, dtype, D, sq, sk):
+    _supported(impl, D)
     g = _gen(sq * 7 + sk + D)
     B, H = 2, 3
     q = _strided(B, sq, H, D, DT[dtype], g)
@@ -110,6 +118,7 @@ def test_single_block_pair(impl, dtype, D, sq, sk):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_many_blocks_chained_strided(impl, dtype, D):
+    _supported(impl, D)
     g = _gen(D + len(dtype))
     B, H = 1, 4
     qlens = [77, 0, 300, 1, 129]
@@ -159,6 +168,7 @@ def test_row_max_moving_across_key_tiles(impl, D, order):
     """Logits whose row maximum rises tile after tile (rescale every few tiles, past the kernels'
     rescale threshold), falls (never rescaled after the first tile) or jumps in steps; chained
     over two calls so the carried max is the kernel's own."""
+    _supported(impl, D)
     g = _gen(31 + D + len(order))
     B, H, sq, sk = 1, 2, 333, 3001
     u = torch.randn(D, generator=g, device="cuda")
@@ -187,7 +197,7 @@ def test_row_max_moving_across_key_tiles(impl, D, order):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_more_blocks_than_one_launch_holds(impl):
     g = _gen(11)
-    B, H, D = 1, 2, 64
+    B, H, D = 1, 2, 128 if "CL=2" in impl else 64
     qlens = [40] * 20
     klens = [50] * 19 + [3]
     q, k, v = (_rand((B, sum(n), H, D), torch.bfloat16, g) for n in (qlens, klens, klens))
@@ -288,3 +298,28 @@ def test_persistent_blocks_loop_over_tiles(D):
     assert rel(o2, ref_attn(q, k, v, 0.09)[0]) < TOL
     tiles = sum(-(-n // 128) for n in qlens) * H
     assert tiles > 3 * torch.cuda.get_device_properties(0).multi_processor_count // B
+
+
+@pytest.mark.skipif(CC != (9, 0), reason="clusters with TMA multicast are a Hopper variant")
+@pytest.mark.parametrize("qlens", [[1000, 2055, 7], [128], [129, 1, 640]])
+def test_cluster_multicast_equals_single_blocks(qlens):
+    """CL=2 (pairs of blocks sharing K/V tiles by multicast; odd Q-tile counts padded per head):
+    bitwise equal to CL=1, chained over K/V blocks, batch 2."""
+    g = _gen(17 + len(qlens))
+    B, H, D = 2, 5, 128
+    klens = [900, 1, 2000]
+    q = _strided(B, sum(qlens), H, D, torch.bfloat16, g)
+    k, v = (_rand((B, sum(klens), H, D), torch.bfloat16, g) for _ in range(2))
+    qb, kb, vb = _split(q, qlens), _split(k, klens), _split(v, klens)
+    res = {}
+    for impl in ("sm90ws:CL=1", "sm90ws:CL=2"):
+        st = _state(B, sum(qlens), H, D)
+        out = [torch.full_like(x, float("nan")) for x in qb]
+        lse = torch.full((B, H, sum(qlens)), float("nan"), device="cuda")
+        K.attn_blocks(qb, kb[:1], vb[:1], st, 0.09, init=True, impl=impl)
+        K.attn_blocks(qb, kb[1:], vb[1:], st, 0.09, finalize=True, out=out, lse=lse, impl=impl)
+        torch.cuda.synchronize()
+        res[impl] = (torch.cat(out, 1), lse, st.acc.clone())
+    (o1, l1, a1), (o2, l2, a2) = res.values()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(a1, a2)
+    assert rel(o2, ref_attn(q, k, v, 0.09)[0]) < TOL

@@ -23,14 +23,17 @@ FA2_NW, FA2_BN = 8, 64
 WS_PRODUCER_REGS = 24
 WS_CONSUMER_REGS = {2: 240, 3: 160}  # per consumer warpgroup count: 24 x 128 + CR x 128 NC <= 64K
 # sm90ws per head dim: consumer warpgroups (64 Q rows each)
-WS_CONSUMERS = {64: 2, 128: 2}
+WS_CONSUMERS = {64: 3, 128: 2}
 # sm90ws per (head dim, consumer warpgroups): (keys per tile, K ring slots, V ring slots); fits
 # 227 KB of shared memory and, with 3 consumers (160 registers each), their registers
 WS_TILES = {(64, 2): (192, 3, 3), (128, 2): (176, 2, 2), (64, 3): (128, 3, 3), (128, 3): (128, 2, 2)}
 # sm90ws knobs (impl='sm90ws:NAME=value,...'): ring slots, ping-pong, empty arrivals per warp,
 # producer/consumer registers, TMA loads, persistent launch, consumer warpgroups, exp2 flavour,
-# rescale threshold (log2 units, 0: rescale whenever the max grows)
-WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT")
+# rescale threshold (log2 units, 0: rescale whenever the max grows), blocks per cluster sharing
+# K/V tiles by TMA multicast (CL=2: head dim 128, TMA, not persistent)
+WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT", "CL")
+# sm90ws per head dim: blocks per cluster
+WS_CLUSTER = {64: 1, 128: 1}
 MAXQ, MAXKV = 16, 16
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
 # then (TMA kernels) the tensor maps tk[MAXKV], tv[MAXKV], tq[MAXQ] of MAP_SLOTS each
@@ -71,11 +74,24 @@ class KernelConfig:
         return TABLE_SLOTS + ((2 * MAXKV + MAXQ) * MAP_SLOTS if self.tma else 0)
 
     @property
+    def cluster(self) -> int:
+        """sm90ws: blocks per cluster that share K/V tiles by TMA multicast (1 or 2)."""
+        if self.impl != "sm90ws":
+            return 1
+        cl = int(dict(self.opts).get("CL", WS_CLUSTER[self.head_dim] if self.tma else 1))
+        if cl not in (1, 2):
+            raise ValueError(f"sm90ws CL (blocks per cluster) must be 1 or 2, got {cl}")
+        if cl == 2 and not (self.tma and self.head_dim == 128 and not self.persistent):
+            raise ValueError("sm90ws CL=2 needs TMA loads, head dim 128 and a non-persistent launch")
+        return cl
+
+    @property
     def consumers(self) -> int:
         """sm90ws: consumer warpgroups of 64 Q rows (2 or 3)."""
         if self.impl != "sm90ws":
             return 0
-        nc = int(dict(self.opts).get("NC", WS_CONSUMERS[self.head_dim]))
+        # the cp.async producer (TMA=0) keeps 2: with 3 its consumers spill at 160 registers
+        nc = int(dict(self.opts).get("NC", WS_CONSUMERS[self.head_dim] if self.tma else 2))
         if nc not in WS_CONSUMER_REGS:
             raise ValueError(f"sm90ws NC (consumer warpgroups) must be 2 or 3, got {nc}")
         return nc
@@ -133,6 +149,7 @@ class KernelConfig:
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                 f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
+                f"-DWS_CL={self.cluster}",
                 f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:

@@ -11,6 +11,12 @@
 // so one's softmax runs while the others' GEMMs occupy the tensor cores.  A row's O is rescaled
 // only when its running max grew by more than SF_RESCALE_THR (attn_common.cuh): after the first
 // tiles that is rare, and the warp skips the O multiplies.
+// WS_CL=2 (head dim 128): blocks run in clusters of two that take adjacent Q tiles of one head and
+// share each K/V tile: each block's producer loads one 64-column panel and the copy engine
+// multicasts it into both blocks' shared memory, halving the L2 -> SM traffic; a slot is refilled
+// only when the consumers of both blocks released it (their "empty" arrivals go to both blocks).
+// Per head the Q tiles are padded to an even count (a padding block loads and computes, stores
+// nothing).
 // Loads: WS_TMA=1 (default) has one producer thread drive the bulk tensor copy engine (TMA):
 // one instruction per 64-column panel of a Q, K or V tile, completing on the "full" mbarrier by
 // transaction bytes; the host encodes one tensor map per Q, K and V block (strided views, tails
@@ -40,6 +46,12 @@
 #endif
 #ifndef WS_NC
 #define WS_NC 2  // consumer warpgroups (64 Q rows each)
+#endif
+#ifndef WS_CL
+#define WS_CL 1  // blocks per cluster sharing K/V tiles by TMA multicast (1 or 2)
+#endif
+#if WS_CL == 2 && (!WS_TMA || SF_D != 128)
+#error "WS_CL=2 multicasts one 64-column panel per block: it needs TMA and head dim 128"
 #endif
 #define WS_BM (64 * WS_NC)
 #define WS_NT (128 * (WS_NC + 1))
@@ -78,6 +90,42 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const SfTmap* map, int
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
 }
+// the same, multicast: the box lands at offset dst of every block in cta_mask (of the cluster),
+// each completing transaction bytes on its own mbarrier at offset bar
+__device__ __forceinline__ void tma_load_4d_mc(uint32_t dst, const SfTmap* map, int c0, int c1,
+                                               int c2, int c3, uint32_t bar, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar),
+      "h"(cta_mask)
+      : "memory");
+}
+// arrival on the mbarrier at shared offset a of block `cta` of this cluster
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t a, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(a), "r"(cta)
+      : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
+               ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// a K/V slot's "empty" arrival: on this block's barrier, and with WS_CL=2 on the peer's as well
+__device__ __forceinline__ void release_slot(uint32_t a) {
+#if WS_CL == 2
+  mbar_arrive_cluster(a, 0);
+  mbar_arrive_cluster(a, 1);
+#else
+  mbar_arrive(a);
+#endif
+}
 __device__ __forceinline__ void tma_prefetch_map(const SfTmap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -91,7 +139,7 @@ __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
 #ifndef WS_EA
 #define WS_EA 1  // 1: one "empty" arrival per consumer warp (lane 0); 0: every consumer thread
 #endif
-#define WS_EMPTY_COUNT (WS_EA ? 4 * WS_NC : 128 * WS_NC)
+#define WS_EMPTY_COUNT (WS_EA ? 4 * WS_NC : 128 * WS_NC)  // per block of consumers
 __device__ __forceinline__ void named_sync(int id) {
   if (WS_PP) asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -125,7 +173,12 @@ __device__ __forceinline__ void ws_load_tile(uint32_t sbase, const sf_elem* g, l
 // (the default) each block runs one tile; with a grid of one block per SM (persistent, TMA only)
 // the K/V ring and its barrier phases run on across tiles, so the next tile's Q and first K/V
 // tiles load while the consumers finish the current one (last P V product and the epilogue).
-extern "C" __global__ void __launch_bounds__(WS_NT, 1)
+#if WS_CL == 2
+#define WS_CLUSTER_ATTR __cluster_dims__(2, 1, 1)
+#else
+#define WS_CLUSTER_ATTR
+#endif
+extern "C" __global__ void __launch_bounds__(WS_NT, 1) WS_CLUSTER_ATTR
 sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
   constexpr int NJ = D / 8, NS = BN / 8;
@@ -150,19 +203,21 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   const int b = blockIdx.z;
   const int nkv = (int)p.nkv;
   const SfQBlk& qlast = p.q[p.nq - 1];
-  const int tiles_x = (int)qlast.tile0 + (int)((qlast.len + BM - 1) / BM);
+  const int tiles_q = (int)qlast.tile0 + (int)((qlast.len + BM - 1) / BM);  // real Q tiles
+  const int tiles_x = WS_CL == 2 ? (tiles_q + 1) & ~1 : tiles_q;  // per head, cluster-padded
   const int ntiles = tiles_x * (int)p.H;
 
   // FULL: TMA fills arrive once (expect_tx); cp.async fills once per producer thread
   constexpr uint32_t FULL_COUNT = WS_TMA ? 1 : 128;
   if (tid == 0) {
-    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), FULL_COUNT); mbar_init(kempty(i), WS_EMPTY_COUNT); }
-    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), FULL_COUNT); mbar_init(vempty(i), WS_EMPTY_COUNT); }
+    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), FULL_COUNT); mbar_init(kempty(i), WS_CL * WS_EMPTY_COUNT); }
+    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), FULL_COUNT); mbar_init(vempty(i), WS_CL * WS_EMPTY_COUNT); }
     mbar_init(qfull, FULL_COUNT);
     mbar_init(qempty, WS_EMPTY_COUNT);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if (WS_CL == 2) cluster_sync();  // the peer's barriers exist before any multicast or arrival
+  else __syncthreads();
 
   if (wg == 0) {
     // ------------------------------ producer ------------------------------
@@ -171,6 +226,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
 #if WS_TMA
     static_assert(offsetof(SfParams, tk) == 8 * (16 + 11 * SF_MAXQ + 9 * SF_MAXKV),
                   "SfParams layout must match the host's int64 slots");
+    [[maybe_unused]] const uint32_t crank = WS_CL == 2 ? cluster_rank() : 0;  // its K/V panel
     if (ptid == 0 && nkv > 0) {
       for (int kb = 0; kb < nkv; ++kb) { tma_prefetch_map(&p.tk[kb]); tma_prefetch_map(&p.tv[kb]); }
       int lt = 0, it = 0;
@@ -189,14 +245,24 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
             const int ks = lt % KST, vs = lt % VST;
             if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
             mbar_expect_tx(kfull(ks), TILE);
+#if WS_CL == 2
+            tma_load_4d_mc(sK + ks * TILE + crank * BN * 128, &p.tk[kb], crank * 64, n0, h, b,
+                           kfull(ks), 3);
+#else
 #pragma unroll
             for (int pn = 0; pn < D / 64; ++pn)
               tma_load_4d(sK + ks * TILE + pn * BN * 128, &p.tk[kb], pn * 64, n0, h, b, kfull(ks));
+#endif
             if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
             mbar_expect_tx(vfull(vs), TILE);
+#if WS_CL == 2
+            tma_load_4d_mc(sV + vs * TILE + crank * BN * 128, &p.tv[kb], crank * 64, n0, h, b,
+                           vfull(vs), 3);
+#else
 #pragma unroll
             for (int pn = 0; pn < D / 64; ++pn)
               tma_load_4d(sV + vs * TILE + pn * BN * 128, &p.tv[kb], pn * 64, n0, h, b, vfull(vs));
+#endif
           }
         }
       }
@@ -232,7 +298,6 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     }
     sf_cp_async_wait<0>();
 #endif
-    return;  // the producer's registers are released; the consumers' region is separate
   } else {
     // ------------------------------ consumers ------------------------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
@@ -282,7 +347,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
       };
       auto release_k = [&]() {  // after this warp's wait for S_ct: K slot (and Q after the last S)
         if (arrives) {
-          mbar_arrive(kempty(ct % KST));
+          release_slot(kempty(ct % KST));
           if (ckb == nkv - 1 && cn0 + BN >= (int)p.kv[ckb].len) mbar_arrive(qempty);
         }
       };
@@ -330,7 +395,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
           release_k();
           softmax();     // overlaps the P V products on the tensor cores
           wg_wait<0>();
-          if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+          if (arrives) release_slot(vempty((ct - 1) % VST));
           rescale_pack_next();
         }
         wait_v_prev();
@@ -340,11 +405,13 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         issue_pv();
         named_arrive(next_bar);
         wg_wait<0>();
-        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        if (arrives) release_slot(vempty((ct - 1) % VST));
         reg_fence<NJ>(o);
         if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
       }
-      sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
+      if (x < tiles_q) sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
     }
   }
+  // a block must not exit while its cluster peer may still arrive on its barriers
+  if (WS_CL == 2) cluster_sync();
 }

@@ -267,7 +267,8 @@ class AttnLaunch:
                         tq = _NSLOTS + (2 * MAXKV + j) * _build.MAP_SLOTS
                         p[tq:tq + _build.MAP_SLOTS] = _tma.tensor_map(q, bm)
                 if cfg.impl == "sm90ws":  # work items (Q tile, head) on grid.x, batch on grid.z
-                    work = tiles * self.H
+                    cl = cfg.cluster  # clusters take pairs of Q tiles of one head: pad to even
+                    work = (-(-tiles // cl) * cl) * self.H
                     gx = min(work, max(1, self.kernel.sms // max(1, self.B))) if cfg.persistent \
                         else work
                     grid = (gx, 1, self.B)
