@@ -8,6 +8,7 @@
 #   KERNEL_IMPLS="sm90ws:BN=192 ..."  extra configurations to precompile (those the bench names)
 #   NCU="sm90ws:1,16384,24,128 fa3:1,16384,24,128"  impl:B,S,H,D profiles -> $OUT/ncu.txt
 #   LAYER_TESTS=1     also tests/gpu_sfattn.py on 2 ranks sharing the GPU (MPS), meshes 1x2 and 2x1
+#                     (LAYER_MACHINES="2": only 2 virtual machines x 1 GPU)
 # Logs go to $OUT (kernel_tests.log, bench_kernel.log, ncu.txt, kernel.json).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -70,7 +71,7 @@ if [ "${LAYER_TESTS:-0}" = 1 ]; then
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
   nvidia-cuda-mps-control -d 2>/dev/null || true
   python3 -m oneside.native > /dev/null 2>&1 || true
-  for m in 1 2; do
+  for m in ${LAYER_MACHINES:-1 2}; do
     timeout 240 python3 -m oneside.launch -n 2 --machines $m --backend nvshmem tests/gpu_sfattn.py \
       > "$OUT/layer_m$m.log" 2>&1 || status=1
     grep -E "PASSED|Error|assert" "$OUT/layer_m$m.log" | tail -3

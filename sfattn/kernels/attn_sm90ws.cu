@@ -101,11 +101,13 @@ __device__ __forceinline__ void tma_load_4d_mc(uint32_t dst, const SfTmap* map, 
       "h"(cta_mask)
       : "memory");
 }
-// arrival on the mbarrier at shared offset a of block `cta` of this cluster
+// arrival on the mbarrier at shared offset a of block `cta` of this cluster (release at CTA
+// scope, as for a local arrival: the slot's readers, wgmma, have completed; a cluster-scope release
+// would fence every arrival)
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t a, uint32_t cta) {
   asm volatile(
       "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(a), "r"(cta)
+      "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(a), "r"(cta)
       : "memory");
 }
 __device__ __forceinline__ void cluster_sync() {
@@ -119,11 +121,9 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 }
 // a K/V slot's "empty" arrival: on this block's barrier, and with WS_CL=2 on the peer's as well
 __device__ __forceinline__ void release_slot(uint32_t a) {
-#if WS_CL == 2
-  mbar_arrive_cluster(a, 0);
-  mbar_arrive_cluster(a, 1);
-#else
   mbar_arrive(a);
+#if WS_CL == 2
+  mbar_arrive_cluster(a, cluster_rank() ^ 1);
 #endif
 }
 __device__ __forceinline__ void tma_prefetch_map(const SfTmap* map) {
