@@ -22,11 +22,11 @@ def _compile(cfg, tmp_path):
 
 @needs_nvcc
 def test_all_configurations_compile_without_spills(tmp_path):
-    cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128)
+    cfgs = _build.all_configs() + [_build.KernelConfig("sm90ws", d, "bf16", "sm_90a", 128, (("CL", 1),) if d == 128 else ())
                                    for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", 64, dt, "sm_90a", opts=(("NC", 2),)) for dt in ("bf16", "fp16")] + \
-        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 2),)) for dt in ("bf16", "fp16")]
+        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 1),)) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -186,7 +186,8 @@ def test_tma_maps_are_packed_after_the_block_tables(fake_device, monkeypatch):
     by_ptr = {c[2]: c for c in calls}
     assert len(by_ptr) == 4  # k0 is shared by K and V: encoded once (cache)
     assert by_ptr[4096][5] == [64, 128, 1, 1]  # Q: 128-row tiles
-    assert launch._launches[0][3] == (1 * 3, 1, 1)  # (Q tiles x heads, 1, batch)
+    # (Q tiles x heads, 1, batch); clusters of two blocks pad each head's tiles to even
+    assert launch._launches[0][3] == (cfg.cluster * 3, 1, 1)
     dtype, rank, _, dims, strides, box, sw = by_ptr[2 << 20]
     assert (dtype, rank, sw) == (9, 4, 3)
     assert dims == [128, 17, 3, 1] and box == [64, bn, 1, 1]

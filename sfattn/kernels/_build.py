@@ -30,10 +30,11 @@ WS_TILES = {(64, 2): (192, 3, 3), (128, 2): (176, 2, 2), (64, 3): (128, 3, 3), (
 # sm90ws knobs (impl='sm90ws:NAME=value,...'): ring slots, ping-pong, empty arrivals per warp,
 # producer/consumer registers, TMA loads, persistent launch, consumer warpgroups, exp2 flavour,
 # rescale threshold (log2 units, 0: rescale whenever the max grows), blocks per cluster sharing
-# K/V tiles by TMA multicast (CL=2: head dim 128, TMA, not persistent)
-WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT", "CL")
+# K/V tiles by TMA multicast (CL=2: head dim 128, TMA, not persistent), O rescaled under the S GEMM
+# (FO=1)
+WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT", "CL", "FO")
 # sm90ws per head dim: blocks per cluster
-WS_CLUSTER = {64: 1, 128: 1}
+WS_CLUSTER = {64: 1, 128: 2}
 MAXQ, MAXKV = 16, 16
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
 # then (TMA kernels) the tensor maps tk[MAXKV], tv[MAXKV], tq[MAXQ] of MAP_SLOTS each
@@ -78,7 +79,8 @@ class KernelConfig:
         """sm90ws: blocks per cluster that share K/V tiles by TMA multicast (1 or 2)."""
         if self.impl != "sm90ws":
             return 1
-        cl = int(dict(self.opts).get("CL", WS_CLUSTER[self.head_dim] if self.tma else 1))
+        dflt = WS_CLUSTER[self.head_dim] if self.tma and not self.persistent else 1
+        cl = int(dict(self.opts).get("CL", dflt))
         if cl not in (1, 2):
             raise ValueError(f"sm90ws CL (blocks per cluster) must be 1 or 2, got {cl}")
         if cl == 2 and not (self.tma and self.head_dim == 128 and not self.persistent):
@@ -149,7 +151,7 @@ class KernelConfig:
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                 f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
-                f"-DWS_CL={self.cluster}",
+                f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 0)}",
                 f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:

@@ -47,6 +47,10 @@
 #ifndef WS_NC
 #define WS_NC 2  // consumer warpgroups (64 Q rows each)
 #endif
+#ifndef WS_FO
+#define WS_FO 0  // 1: rescale O between issuing S_t and P_{t-1} V_{t-1} (under the S GEMM) and
+                 // wait for V_{t-1} only then; 0: rescale after P_{t-1} V_{t-1} completes
+#endif
 #ifndef WS_CL
 #define WS_CL 1  // blocks per cluster sharing K/V tiles by TMA multicast (1 or 2)
 #endif
@@ -357,9 +361,13 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         if (nvalid < BN) sf_mask_cols<NS>(s, nvalid, t);
         sf_softmax<NS>(s, sl2, mr, lr, alpha);
       };
-      auto rescale_pack_next = [&]() {
+      auto rescale_o = [&]() {
         reg_fence<NJ>(o);
         if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
+        reg_fence<NJ>(o);
+      };
+      auto rescale_pack_next = [&]() {
+        if (!WS_FO) rescale_o();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) sf_pack_a<NS>(s, kk, pa[kk]);
         reg_fence<NJ>(o);
@@ -384,11 +392,16 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         rescale_pack_next();
         while (ckb < nkv) {
           wait_k();
-          wait_v_prev();
+          if (!WS_FO) wait_v_prev();
           if (!WS_TMA) fence_async_smem();
           named_sync(my_bar);
           wg_fence();
           issue_s();
+          if (WS_FO) {  // O's rescale under the S GEMM, then V_{t-1}
+            rescale_o();
+            wait_v_prev();
+            wg_fence();
+          }
           issue_pv();
           named_arrive(next_bar);
           wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
@@ -400,6 +413,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         }
         wait_v_prev();
         if (!WS_TMA) fence_async_smem();
+        if (WS_FO) rescale_o();
         named_sync(my_bar);
         wg_fence();  // the last P V product
         issue_pv();
