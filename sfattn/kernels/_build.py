@@ -26,7 +26,9 @@ WS_CONSUMER_REGS = {2: 240, 3: 160}  # per consumer warpgroup count: 24 x 128 + 
 WS_CONSUMERS = {64: 3, 128: 2}
 # sm90ws per (head dim, consumer warpgroups): (keys per tile, K ring slots, V ring slots); fits
 # 227 KB of shared memory and, with 3 consumers (160 registers each), their registers
-WS_TILES = {(64, 2): (192, 3, 3), (128, 2): (176, 2, 2), (64, 3): (128, 3, 3), (128, 3): (128, 2, 2)}
+WS_TILES = {(64, 2): (192, 3, 3), (128, 2): (192, 2, 2), (64, 3): (128, 3, 3), (128, 3): (128, 2, 2)}
+# ... where the cp.async producer (TMA=0) differs: its consumers spill with 192 keys at head dim 128
+WS_TILES_CPASYNC = {(128, 2): (176, 2, 2)}
 # sm90ws knobs (impl='sm90ws:NAME=value,...'): ring slots, ping-pong, empty arrivals per warp,
 # producer/consumer registers, TMA loads, persistent launch, consumer warpgroups, exp2 flavour,
 # rescale threshold (log2 units, 0: rescale whenever the max grows), blocks per cluster sharing
@@ -99,7 +101,8 @@ class KernelConfig:
         return nc
 
     def ws_tiles(self) -> tuple[int, int, int]:
-        bn, kst, vst = WS_TILES[(self.head_dim, self.consumers)]
+        key = (self.head_dim, self.consumers)
+        bn, kst, vst = WS_TILES[key] if self.tma else WS_TILES_CPASYNC.get(key, WS_TILES[key])
         o = dict(self.opts)
         if self.bn and self.bn != bn:
             tile = self.bn * self.head_dim * 2
@@ -151,7 +154,7 @@ class KernelConfig:
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                 f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
-                f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 0)}",
+                f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 1)}",
                 f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:

@@ -48,7 +48,7 @@
 #define WS_NC 2  // consumer warpgroups (64 Q rows each)
 #endif
 #ifndef WS_FO
-#define WS_FO 0  // 1: rescale O between issuing S_t and P_{t-1} V_{t-1} (under the S GEMM) and
+#define WS_FO 1  // 1: rescale O between issuing S_t and P_{t-1} V_{t-1} (under the S GEMM) and
                  // wait for V_{t-1} only then; 0: rescale after P_{t-1} V_{t-1} completes
 #endif
 #ifndef WS_CL
@@ -400,6 +400,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
           if (WS_FO) {  // O's rescale under the S GEMM, then V_{t-1}
             rescale_o();
             wait_v_prev();
+            if (!WS_TMA) fence_async_smem();
             wg_fence();
           }
           issue_pv();
