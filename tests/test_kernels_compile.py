@@ -26,7 +26,7 @@ def test_all_configurations_compile_without_spills(tmp_path):
                                    for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", 64, dt, "sm_90a", opts=(("NC", 2),)) for dt in ("bf16", "fp16")] + \
-        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 1),)) for dt in ("bf16", "fp16")]
+        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 2),)) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:

@@ -36,7 +36,7 @@ WS_TILES_CPASYNC = {(128, 2): (176, 2, 2)}
 # (FO=1)
 WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT", "CL", "FO")
 # sm90ws per head dim: blocks per cluster
-WS_CLUSTER = {64: 1, 128: 2}
+WS_CLUSTER = {64: 1, 128: 1}
 MAXQ, MAXKV = 16, 16
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
 # then (TMA kernels) the tensor maps tk[MAXKV], tv[MAXKV], tq[MAXQ] of MAP_SLOTS each
