@@ -7,7 +7,8 @@
     rt.barrier_all()
     oneside.finalize()
 """
-from .errors import CommTimeoutError, HeapExhaustedError, NotInitializedError, OnesideError, PeerDeadError
+from .errors import (CollectiveMismatchError, CommTimeoutError, HeapExhaustedError, InjectedFault,
+                     NotInitializedError, OnesideError, PeerDeadError)
 from .heap import SymArray
 from .mesh import Mesh, Team
 from .runtime import Runtime, TransferBatch, current, finalize, init
@@ -15,4 +16,5 @@ from .runtime import Runtime, TransferBatch, current, finalize, init
 __all__ = [
     "init", "finalize", "current", "Runtime", "TransferBatch", "SymArray", "Mesh", "Team",
     "OnesideError", "NotInitializedError", "HeapExhaustedError", "CommTimeoutError", "PeerDeadError",
+    "CollectiveMismatchError", "InjectedFault",
 ]

@@ -20,3 +20,12 @@ class CommTimeoutError(OnesideError, TimeoutError):
 
 class PeerDeadError(OnesideError):
     """A peer rank exited or was killed while this rank waited for it."""
+
+
+class CollectiveMismatchError(OnesideError):
+    """Ranks disagree on a collective: a barrier met a different call site, or ``agree``
+    found different values (e.g. two ranks built layers of different shapes)."""
+
+
+class InjectedFault(OnesideError):
+    """A fault that ``$ONESIDE_FAULT`` asked for (chaos testing); never raised otherwise."""

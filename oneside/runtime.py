@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any, Sequence
+import struct
+import sys
+import zlib
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .bootstrap import Placement, parse_size, placement
-from .errors import NotInitializedError, OnesideError
+from .chaos import Chaos
+from .errors import CollectiveMismatchError, NotInitializedError, OnesideError
 from .heap import Allocator, SymArray, dtype_name, itemsize
 from .mesh import Mesh, Team
 
@@ -16,7 +20,50 @@ _SIGNAL_OPS = ("set", "add")
 _CMPS = ("eq", "ne", "gt", "ge", "lt", "le")
 BARRIER_SLOTS = 128
 GEN_WORDS = 256  # device-side generation counters: barrier slots, then signal_wait_next users
+AGREE_WORDS = 32  # per rank in the agreement table: magic, what, field count, fields
+_AGREE_MAGIC = 0x5EED
 _current: "Runtime | None" = None
+_last_chaos: Chaos | None = None
+_site_tags: dict[tuple[Any, int], int] = {}
+
+
+def tag(label: str) -> int:
+    """The 32-bit call-site tag of ``label`` (for :meth:`Runtime.barrier`'s ``tag``)."""
+    return zlib.crc32(label.encode()) or 1
+
+
+def _caller_tag(depth: int) -> int:
+    """Tag of the code location ``depth`` frames up (file and line; cached per location)."""
+    f = sys._getframe(depth + 1)
+    key = (f.f_code, f.f_lineno)
+    t = _site_tags.get(key)
+    if t is None:
+        t = _site_tags[key] = tag(f"{f.f_code.co_filename}:{f.f_lineno}")
+    return t
+
+
+def _encode(value: Any) -> int:
+    """A field value of :meth:`Runtime.agree` as one uint64 word."""
+    if isinstance(value, (bool, int, np.integer)):
+        return int(value) & 0xFFFFFFFFFFFFFFFF
+    if isinstance(value, (float, np.floating)):
+        return struct.unpack("<Q", struct.pack("<d", float(value)))[0]
+    if isinstance(value, str):
+        b = value.encode()
+        return int.from_bytes(b.ljust(8, b"\0"), "little") if len(b) <= 8 else zlib.crc32(b) | 1 << 63
+    raise TypeError(f"agree: field values must be int, float or str, got {type(value).__name__}")
+
+
+def _decode(word: int, like: Any) -> str:
+    """A peer's word shown as a value of ``like``'s type."""
+    if isinstance(like, str):
+        if len(like.encode()) > 8:
+            return f"(a different string, hash {word:#x})"
+        return repr(int(word).to_bytes(8, "little").rstrip(b"\0").decode(errors="replace"))
+    if isinstance(like, (float, np.floating)):
+        return repr(struct.unpack("<d", struct.pack("<Q", int(word)))[0])
+    v = int(word)
+    return str(v - (1 << 64) if v >= 1 << 63 else v)
 
 
 class TransferBatch:
@@ -55,16 +102,25 @@ class Runtime:
         # Reserved area at the start of the arena: barrier rows, then the alloc check table.
         self._barrier_bytes = BARRIER_SLOTS * self.world_size * 8
         self._check_off = self._barrier_bytes
-        self._gen_off = self._check_off + self.world_size * 32
+        self._gen_off = self._check_off + self.world_size * AGREE_WORDS * 8
         self._gen_next: dict[int, int] = {}     # signal offset -> generation word index
         self._counts: dict[int, int] = {}       # signal offset -> rounds waited (host bookkeeping)
-        reserved = self._gen_off + (BARRIER_SLOTS + GEN_WORDS) * 8
+        self._abort_off = self._gen_off + (BARRIER_SLOTS + GEN_WORDS) * 8  # a failed peer's rank + 1
+        reserved = self._abort_off + 8
         reserved = -(-reserved // 4096) * 4096
         if reserved >= backend.heap_size:
             raise OnesideError(f"heap_size={backend.heap_size}: too small, need more than {reserved} bytes")
         self.alloc_seq = 0
         self._allocator = Allocator(reserved, backend.heap_size - reserved)
-        self._check_area = SymArray(self, self._check_off, (self.world_size, 4), "uint64", -1)
+        self._check_area = SymArray(self, self._check_off, (self.world_size, AGREE_WORDS), "uint64", -1)
+        self._agree_puts: TransferBatch | None = None
+        if hasattr(backend, "set_abort_word"):
+            backend.set_abort_word(self._abort_off)
+        self.chaos = Chaos.from_env(self.rank)
+        if self.chaos is not None:
+            global _last_chaos
+            _last_chaos = self.chaos  # the chaos harness reads its counts after finalize
+            self.chaos.attach(self)
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -91,6 +147,18 @@ class Runtime:
     def _check_open(self) -> None:
         if not self._open:
             raise NotInitializedError("oneside runtime was finalized; call oneside.init() again")
+
+    def check(self) -> None:
+        """Raise the error a GPU-side wait recorded (a mismatched barrier, a timeout, a peer that
+        aborted); sticky: once set, every later call raises it. A no-op on the host backend,
+        whose waits raise where they happen."""
+        self._check_open()
+        self.backend.raise_device_error()
+
+    def poison_if_failed(self, a: SymArray, stream: Any = None) -> None:
+        """Enqueue on ``stream``: if a GPU-side wait of this rank failed, fill ``a`` with NaN
+        (all bits set), so a result computed from a broken collective is never taken as valid."""
+        self.backend.poison_if_failed(a.ptr, a.nbytes, stream)
 
     def _check_live(self, a: SymArray) -> None:
         self._check_open()
@@ -135,7 +203,7 @@ class Runtime:
         self.alloc_seq += 1
         if check:
             try:
-                self._check_symmetric("alloc", off, nbytes)
+                self.agree("alloc", {"number": self.alloc_seq, "bytes": nbytes, "offset": off})
             except Exception:
                 self._allocator.free(off)
                 raise
@@ -148,25 +216,47 @@ class Runtime:
             raise ValueError("free(a): a is a view; free the array that alloc() returned")
         self._allocator.free(a.alloc_offset)
 
-    def _check_symmetric(self, what: str, off: int, nbytes: int) -> None:
+    def agree(self, what: str, fields: Mapping[str, Any]) -> None:
+        """Collective: every rank passes the same ``what`` and the same ``fields`` values (ints,
+        floats or strings) or every rank raises :class:`CollectiveMismatchError` naming the first
+        field that differs and the ranks' values. Up to 29 fields."""
+        self._check_open()
+        if len(fields) > AGREE_WORDS - 3:
+            raise ValueError(f"agree: at most {AGREE_WORDS - 3} fields, got {len(fields)}")
         if self.world_size == 1:
             return
-        mine = np.array([self.alloc_seq, off, nbytes, 0x5EED], dtype=np.uint64)
-        row = self._check_area[self.rank]
-        self.backend.upload(row.local, mine)
-        others = [p for p in range(self.world_size) if p != self.rank]
-        self.batch("put", [(row, p, row) for p in others], engine="ce").issue()
-        self.barrier_all()
+        names = list(fields)
+        row = np.zeros(AGREE_WORDS, np.uint64)
+        row[:3] = (_AGREE_MAGIC, _encode(what), len(names))
+        row[3:3 + len(names)] = [_encode(fields[k]) for k in names]
+        mine = self._check_area[self.rank]
+        self.backend.upload(mine.local, row)
+        if self._agree_puts is None:
+            others = [p for p in range(self.world_size) if p != self.rank]
+            self._agree_puts = self.batch("put", [(mine, p, mine) for p in others], engine="ce")
+        self._agree_puts.issue()
+        self.barrier_all(tag=_AGREE_TAG)
         self.sync()
         table = self.backend.download(self._check_area.local)
-        for p in others:
-            if tuple(table[p]) != tuple(mine):
-                seq, poff, pn, magic = (int(x) for x in table[p])
-                raise OnesideError(
-                    f"{what} is not symmetric: rank {p} made allocation #{seq} of {pn} bytes at offset "
-                    f"{poff}, rank {self.rank} made #{int(mine[0])} of {nbytes} bytes at {off}; every rank "
-                    f"must allocate the same sizes in the same order")
-        self.barrier_all()  # nobody overwrites the table before everyone has read it
+        self.barrier_all(tag=_AGREE_TAG)  # nobody overwrites the table before everyone has read it
+        for p in range(self.world_size):
+            theirs = table[p]
+            if p == self.rank or np.array_equal(theirs, row):
+                continue
+            if int(theirs[0]) != _AGREE_MAGIC or int(theirs[1]) != int(row[1]):
+                raise CollectiveMismatchError(
+                    f"{what}: rank {p} is in a different collective ({_decode(int(theirs[1]), what)}) than "
+                    f"rank {self.rank} ({what!r}); every rank must make the same collective calls in order")
+            for i, k in enumerate(names):
+                if int(theirs[3 + i]) != int(row[3 + i]):
+                    detail = (f"rank {p} has {k}={_decode(int(theirs[3 + i]), fields[k])}, rank {self.rank} "
+                              f"has {k}={fields[k]!r}")
+                    if what == "alloc":
+                        raise CollectiveMismatchError(
+                            f"alloc is not symmetric: {detail}; every rank must allocate the same sizes in "
+                            f"the same order")
+                    raise CollectiveMismatchError(f"{what} differs between ranks: {detail}")
+            raise CollectiveMismatchError(f"{what}: rank {p} passed different fields than rank {self.rank}")
 
     # -- transfers --------------------------------------------------------------------
     def batch(self, kind: str, transfers: Sequence[tuple[Any, int, Any]], signal: SymArray | None = None,
@@ -299,9 +389,19 @@ class Runtime:
         self._check_open()
         self.backend.quiet(stream)
 
-    def barrier(self, team: Team, stream: Any = None, timeout: float | None = None) -> None:
-        """Barrier over ``team``: prior transfers of each member are complete and visible."""
-        self._check_open()
+    def barrier(self, team: Team, stream: Any = None, timeout: float | None = None,
+                tag: int | None = None) -> None:
+        """Barrier over ``team``: prior transfers of each member are complete and visible.
+
+        Every member must reach it from the same call site: ``tag`` (a 32-bit int, see
+        :func:`oneside.runtime.tag`; default: the caller's file and line) travels with the
+        barrier's signals and a member that arrives with a different one - it skipped or added
+        a collective - makes the others raise :class:`CollectiveMismatchError` (on GPUs: the
+        wait records it, :meth:`check` raises it and :meth:`poison_if_failed` marks results).
+        """
+        self.check()
+        if tag is None:
+            tag = _caller_tag(2 if sys._getframe(1).f_code is _BARRIER_ALL_CODE else 1)
         if not isinstance(team, Team):
             raise TypeError(f"team: expected a oneside.Team, got {type(team).__name__}")
         slot = team.slot % BARRIER_SLOTS
@@ -320,18 +420,21 @@ class Runtime:
         epoch = self._epochs.get(slot, 0) + 1
         self._epochs[slot] = epoch
         self.backend.barrier(slot * self.world_size * 8, team.ranks, me, epoch, self._gen_off + 8 * slot,
-                             stream, timeout)
+                             stream, timeout, int(tag) & 0xFFFFFFFF)
 
-    def barrier_all(self, stream: Any = None, timeout: float | None = None) -> None:
-        self.barrier(self.world, stream, timeout)
+    def barrier_all(self, stream: Any = None, timeout: float | None = None, tag: int | None = None) -> None:
+        """:meth:`barrier` over every rank."""
+        self.barrier(self.world, stream, timeout, tag)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         """Block the host until ``stream`` (GPU; None: the current stream) has finished.
 
-        Raises :class:`CommTimeoutError` after ``timeout`` seconds; a no-op on the host backend.
+        Raises :class:`CommTimeoutError` after ``timeout`` seconds, or the error a GPU-side wait
+        recorded (see :meth:`check`); a no-op on the host backend.
         """
         self._check_open()
         self.backend.sync(stream, timeout)
+        self.backend.raise_device_error()
 
     def close(self, failed: bool = False) -> None:
         if not self._open:
@@ -380,7 +483,7 @@ def init(backend: str | None = None, heap_size: int | str | None = None, *, rank
         raise
     _current = rt
     try:
-        rt.barrier_all()
+        rt.barrier_all(tag=tag("oneside.init"))
         rt.sync()
         if hasattr(be, "after_rendezvous"):
             be.after_rendezvous()
@@ -412,7 +515,7 @@ def finalize(failed: bool = False) -> None:
         return
     try:
         if not failed:
-            rt.barrier_all()
+            rt.barrier_all(tag=tag("oneside.finalize"))
             rt.sync()
     finally:
         rt.close(failed=failed)
@@ -427,3 +530,5 @@ def _at_exit() -> None:
 
 
 atexit.register(_at_exit)
+_AGREE_TAG = tag("oneside.agree")
+_BARRIER_ALL_CODE = Runtime.barrier_all.__code__

@@ -60,6 +60,16 @@ class SPAttention:
         self.rt, self.plan, self.batch = rt, plan, batch
         self.dtype = oneside.heap.dtype_name(dtype)
         self.scale = 1.0 / math.sqrt(plan.head_dim) if scale is None else float(scale)
+        # every rank must build the same layer: compare before allocating, name what differs
+        sig = {"algorithm": plan.algorithm, "seq_len": plan.seq_len, "heads": plan.heads,
+               "head_dim": plan.head_dim, "T": plan.T, "U": plan.U, "R": plan.R,
+               "order": ",".join(f"{lv}{n}" for lv, n in plan.order), "batch": batch,
+               "dtype": self.dtype, "scale": self.scale, "layout": layout, "local": local}
+        rt.agree("SPAttention", sig)
+        # call-site tags of the per-call barriers: this layer's identity, advanced per call, so a
+        # barrier is never met by another layer's, or by this layer's from another call
+        self._tag0 = oneside.runtime.tag(repr(sorted(sig.items())))
+        self._calls = 0
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
         T, U, R = plan.T, plan.U, plan.R
         self.Sl = Sl = -(-S // W)
@@ -207,6 +217,8 @@ class SPAttention:
                                                    finalize=fin, out=out_blocks(p) if fin else None), lane[p]))
                     if fin and p != t:  # Push O while the remaining rows finish
                         steps.append(("push", p, lane[p]))
+        if rt.chaos is not None:  # chaos testing: a delay/fault point before every kernel launch
+            steps = [(k, rt.chaos.wrap(a) if k == "run" else a, s) for k, a, s in steps]
         self.steps = steps
         # the SymArray views used per call
         self._send_views = {x: self.SU[x] if U > 1 else self.RU[x] for x in "qkv"}
@@ -252,6 +264,9 @@ class SPAttention:
                 raise TypeError(f"{name}: expected dtype {self.dtype}, got {x.dtype}")
         if self.layout == "bhsd":
             q, k, v = (_swap12(x) for x in (q, k, v))
+        rt.check()  # a failure an earlier call's GPU-side waits recorded: raise it now
+        self._calls += 1
+        tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
         for x, a in (("q", q), ("k", k), ("v", v)):
             self._pack(a, self._send_views[x])
         # Compute on the caller's stream C; Torus traffic on stream A, Ring traffic on stream B
@@ -261,7 +276,7 @@ class SPAttention:
         A, Bs = (self._streams[0].ptr, self._streams[1].ptr) if self.gpu else (None, None)
         if U > 1:
             self.ulysses.issue(C)
-        rt.barrier_all(C)
+        rt.barrier_all(C, tag=tag)
         self._record("start", C)
         if T > 1:
             self._wait(A, "start")
@@ -298,10 +313,12 @@ class SPAttention:
             self._wait(C, "computed2")
             self._record("pushed", A)
             self._wait(C, "pushed")
-        rt.barrier_all(C)
+        rt.barrier_all(C, tag=tag + 1)
         if U > 1:
             self.ulysses_back.issue(C)
-            rt.barrier(self.Ut, C)
+            rt.barrier(self.Ut, C, tag=tag + 2)
+        if self.gpu:  # results of a call whose waits failed are NaN, never plausible numbers
+            rt.poison_if_failed(self.FO if U > 1 else self.RO, C)
         if out is None:
             shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
             out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)

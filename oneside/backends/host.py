@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import CommTimeoutError, OnesideError, PeerDeadError
+from ..errors import CollectiveMismatchError, CommTimeoutError, OnesideError, PeerDeadError
 
 HEADER = 4096  # bytes before the arena in each file: magic, pid, state
 _MAGIC = 0x0E51DE
@@ -77,6 +77,7 @@ class HostBackend:
         self.bases = [0] * world_size
         self._pids = [0] * world_size
         self._last_check = 0.0
+        self._site_sums: dict[int, int] = {}  # barrier row -> sum of the call-site tags so far
         self.hosts = (socket.gethostname(),) * world_size  # one host by construction
         self._create_own()
         try:
@@ -315,16 +316,40 @@ class HostBackend:
                              f"waited {t:.1f} s for round {count}")
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
-                stream: Any = None, timeout: float | None = None) -> None:
-        """Flat barrier: tell every member, then wait for every member."""
+                stream: Any = None, timeout: float | None = None, tag: int = 0) -> None:
+        """Flat barrier: tell every member, then wait for every member.
+
+        A word holds ``epoch | site_sum << 32`` (the sum of this rank's call-site tags on this
+        team so far); a member whose word shows this epoch with another sum came from another
+        call site (one of us skipped or added a collective). A member already one epoch ahead
+        overwrote its word: the next barrier compares its sum.
+        """
+        sums = (self._site_sums.get(row_offset, 0) + tag) & 0xFFFFFFFF
+        self._site_sums[row_offset] = sums
+        value = epoch & 0xFFFFFFFF | sums << 32
         for j, r in enumerate(members):
             if j != my_index:
-                ctypes.c_uint64.from_address(self.bases[r] + row_offset + 8 * my_index).value = epoch
+                ctypes.c_uint64.from_address(self.bases[r] + row_offset + 8 * my_index).value = value
         base = self.bases[self.rank] + row_offset
         words = [(r, ctypes.c_uint64.from_address(base + 8 * j)) for j, r in enumerate(members) if j != my_index]
-        late = lambda: [r for r, w in words if w.value < epoch]  # noqa: E731
+        late = lambda: [r for r, w in words if w.value & 0xFFFFFFFF < epoch]  # noqa: E731
         self._poll(late, timeout, lambda t: f"barrier over ranks {list(members)} timed out after {t:.1f} s: "
                                             f"ranks {late()} did not arrive")
+        for r, w in words:
+            v = w.value
+            if v & 0xFFFFFFFF == epoch and v >> 32 != sums:
+                raise CollectiveMismatchError(
+                    f"barrier over ranks {list(members)} (round {epoch}): rank {r} arrived from a different "
+                    f"call site than rank {self.rank} (its sequence of collective calls differs: one of the two "
+                    f"skipped or added one); every rank must make the same collective calls in the same order")
+
+    @staticmethod
+    def raise_device_error() -> None:
+        """No GPU-side waits here: errors are raised where they happen."""
+
+    @staticmethod
+    def poison_if_failed(ptr: int, nbytes: int, stream: Any = None) -> None:
+        """Nothing to do: a failed wait raised before a result could be returned."""
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         pass

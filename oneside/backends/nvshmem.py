@@ -23,6 +23,7 @@ is not emulated: link sharing between concurrent transfers and NIC/PCIe contenti
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from typing import Any, Sequence
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..bootstrap import Placement
-from ..errors import CommTimeoutError, OnesideError
+from ..errors import CollectiveMismatchError, CommTimeoutError, OnesideError, PeerDeadError
 
 _OPS = {"set": 0, "add": 1}
 _CMPS = {"eq": 0, "ne": 1, "gt": 2, "ge": 3, "lt": 4, "le": 5}
@@ -59,45 +60,99 @@ extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, con
 
 
 # Stream-ordered waits are a one-thread kernel spinning on local words, not NVSHMEM's
-# signal_wait_until_on_stream, which NVSHMEM refuses when several PEs share a GPU.
+# signal_wait_until_on_stream, which NVSHMEM refuses when several PEs share a GPU. Every wait
+# gives up - recording why in `err` (pinned host memory the host reads without a sync) - when
+# its words do not arrive within `timeout_ns`, when a peer wrote its rank + 1 into this rank's
+# abort word, or when another wait already failed (then the stream drains at once). err[0]:
+# 1 mismatch, 2 timeout, 3 peer aborted; err[1]: the words' address; err[2]: member index;
+# err[3], err[4]: what was expected and seen; err[5] = 1 once err[1..4] are written.
 _WAIT_KERNEL = r"""
-extern "C" __global__ void oneside_wait_next(const unsigned long long *words, int n, int skip,
-                                             unsigned long long *gen) {
-    const unsigned long long g = *gen + 1;  // the round to wait for lives on the GPU (graph-safe)
-    *gen = g;
-    for (int i = 0; i < n; ++i) {
-        if (i == skip) continue;
-        const volatile unsigned long long *w = words + i;
-        while (*w < g) __nanosleep(64);
+typedef unsigned long long u64;
+
+__device__ __forceinline__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ void record(u64 *err, u64 code, u64 where, u64 idx, u64 expect, u64 seen) {
+    if (atomicCAS(err, 0ull, code) == 0ull) {
+        volatile u64 *e = err;
+        e[1] = where; e[2] = idx; e[3] = expect; e[4] = seen;
+        __threadfence_system();
+        e[5] = 1;
+        __threadfence_system();
     }
-    __threadfence_system();
 }
 
-extern "C" __global__ void oneside_delay(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do {
-        __nanosleep(500);
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    } while (t - t0 < ns);
-}
-
-extern "C" __global__ void oneside_wait(const unsigned long long *words, int n, int skip, int cmp,
-                                        unsigned long long value) {
+// Wait until every word (but `skip`) completes round `gen + inc`: its low half reaches the
+// round count, and where it equals it its high half (sum of call-site tags) must match.
+extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
+                                             u64 *err, const u64 *abort_word, u64 timeout_ns) {
+    const u64 g = *gen + inc;  // the round to wait for lives on the GPU (graph-safe)
+    *gen = g;
+    const volatile u64 *e = err;
+    if (*e) return;
+    const unsigned lo = (unsigned)g, hi = (unsigned)(g >> 32);
+    const u64 t0 = now_ns();
     for (int i = 0; i < n; ++i) {
         if (i == skip) continue;
-        const volatile unsigned long long *w = words + i;
+        const volatile u64 *w = words + i;
         for (;;) {
-            const unsigned long long v = *w;
-            const bool ok = cmp == 0 ? v == value : cmp == 1 ? v != value : cmp == 2 ? v > value
-                          : cmp == 3 ? v >= value : cmp == 4 ? v < value : v <= value;
-            if (ok) break;
-            __nanosleep(64);
+            const u64 v = *w;
+            if ((int)((unsigned)v - lo) >= 0) {
+                if ((unsigned)v == lo && (unsigned)(v >> 32) != hi) {
+                    record(err, 1, (u64)words, i, g, v);
+                    return;
+                }
+                break;
+            }
+            const u64 a = *(const volatile u64 *)abort_word;
+            if (a) { record(err, 3, (u64)words, i, g, a); return; }
+            if (*e) return;
+            if (now_ns() - t0 > timeout_ns) { record(err, 2, (u64)words, i, g, v); return; }
+            __nanosleep(128);
         }
     }
     __threadfence_system();
 }
+
+extern "C" __global__ void oneside_delay(u64 ns) {
+    const u64 t0 = now_ns();
+    do __nanosleep(500); while (now_ns() - t0 < ns);
+}
+
+extern "C" __global__ void oneside_wait(const u64 *words, int n, int skip, int cmp, u64 value,
+                                        u64 *err, const u64 *abort_word, u64 timeout_ns) {
+    const volatile u64 *e = err;
+    if (*e) return;
+    const u64 t0 = now_ns();
+    for (int i = 0; i < n; ++i) {
+        if (i == skip) continue;
+        const volatile u64 *w = words + i;
+        for (;;) {
+            const u64 v = *w;
+            const bool ok = cmp == 0 ? v == value : cmp == 1 ? v != value : cmp == 2 ? v > value
+                          : cmp == 3 ? v >= value : cmp == 4 ? v < value : v <= value;
+            if (ok) break;
+            const u64 a = *(const volatile u64 *)abort_word;
+            if (a) { record(err, 3, (u64)words, i, value, a); return; }
+            if (*e) return;
+            if (now_ns() - t0 > timeout_ns) { record(err, 2, (u64)words, i, value, v); return; }
+            __nanosleep(128);
+        }
+    }
+    __threadfence_system();
+}
+
+// If a wait of this rank failed, set every byte of [dst, dst + n) (NaN in any float dtype).
+extern "C" __global__ void oneside_poison(unsigned char *dst, u64 n, const u64 *err) {
+    if (!*(const volatile u64 *)err) return;
+    const u64 start = (u64)blockIdx.x * blockDim.x + threadIdx.x, step = (u64)gridDim.x * blockDim.x;
+    for (u64 k = start; k < n; k += step) dst[k] = 0xFF;
+}
 """
+_ERR_CODES = {1: "mismatch", 2: "timeout", 3: "abort"}
 
 
 def _parse_link(spec: str | None) -> tuple[float, float, float] | None:
@@ -168,6 +223,16 @@ class NvshmemBackend:
         self._wait = waits.get_function("oneside_wait")
         self._wait_gen = waits.get_function("oneside_wait_next")
         self._delay = waits.get_function("oneside_delay")
+        self._poison = waits.get_function("oneside_poison")
+        # the waits' error record: pinned, mapped host memory (read by the host without a sync)
+        rtm = cupy.cuda.runtime
+        self._err_host = rtm.hostAlloc(64, rtm.hostAllocMapped | rtm.hostAllocPortable)
+        self._err = np.ctypeslib.as_array((ctypes.c_uint64 * 8).from_address(self._err_host))
+        self._err[:] = 0
+        self._err_ptr = cupy.uint64(rtm.hostGetDevicePointer(self._err_host, 0))
+        self._failed: Exception | None = None
+        self._abort_off = 0
+        self._timeout_ns = cupy.uint64(int(timeout * 1e9))
         self.per_machine = place.world_size // place.machines
         self.link = _parse_link(os.environ.get("ONESIDE_EMULATE_LINK"))
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
@@ -313,12 +378,15 @@ class NvshmemBackend:
         deadline = time.monotonic() + timeout
         n = 0
         while not ev.done:
+            if self._err[0]:
+                break  # a wait failed: the stream drains on its own; raise what it recorded
             if time.monotonic() > deadline:
                 raise CommTimeoutError(f"{what}: GPU stream still blocked after {timeout:.1f} s "
                                        "(a peer never signalled); this runtime cannot be used further")
             n += 1
             if n > 100:
                 time.sleep(min(1e-3, 1e-5 * n))
+        self.raise_device_error()
 
     # -- transfers --------------------------------------------------------------------
     def prepare(self, kind: str, local: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
@@ -423,15 +491,73 @@ class NvshmemBackend:
             self._hold(delay, h)
         self.lib.os_signal_op(self.heap_base + offset, value, _OPS[op], pe, h)
 
-    def _wait_words(self, addr: int, n: int, skip: int, cmp: int, value: int, handle: int) -> None:
+    # -- failure: recorded by the waits, raised by the host, told to the peers -----------
+    def set_abort_word(self, offset: int) -> None:
+        """Heap offset of the word peers set (to their rank + 1) when they fail."""
+        self._abort_off = offset
+        self._abort_ptr = self.cp.uint64(self.heap_base + offset)
+
+    def _timeout(self, timeout: float | None):
+        return self._timeout_ns if timeout is None else self.cp.uint64(int(timeout * 1e9))
+
+    def raise_device_error(self) -> None:
+        """Raise (sticky) the failure a wait kernel recorded, if any."""
+        if self._failed is not None:
+            raise self._failed
+        if not self._err[0]:
+            return
+        end = time.monotonic() + 1.0
+        while not self._err[5] and time.monotonic() < end:  # the kernel is writing the details
+            time.sleep(1e-4)
+        code, where, idx, expect, seen = (int(x) for x in self._err[:5])
+        where -= self.heap_base
+        if code == 1:
+            exc: Exception = CollectiveMismatchError(
+                f"barrier at heap offset {where} (round {expect & 0xFFFFFFFF}): member {idx} arrived from a "
+                f"different call site than rank {self.rank} (its sequence of collective calls differs: one of "
+                f"the two skipped or added one); every rank must make the same collective calls in order")
+        elif code == 3:
+            exc = PeerDeadError(f"rank {seen - 1} failed and aborted the job while rank {self.rank} waited "
+                                f"(words at heap offset {where}, member {idx})")
+        else:
+            exc = CommTimeoutError(
+                f"a GPU-side wait of rank {self.rank} timed out after {self.timeout:.1f} s (words at heap offset "
+                f"{where}, member {idx}: saw {seen & 0xFFFFFFFF}, expected {expect & 0xFFFFFFFF}); a peer never "
+                f"signalled (dead, hung, or it skipped a collective)")
+        self._failed = exc
+        raise exc
+
+    def poison_if_failed(self, ptr: int, nbytes: int, stream: Any = None) -> None:
         cp = self.cp
-        self._wait((1,), (1,), (cp.uint64(addr), cp.int32(n), cp.int32(skip), cp.int32(cmp), cp.uint64(value)),
+        blocks = int(min(1024, max(1, nbytes // (256 * 64))))
+        self._poison((blocks,), (256,), (cp.uint64(ptr), cp.uint64(nbytes), self._err_ptr),
+                     stream=self._cupy_stream(self.stream_handle(stream)))
+
+    def _abort_peers(self) -> None:
+        """Best effort: set every peer's abort word so its waits fail now, not at their timeout."""
+        if not self._abort_off:
+            return
+        h = int(self._internal.ptr)
+        for pe in range(self.world_size):
+            if pe != self.rank:
+                self.lib.os_signal_op(self.heap_base + self._abort_off, self.rank + 1, _OPS["set"], pe, h)
+        self.lib.os_quiet(h)
+        try:
+            self._wait_host(h, "abort", 2.0)
+        except Exception:
+            pass
+
+    def _wait_words(self, addr: int, n: int, skip: int, cmp: int, value: int, handle: int,
+                    timeout: float | None = None) -> None:
+        cp = self.cp
+        self._wait((1,), (1,), (cp.uint64(addr), cp.int32(n), cp.int32(skip), cp.int32(cmp), cp.uint64(value),
+                                self._err_ptr, self._abort_ptr, self._timeout(timeout)),
                    stream=self._cupy_stream(handle))
 
     def signal_wait(self, offset: int, cmp: str, value: int, stream: Any = None,
                     timeout: float | None = None) -> None:
         h = int(self._internal.ptr) if stream is None else self.stream_handle(stream)
-        self._wait_words(self.heap_base + offset, 1, -1, _CMPS[cmp], value, h)
+        self._wait_words(self.heap_base + offset, 1, -1, _CMPS[cmp], value, h, timeout)
         if stream is None:
             self._wait_host(h, f"signal_wait(heap offset {offset}, {cmp} {value})", timeout)
 
@@ -441,19 +567,22 @@ class NvshmemBackend:
     def wait_next(self, offset: int, n: int, skip: int, gen_offset: int, count: int, stream: Any = None,
                   timeout: float | None = None) -> None:
         h = int(self._internal.ptr) if stream is None else self.stream_handle(stream)
-        self._launch_wait_next(self.heap_base + offset, n, skip, self.heap_base + gen_offset, h)
+        self._launch_wait_next(self.heap_base + offset, n, skip, self.heap_base + gen_offset, 1, h, timeout)
         if stream is None:
             self._wait_host(h, f"signal_wait_next(heap offset {offset})", timeout)
 
-    def _launch_wait_next(self, words: int, n: int, skip: int, gen: int, handle: int) -> None:
+    def _launch_wait_next(self, words: int, n: int, skip: int, gen: int, inc: int, handle: int,
+                          timeout: float | None) -> None:
         cp = self.cp
-        self._wait_gen((1,), (1,), (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen)),
+        self._wait_gen((1,), (1,), (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen), cp.uint64(inc),
+                                    self._err_ptr, self._abort_ptr, self._timeout(timeout)),
                        stream=self._cupy_stream(handle))
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
-                stream: Any = None, timeout: float | None = None) -> None:
-        """Quiet, add 1 to my word at every member (native call), wait for the next round of
-        every member's word (kernel; the round count lives on the GPU, so graphs replay it)."""
+                stream: Any = None, timeout: float | None = None, tag: int = 0) -> None:
+        """Quiet, add ``1 + tag << 32`` to my word at every member (native call), wait for the next
+        round of every member's word (kernel; the round count and the sum of call-site tags live
+        on the GPU, so graphs replay it; a member with another sum at this round is a mismatch)."""
         key = tuple(members)
         if key not in self._members:
             mine = self.rank // self.per_machine
@@ -463,17 +592,23 @@ class NvshmemBackend:
         row = self.heap_base + row_offset
         if crosses and self.link is not None:  # the barrier's messages cross an emulated link
             self._hold(int(self.link[1] * 1e9), h)
-        self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, h)
-        self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, h)
+        inc = 1 + (tag << 32)
+        self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, inc, h)
+        self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, inc, h, timeout)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         self._wait_host(self.stream_handle(stream), "sync", timeout)
 
     def close(self, failed: bool = False) -> None:
-        if failed:
-            return  # peers may be gone: NVSHMEM's collective teardown could wait forever
+        if failed:  # peers may be gone: NVSHMEM's collective teardown could wait forever
+            try:
+                self._abort_peers()
+            except Exception:
+                pass
+            return
         try:
             self.cp.cuda.runtime.deviceSynchronize()
             self.nv.free(self._buf)
+            self.cp.cuda.runtime.freeHost(self._err_host)
         finally:
             self.nv.finalize()

@@ -66,13 +66,16 @@ void os_quiet(uint64_t stream) { nvshmemx_quiet_on_stream(S(stream)); }
 // First half of oneside's flat barrier (works with several PEs per GPU, unlike NVSHMEM's team
 // barriers): complete my transfers, then add 1 to my word in every member's row. The second
 // half, waiting for every member's word, is a kernel launched by the Python side.
-// Adding 1 (not setting an epoch) keeps the barrier correct when a CUDA graph replays it.
-void os_barrier_signal(uint64_t row, const int32_t *members, int n, int me, uint64_t stream) {
+// Adding (not setting an epoch) keeps the barrier correct when a CUDA graph replays it:
+// value = 1 + (call-site tag << 32), so a word's low half counts rounds and its high half
+// sums the call sites, which the waiting kernel compares with its own.
+void os_barrier_signal(uint64_t row, const int32_t *members, int n, int me, uint64_t value,
+                       uint64_t stream) {
     cudaStream_t s = S(stream);
     uint64_t *words = reinterpret_cast<uint64_t *>(row);
     nvshmemx_quiet_on_stream(s);
     for (int j = 0; j < n; ++j)
-        if (j != me) nvshmemx_signal_op_on_stream(words + me, 1, NVSHMEM_SIGNAL_ADD, members[j], s);
+        if (j != me) nvshmemx_signal_op_on_stream(words + me, value, NVSHMEM_SIGNAL_ADD, members[j], s);
 }
 
 }  // extern "C"
