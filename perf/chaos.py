@@ -108,12 +108,11 @@ def worker(a: argparse.Namespace) -> int:
                     continue  # this rank "raised between building the layer and calling it"
                 o = layer(*shard)
                 if a.dtype == "bfloat16":
-                    o = o.float().cpu().numpy()
+                    o = o.float().cpu().numpy()  # waits for the GPU
+                rt.check()  # did this call's collective succeed? (GPU waits record failures)
                 rep["calls"] += 1
-                if not np.isfinite(o).all():
-                    raise oneside.OnesideError(f"{name}: NaN output (a failed wait poisoned it); "
-                                               "the runtime did not raise")
                 rel = float(np.abs(o - ref).max() / scale) if o.size else 0.0
+                rel = rel if np.isfinite(rel) else float("inf")  # NaN (poisoned) without an error: wrong
                 rep["max_rel"] = max(rep["max_rel"], rel)
                 if rel > TOL[a.dtype]:
                     rep["wrong"] += 1
@@ -310,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heap", default="64MiB")
     p.add_argument("--write", action="store_true", help="write docs/perf/chaos.json and the summary keys")
     p.add_argument("--out", default=str(ROOT / "docs" / "perf" / "chaos.json"))
+    p.add_argument("--summary", default=str(ROOT / "docs" / "perf" / "summary.json"))
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--skip", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -330,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
 
         Path(a.out).write_text(json.dumps(res, indent=1))
         keys = {}
-        pre = "gpu_stress_" if a.backend == "nvshmem" else "chaos_"
         if "soak" in res:
             s = res["soak"]
             if a.backend == "nvshmem":
@@ -343,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             f = res["faults"]
             keys.update({("gpu_" if a.backend == "nvshmem" else "") + "faults_injected": f["faults_injected"],
                          ("gpu_" if a.backend == "nvshmem" else "") + "faults_detected": f["faults_detected"]})
-        del pre
-        update_summary(keys)
+        update_summary(keys, Path(a.summary))
     bad = (res.get("soak", {}).get("mismatches", 0) or res.get("soak", {}).get("hangs", 0)
            or res.get("soak", {}).get("errors", 0)
            or ("faults" in res and res["faults"]["faults_detected"] != res["faults"]["faults_injected"]))

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a 1-GPU host (from the repo root, wheels of ../shared/device/fetch-wheels.sh in .whl): the
+# reliability checks with ranks sharing the GPU under MPS - GPU fault checks, the oneside and
+# layer GPU tests (CUDA graphs replay tagged barriers), the per-call cost of the checks, the
+# chaos soak (GPU_CALLS layer calls per mesh) and injected faults (GPU_FAULT_RUNS runs).
+# Results in $OUT (chaos_gpu.json, summary_gpu.json, logs).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+nvidia-smi --query-gpu=name --format=csv,noheader
+python3 -m oneside.native > "$OUT/shim-build.log" 2>&1 || { tail -30 "$OUT/shim-build.log"; exit 1; }
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+nvidia-cuda-mps-control -d 2>/dev/null || true
+status=0
+step() {  # name timeout command...
+  local name=$1 t=$2; shift 2
+  local t0=$SECONDS
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  [ $rc = 0 ] || status=1
+  printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(grep -v '^WARN' "$OUT/$name.log" | grep -E 'PASSED|ok:|Error|error|calls|faults_|us"' | tail -2 | tr '\n' ' ' | cut -c1-200)"
+}
+step faults_gpu 120 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_faults.py
+step primitives 180 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_primitives.py
+step layers 300 python3 -m oneside.launch -n 2 --machines 2 --backend nvshmem tests/gpu_sfattn.py
+step checks_cost 120 python3 perf/bench_checks.py --summary "$OUT/summary_gpu.json"
+step soak 400 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
+  --calls "${GPU_CALLS:-7000}" --chaos 0.05,200 --timeout 20 --deadline 380 --heap 256MiB --write \
+  --out "$OUT/chaos_gpu.json" --summary "$OUT/summary_gpu.json"
+step faults 400 python3 perf/chaos.py faults --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
+  --runs "${GPU_FAULT_RUNS:-9}" --fault-calls 6 --timeout 8 --heap 256MiB --write \
+  --out "$OUT/faults_gpu.json" --summary "$OUT/summary_gpu.json"
+echo quit | nvidia-cuda-mps-control 2>/dev/null || true
+grep -E "^(soak|fault) " "$OUT/soak.log" "$OUT/faults.log" | cut -c1-160
+cat "$OUT/summary_gpu.json" 2>/dev/null
+exit $status
