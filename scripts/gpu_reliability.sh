@@ -21,15 +21,15 @@ step() {  # name timeout command...
   [ $rc = 0 ] || status=1
   printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(grep -v '^WARN' "$OUT/$name.log" | grep -E 'PASSED|ok:|Error|error|calls|faults_|us"' | tail -2 | tr '\n' ' ' | cut -c1-200)"
 }
-step faults_gpu 120 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_faults.py
+step faults_gpu 90 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_faults.py
 step primitives 180 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_primitives.py
-step layers 300 python3 -m oneside.launch -n 2 --machines 2 --backend nvshmem tests/gpu_sfattn.py
-step checks_cost 120 python3 perf/bench_checks.py --summary "$OUT/summary_gpu.json"
-step soak 400 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
-  --calls "${GPU_CALLS:-7000}" --chaos 0.05,200 --timeout 20 --deadline 380 --heap 256MiB --write \
+step layers 200 python3 -m oneside.launch -n 2 --machines 2 --backend nvshmem tests/gpu_sfattn.py
+step checks_cost 60 python3 perf/bench_checks.py --summary "$OUT/summary_gpu.json"
+step soak 170 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
+  --calls "${GPU_CALLS:-7000}" --chaos 0.05,200 --timeout 20 --deadline 160 --heap 256MiB --write \
   --out "$OUT/chaos_gpu.json" --summary "$OUT/summary_gpu.json"
-step faults 400 python3 perf/chaos.py faults --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
-  --runs "${GPU_FAULT_RUNS:-9}" --fault-calls 6 --timeout 8 --heap 256MiB --write \
+step faults 230 python3 perf/chaos.py faults --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
+  --runs "${GPU_FAULT_RUNS:-6}" --fault-calls 6 --timeout 8 --heap 256MiB --write \
   --out "$OUT/faults_gpu.json" --summary "$OUT/summary_gpu.json"
 echo quit | nvidia-cuda-mps-control 2>/dev/null || true
 grep -E "^(soak|fault) " "$OUT/soak.log" "$OUT/faults.log" | cut -c1-160
