@@ -24,6 +24,7 @@ step() {  # name timeout command...
 step faults_gpu 90 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_faults.py
 step primitives 180 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_primitives.py
 step layers 200 python3 -m oneside.launch -n 2 --machines 2 --backend nvshmem tests/gpu_sfattn.py
+step layers1 150 python3 -m oneside.launch -n 1 --backend nvshmem tests/gpu_sfattn.py
 step checks_cost 60 python3 perf/bench_checks.py --summary "$OUT/summary_gpu.json"
 step soak 170 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes 2x1 1x2 3x1 \
   --calls "${GPU_CALLS:-7000}" --chaos 0.05,200 --timeout 20 --deadline 160 --heap 256MiB --write \

@@ -70,6 +70,9 @@ class SPAttention:
         # barrier is never met by another layer's, or by this layer's from another call
         self._tag0 = oneside.runtime.tag(repr(sorted(sig.items())))
         self._calls = 0
+        # one rank on a GPU: nothing to exchange, the local kernel reads the caller's tensors and
+        # writes the output (no heap round trip); off after the first call the kernel refuses
+        self._direct = rt.world_size == 1 and rt.backend.is_gpu
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
         T, U, R = plan.T, plan.U, plan.R
         self.Sl = Sl = -(-S // W)
@@ -264,6 +267,10 @@ class SPAttention:
                 raise TypeError(f"{name}: expected dtype {self.dtype}, got {x.dtype}")
         if self.layout == "bhsd":
             q, k, v = (_swap12(x) for x in (q, k, v))
+        if self._direct:
+            o = self._call_direct(q, k, v, out)
+            if o is not None:
+                return o
         rt.check()  # a failure an earlier call's GPU-side waits recorded: raise it now
         self._calls += 1
         tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
@@ -326,6 +333,22 @@ class SPAttention:
             return _swap12(out) if self.layout == "bhsd" else out
         self._unpack(_swap12(out) if self.layout == "bhsd" else out)
         return out
+
+    def _call_direct(self, q: Any, k: Any, v: Any, out: Any) -> Any:
+        """The whole call at world size 1 on a GPU (BSHD views in); None if the kernel cannot
+        read these tensors (the heap path takes over for good)."""
+        if out is None:
+            o = q.new_empty(q.shape) if hasattr(q, "new_empty") else self.local.xp.empty(q.shape, dtype=q.dtype)
+        else:
+            o = _swap12(out) if self.layout == "bhsd" else out
+        try:
+            self.local.direct(q, k, v, o, self.scale, self.rt.backend.stream_handle(None))
+        except ValueError:
+            self._direct = False
+            return None
+        if out is not None:
+            return out
+        return _swap12(o) if self.layout == "bhsd" else o
 
     def _record(self, name: Any, stream: Any) -> None:
         if self.gpu:

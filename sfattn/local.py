@@ -108,6 +108,14 @@ class GpuAttention:
             launch(init=init, finalize=finalize, stream=stream)
         return run
 
+    @staticmethod
+    def direct(q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any) -> None:
+        """Plain attention of the caller's BSHD tensors into ``out`` (one rank: no heap, no state).
+        Raises ValueError where the kernel cannot read them (head dim, alignment, strides)."""
+        from .kernels import attn_blocks
+
+        attn_blocks([q], [k], [v], None, scale, init=True, finalize=True, out=[out], stream=stream)
+
 
 class TorchAttention:
     """torch's own attention as the local kernel: SDPA returning the log-sum-exp (cuDNN on GPUs,
@@ -154,6 +162,12 @@ class TorchAttention:
                 t.cuda.ExternalStream(stream, device=self.device)
             self._streams[stream] = s
         return t.cuda.stream(s)
+
+    def direct(self, q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any) -> None:
+        """Plain attention of the caller's BSHD tensors into ``out`` (one rank: no heap, no state)."""
+        with self._on(stream):
+            o, _ = self._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, lse=False)
+            out.copy_(o.transpose(1, 2))
 
     def _sdpa(self, q, k, v, scale: float, lse: bool = True):
         """(o [B, H, Sq, D], lse [B, H, Sq] or None) of BHSD inputs."""
