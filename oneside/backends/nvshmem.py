@@ -61,11 +61,12 @@ extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, con
 
 # Stream-ordered waits are a one-thread kernel spinning on local words, not NVSHMEM's
 # signal_wait_until_on_stream, which NVSHMEM refuses when several PEs share a GPU. Every wait
-# gives up - recording why in `err` (pinned host memory the host reads without a sync) - when
-# its words do not arrive within `timeout_ns`, when a peer wrote its rank + 1 into this rank's
-# abort word, or when another wait already failed (then the stream drains at once). err[0]:
-# 1 mismatch, 2 timeout, 3 peer aborted; err[1]: the words' address; err[2]: member index;
-# err[3], err[4]: what was expected and seen; err[5] = 1 once err[1..4] are written.
+# gives up when its words do not arrive within `timeout_ns`, when a peer wrote its rank + 1
+# into this rank's abort word, or when another wait already failed (then the stream drains at
+# once). The first failure wins `flag` (device memory: a compare-and-swap, which PCIe may not
+# offer on host memory) and writes why into `rec` (pinned, mapped host memory the host reads
+# without a sync): rec[1] the words' address, rec[2] the member index, rec[3]/rec[4] what was
+# expected and seen, then rec[0] the code (1 mismatch, 2 timeout, 3 peer aborted), rec[5] = 1.
 _WAIT_KERNEL = r"""
 typedef unsigned long long u64;
 
@@ -75,12 +76,14 @@ __device__ __forceinline__ u64 now_ns() {
     return t;
 }
 
-__device__ void record(u64 *err, u64 code, u64 where, u64 idx, u64 expect, u64 seen) {
-    if (atomicCAS(err, 0ull, code) == 0ull) {
-        volatile u64 *e = err;
-        e[1] = where; e[2] = idx; e[3] = expect; e[4] = seen;
+__device__ void record(u64 *flag, u64 *rec, u64 code, u64 where, u64 idx, u64 expect, u64 seen) {
+    if (atomicCAS(flag, 0ull, code) == 0ull) {
+        volatile u64 *r = rec;
+        r[1] = where; r[2] = idx; r[3] = expect; r[4] = seen;
         __threadfence_system();
-        e[5] = 1;
+        r[0] = code;
+        __threadfence_system();
+        r[5] = 1;
         __threadfence_system();
     }
 }
@@ -88,10 +91,10 @@ __device__ void record(u64 *err, u64 code, u64 where, u64 idx, u64 expect, u64 s
 // Wait until every word (but `skip`) completes round `gen + inc`: its low half reaches the
 // round count, and where it equals it its high half (sum of call-site tags) must match.
 extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
-                                             u64 *err, const u64 *abort_word, u64 timeout_ns) {
+                                             u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns) {
     const u64 g = *gen + inc;  // the round to wait for lives on the GPU (graph-safe)
     *gen = g;
-    const volatile u64 *e = err;
+    const volatile u64 *e = flag;
     if (*e) return;
     const unsigned lo = (unsigned)g, hi = (unsigned)(g >> 32);
     const u64 t0 = now_ns();
@@ -102,15 +105,15 @@ extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, 
             const u64 v = *w;
             if ((int)((unsigned)v - lo) >= 0) {
                 if ((unsigned)v == lo && (unsigned)(v >> 32) != hi) {
-                    record(err, 1, (u64)words, i, g, v);
+                    record(flag, rec, 1, (u64)words, i, g, v);
                     return;
                 }
                 break;
             }
             const u64 a = *(const volatile u64 *)abort_word;
-            if (a) { record(err, 3, (u64)words, i, g, a); return; }
+            if (a) { record(flag, rec, 3, (u64)words, i, g, a); return; }
             if (*e) return;
-            if (now_ns() - t0 > timeout_ns) { record(err, 2, (u64)words, i, g, v); return; }
+            if (now_ns() - t0 > timeout_ns) { record(flag, rec, 2, (u64)words, i, g, v); return; }
             __nanosleep(128);
         }
     }
@@ -123,8 +126,8 @@ extern "C" __global__ void oneside_delay(u64 ns) {
 }
 
 extern "C" __global__ void oneside_wait(const u64 *words, int n, int skip, int cmp, u64 value,
-                                        u64 *err, const u64 *abort_word, u64 timeout_ns) {
-    const volatile u64 *e = err;
+                                        u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns) {
+    const volatile u64 *e = flag;
     if (*e) return;
     const u64 t0 = now_ns();
     for (int i = 0; i < n; ++i) {
@@ -136,9 +139,9 @@ extern "C" __global__ void oneside_wait(const u64 *words, int n, int skip, int c
                           : cmp == 3 ? v >= value : cmp == 4 ? v < value : v <= value;
             if (ok) break;
             const u64 a = *(const volatile u64 *)abort_word;
-            if (a) { record(err, 3, (u64)words, i, value, a); return; }
+            if (a) { record(flag, rec, 3, (u64)words, i, value, a); return; }
             if (*e) return;
-            if (now_ns() - t0 > timeout_ns) { record(err, 2, (u64)words, i, value, v); return; }
+            if (now_ns() - t0 > timeout_ns) { record(flag, rec, 2, (u64)words, i, value, v); return; }
             __nanosleep(128);
         }
     }
@@ -146,8 +149,8 @@ extern "C" __global__ void oneside_wait(const u64 *words, int n, int skip, int c
 }
 
 // If a wait of this rank failed, set every byte of [dst, dst + n) (NaN in any float dtype).
-extern "C" __global__ void oneside_poison(unsigned char *dst, u64 n, const u64 *err) {
-    if (!*(const volatile u64 *)err) return;
+extern "C" __global__ void oneside_poison(unsigned char *dst, u64 n, const u64 *flag) {
+    if (!*(const volatile u64 *)flag) return;
     const u64 start = (u64)blockIdx.x * blockDim.x + threadIdx.x, step = (u64)gridDim.x * blockDim.x;
     for (u64 k = start; k < n; k += step) dst[k] = 0xFF;
 }
@@ -236,7 +239,10 @@ class NvshmemBackend:
         self._err_host = rtm.hostAlloc(64, rtm.hostAllocMapped | rtm.hostAllocPortable)
         self._err = np.ctypeslib.as_array((ctypes.c_uint64 * 8).from_address(self._err_host))
         self._err[:] = 0
-        self._err_ptr = cupy.uint64(rtm.hostGetDevicePointer(self._err_host, 0))
+        self._rec_ptr = cupy.uint64(rtm.hostGetDevicePointer(self._err_host, 0))
+        self._flag = cupy.zeros(1, cupy.uint64)  # device word: the first failure's compare-and-swap
+        self._err_ptr = cupy.uint64(self._flag.data.ptr)
+        cupy.cuda.runtime.deviceSynchronize()  # zeroed before any wait on another stream reads it
         self._failed: Exception | None = None
         self._abort_off = 0
         self._timeout_ns = cupy.uint64(int(timeout * 1e9))
@@ -558,7 +564,7 @@ class NvshmemBackend:
                     timeout: float | None = None) -> None:
         cp = self.cp
         self._wait((1,), (1,), (cp.uint64(addr), cp.int32(n), cp.int32(skip), cp.int32(cmp), cp.uint64(value),
-                                self._err_ptr, self._abort_ptr, self._timeout(timeout)),
+                                self._err_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
                    stream=self._cupy_stream(handle))
 
     def signal_wait(self, offset: int, cmp: str, value: int, stream: Any = None,
@@ -582,7 +588,7 @@ class NvshmemBackend:
                           timeout: float | None) -> None:
         cp = self.cp
         self._wait_gen((1,), (1,), (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen), cp.uint64(inc),
-                                    self._err_ptr, self._abort_ptr, self._timeout(timeout)),
+                                    self._err_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
                        stream=self._cupy_stream(handle))
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
