@@ -236,10 +236,11 @@ class NvshmemBackend:
         self._poison = waits.get_function("oneside_poison")
         # the waits' error record: pinned, mapped host memory (read by the host without a sync)
         rtm = cupy.cuda.runtime
-        self._err_host = rtm.hostAlloc(64, rtm.hostAllocMapped | rtm.hostAllocPortable)
+        self._err_host = rtm.hostAlloc(64, 1 | 2)  # cudaHostAllocPortable | cudaHostAllocMapped
         self._err = np.ctypeslib.as_array((ctypes.c_uint64 * 8).from_address(self._err_host))
         self._err[:] = 0
-        self._rec_ptr = cupy.uint64(rtm.hostGetDevicePointer(self._err_host, 0))
+        # with unified addressing (every 64-bit CUDA platform) the device sees the same address
+        self._rec_ptr = cupy.uint64(self._err_host)
         self._flag = cupy.zeros(1, cupy.uint64)  # device word: the first failure's compare-and-swap
         self._err_ptr = cupy.uint64(self._flag.data.ptr)
         cupy.cuda.runtime.deviceSynchronize()  # zeroed before any wait on another stream reads it
