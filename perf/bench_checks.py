@@ -30,7 +30,7 @@ def main() -> int:
 
     import oneside
 
-    rt = oneside.init(backend="nvshmem", heap_size="64MiB")
+    rt = oneside.init(backend="nvshmem", heap_size="1GiB")
     buf = rt.alloc((4096, 24, 128), "bfloat16")  # a Flux-1024 shard's output, 24 MiB
     s = cupy.cuda.Stream(non_blocking=True)
 

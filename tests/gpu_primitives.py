@@ -97,15 +97,6 @@ def main() -> None:
     rt.signal_wait(sig, 3 * (n - 1), "eq")  # host wait
     say("put_signal + signal_wait on stream and host")
 
-    try:
-        rt.signal_wait(sig, 1 << 40, "ge", timeout=0.3)
-        raise AssertionError("signal_wait did not time out")
-    except CommTimeoutError:
-        pass
-    say("host signal_wait times out")
-    # That wait is still pending on the internal stream: unblock it (a signal from myself).
-    rt.signal_op(sig, 1 << 40, me, "set")
-    rt.sync()
     rt.barrier_all()
 
     # team barriers (machine and cross teams of the mesh)
@@ -155,7 +146,25 @@ def main() -> None:
     rt.sync(stream)
     assert rt.heap_used == used
     say("heap use unchanged by repeated issue")
-    oneside.finalize()
+
+    # last (it breaks the runtime): a wait that times out is a failure of this runtime - the
+    # GPU-side wait gives up too, and every later call raises the same error (sticky)
+    sig = rt.alloc(1, "uint64")
+    sig.local[...] = 0
+    rt.barrier_all()
+    try:
+        rt.signal_wait(sig, 1 << 40, "ge", timeout=0.3)
+        raise AssertionError("signal_wait did not time out")
+    except CommTimeoutError:
+        pass
+    for call in (rt.sync, rt.check, rt.barrier_all):
+        try:
+            call()
+            raise AssertionError(f"{call.__name__} after a timed-out wait did not raise")
+        except CommTimeoutError:
+            pass
+    say("host signal_wait times out; the failure is sticky")
+    oneside.finalize(failed=True)
     if me == 0:
         print("ALL GPU PRIMITIVE CHECKS PASSED", flush=True)
 

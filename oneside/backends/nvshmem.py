@@ -394,9 +394,10 @@ class NvshmemBackend:
         while not ev.done:
             if self._err[0]:
                 break  # a wait failed: the stream drains on its own; raise what it recorded
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(f"{what}: GPU stream still blocked after {timeout:.1f} s "
-                                       "(a peer never signalled); this runtime cannot be used further")
+            if time.monotonic() > deadline:  # sticky: the stream holds a wait that may never end
+                self._failed = CommTimeoutError(f"{what}: GPU stream still blocked after {timeout:.1f} s "
+                                                "(a peer never signalled); this runtime cannot be used further")
+                raise self._failed
             n += 1
             if n > 100:
                 time.sleep(min(1e-3, 1e-5 * n))
@@ -535,9 +536,9 @@ class NvshmemBackend:
                                 f"(words at heap offset {where}, member {idx})")
         else:
             exc = CommTimeoutError(
-                f"a GPU-side wait of rank {self.rank} timed out after {self.timeout:.1f} s (words at heap offset "
-                f"{where}, member {idx}: saw {seen & 0xFFFFFFFF}, expected {expect & 0xFFFFFFFF}); a peer never "
-                f"signalled (dead, hung, or it skipped a collective)")
+                f"a GPU-side wait of rank {self.rank} timed out (words at heap offset {where}, member {idx}: "
+                f"saw {seen:#x}, waited for {expect:#x}); a peer never signalled (dead, hung, or it skipped a "
+                f"collective); this runtime cannot be used further")
         self._failed = exc
         raise exc
 
