@@ -93,13 +93,11 @@ def worker(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     code = 0
     try:
-        rt = None
-        while rt is None:
-            try:
-                rt = oneside.init(heap_size=a.heap)
-            except oneside.InjectedFault:
-                rep["injected"] += 1
-                raise
+        try:
+            rt = oneside.init(heap_size=a.heap)
+        except oneside.InjectedFault:  # a fault at init: this rank cannot go on
+            rep["injected"] += 1
+            raise
         cases = None
         first: dict = {}
         i = 0
@@ -200,7 +198,6 @@ def soak(a: argparse.Namespace) -> dict:
     meshes = [_mesh(m) for m in a.meshes]
     t0 = time.monotonic()
     res = {"meshes": {}, "chaos": a.chaos, "backend": a.backend, "dtype": a.dtype}
-    procs = []
     from concurrent.futures import ThreadPoolExecutor
 
     def one(i_mesh):

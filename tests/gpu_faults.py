@@ -7,7 +7,6 @@ passed to ``poison_if_failed`` is NaN, and the failure is sticky (``check()`` ra
 from __future__ import annotations
 
 import cupy as cp
-import numpy as np
 
 import oneside
 
