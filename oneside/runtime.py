@@ -23,7 +23,6 @@ GEN_WORDS = 256  # device-side generation counters: barrier slots, then signal_w
 AGREE_WORDS = 32  # per rank in the agreement table: magic, what, field count, fields
 _AGREE_MAGIC = 0x5EED
 _current: "Runtime | None" = None
-_last_chaos: Chaos | None = None
 _site_tags: dict[tuple[Any, int], int] = {}
 
 
@@ -114,12 +113,9 @@ class Runtime:
         self._allocator = Allocator(reserved, backend.heap_size - reserved)
         self._check_area = SymArray(self, self._check_off, (self.world_size, AGREE_WORDS), "uint64", -1)
         self._agree_puts: TransferBatch | None = None
-        if hasattr(backend, "set_abort_word"):
-            backend.set_abort_word(self._abort_off)
+        backend.set_abort_word(self._abort_off)
         self.chaos = Chaos.from_env(self.rank)
         if self.chaos is not None:
-            global _last_chaos
-            _last_chaos = self.chaos  # the chaos harness reads its counts after finalize
             self.chaos.attach(self)
 
     # -- state ------------------------------------------------------------------------

@@ -92,6 +92,7 @@ def worker(a: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     code = 0
+    rt = None
     try:
         try:
             rt = oneside.init(heap_size=a.heap)
@@ -132,8 +133,7 @@ def worker(a: argparse.Namespace) -> int:
         oneside.finalize(failed=True)
         code = 3
     rep["seconds"] = time.monotonic() - t0
-    chaos = getattr(oneside.runtime, "_last_chaos", None)
-    rep["visits"] = dict(chaos.visits) if chaos is not None else {}
+    rep["visits"] = dict(rt.chaos.visits) if rt is not None and rt.chaos is not None else {}
     save()
     return code
 
@@ -256,10 +256,10 @@ def faults(a: argparse.Namespace) -> dict:
     injected = detected = 0
     runs = []
     t0 = time.monotonic()
-    args = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap]
+    base = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap]
     visits = {}
     for mesh in meshes:  # calibration: a clean run per mesh counts the visits of each site
-        reps, hung, _ = _launch(mesh, args, _env(a.backend, f"{a.seed},0,0", None, a.timeout), a.deadline, a.backend)
+        reps, hung, _ = _launch(mesh, base, _env(a.backend, f"{a.seed},0,0", None, a.timeout), a.deadline, a.backend)
         if hung or any(r is None or r["error"] for r in reps):
             raise RuntimeError(f"calibration run on mesh {mesh} failed: {reps}")
         visits[mesh] = min((r["visits"] for r in reps), key=lambda v: v.get("barrier", 0))
@@ -267,7 +267,7 @@ def faults(a: argparse.Namespace) -> dict:
         mesh = meshes[i % len(meshes)]
         W = mesh[0] * mesh[1]
         fault, extra, what = _draw_fault(rng, W, a.fault_calls, visits[mesh])
-        args = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap] + (extra.split() if extra else [])
+        args = base + (extra.split() if extra else [])
         chaos = f"{a.seed + i},{a.chaos}" if a.chaos else None
         reps, hung, secs = _launch(mesh, args, _env(a.backend, chaos, fault, a.timeout), a.deadline, a.backend)
         victim = int((fault or extra.split()[-1]).split(":")[0]) if not (extra or "").startswith("--heap") else -1

@@ -344,6 +344,10 @@ class HostBackend:
                     f"skipped or added one); every rank must make the same collective calls in the same order")
 
     @staticmethod
+    def set_abort_word(offset: int) -> None:
+        """Unused: a failed rank's state in its arena header tells the peers (check_peers)."""
+
+    @staticmethod
     def raise_device_error() -> None:
         """No GPU-side waits here: errors are raised where they happen."""
 

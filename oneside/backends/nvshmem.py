@@ -155,7 +155,6 @@ extern "C" __global__ void oneside_poison(unsigned char *dst, u64 n, const u64 *
     for (u64 k = start; k < n; k += step) dst[k] = 0xFF;
 }
 """
-_ERR_CODES = {1: "mismatch", 2: "timeout", 3: "abort"}
 
 
 def _parse_link(spec: str | None) -> tuple[float, float, float] | None:
@@ -236,13 +235,13 @@ class NvshmemBackend:
         self._poison = waits.get_function("oneside_poison")
         # the waits' error record: pinned, mapped host memory (read by the host without a sync)
         rtm = cupy.cuda.runtime
-        self._err_host = rtm.hostAlloc(64, 1 | 2)  # cudaHostAllocPortable | cudaHostAllocMapped
-        self._err = np.ctypeslib.as_array((ctypes.c_uint64 * 8).from_address(self._err_host))
-        self._err[:] = 0
+        self._rec_host = rtm.hostAlloc(64, 1 | 2)  # cudaHostAllocPortable | cudaHostAllocMapped
+        self._rec = np.ctypeslib.as_array((ctypes.c_uint64 * 8).from_address(self._rec_host))
+        self._rec[:] = 0
         # with unified addressing (every 64-bit CUDA platform) the device sees the same address
-        self._rec_ptr = cupy.uint64(self._err_host)
+        self._rec_ptr = cupy.uint64(self._rec_host)
         self._flag = cupy.zeros(1, cupy.uint64)  # device word: the first failure's compare-and-swap
-        self._err_ptr = cupy.uint64(self._flag.data.ptr)
+        self._flag_ptr = cupy.uint64(self._flag.data.ptr)
         cupy.cuda.runtime.deviceSynchronize()  # zeroed before any wait on another stream reads it
         self._failed: Exception | None = None
         self._abort_off = 0
@@ -392,7 +391,7 @@ class NvshmemBackend:
         deadline = time.monotonic() + timeout
         n = 0
         while not ev.done:
-            if self._err[0]:
+            if self._rec[0]:
                 break  # a wait failed: the stream drains on its own; raise what it recorded
             if time.monotonic() > deadline:  # sticky: the stream holds a wait that may never end
                 self._failed = CommTimeoutError(f"{what}: GPU stream still blocked after {timeout:.1f} s "
@@ -519,12 +518,12 @@ class NvshmemBackend:
         """Raise (sticky) the failure a wait kernel recorded, if any."""
         if self._failed is not None:
             raise self._failed
-        if not self._err[0]:
+        if not self._rec[0]:
             return
         end = time.monotonic() + 1.0
-        while not self._err[5] and time.monotonic() < end:  # the kernel is writing the details
+        while not self._rec[5] and time.monotonic() < end:  # the kernel is writing the details
             time.sleep(1e-4)
-        code, where, idx, expect, seen = (int(x) for x in self._err[:5])
+        code, where, idx, expect, seen = (int(x) for x in self._rec[:5])
         where -= self.heap_base
         if code == 1:
             exc: Exception = CollectiveMismatchError(
@@ -545,7 +544,7 @@ class NvshmemBackend:
     def poison_if_failed(self, ptr: int, nbytes: int, stream: Any = None) -> None:
         cp = self.cp
         blocks = int(min(1024, max(1, nbytes // (256 * 64))))
-        self._poison((blocks,), (256,), (cp.uint64(ptr), cp.uint64(nbytes), self._err_ptr),
+        self._poison((blocks,), (256,), (cp.uint64(ptr), cp.uint64(nbytes), self._flag_ptr),
                      stream=self._cupy_stream(self.stream_handle(stream)))
 
     def _abort_peers(self) -> None:
@@ -566,7 +565,7 @@ class NvshmemBackend:
                     timeout: float | None = None) -> None:
         cp = self.cp
         self._wait((1,), (1,), (cp.uint64(addr), cp.int32(n), cp.int32(skip), cp.int32(cmp), cp.uint64(value),
-                                self._err_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
+                                self._flag_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
                    stream=self._cupy_stream(handle))
 
     def signal_wait(self, offset: int, cmp: str, value: int, stream: Any = None,
@@ -590,7 +589,7 @@ class NvshmemBackend:
                           timeout: float | None) -> None:
         cp = self.cp
         self._wait_gen((1,), (1,), (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen), cp.uint64(inc),
-                                    self._err_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
+                                    self._flag_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
                        stream=self._cupy_stream(handle))
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
@@ -624,6 +623,6 @@ class NvshmemBackend:
         try:
             self.cp.cuda.runtime.deviceSynchronize()
             self.nv.free(self._buf)
-            self.cp.cuda.runtime.freeHost(self._err_host)
+            self.cp.cuda.runtime.freeHost(self._rec_host)
         finally:
             self.nv.finalize()
