@@ -212,6 +212,46 @@ class Runtime:
             raise ValueError("free(a): a is a view; free the array that alloc() returned")
         self._allocator.free(a.alloc_offset)
 
+    def exchange(self, what: str, values: Sequence[int]) -> np.ndarray:
+        """Collective: every rank contributes the same number (up to 29) of non-negative ints
+        below 2**63; returns them all as ``int64 [world_size, len(values)]``, row p from rank p.
+        Every rank raises :class:`CollectiveMismatchError` if another is in a different
+        collective (another ``what`` or count). For plan-time exchanges (sizes), not per call."""
+        self._check_open()
+        values = [int(v) for v in values]
+        if len(values) > AGREE_WORDS - 3:
+            raise ValueError(f"exchange: at most {AGREE_WORDS - 3} values, got {len(values)}")
+        if any(v < 0 or v >= 1 << 63 for v in values):
+            raise ValueError(f"exchange: values must be in [0, 2**63), got {values}")
+        row = np.zeros(AGREE_WORDS, np.uint64)
+        row[:3] = (_AGREE_MAGIC, _encode(what), len(values))
+        row[3:3 + len(values)] = values
+        table = self._exchange_rows(row, what)
+        return table[:, 3:3 + len(values)].astype(np.int64)
+
+    def _exchange_rows(self, row: np.ndarray, what: str) -> np.ndarray:
+        """Every rank's ``AGREE_WORDS`` row (header checked: same collective, same count)."""
+        if self.world_size == 1:
+            return row[None].copy()
+        mine = self._check_area[self.rank]
+        self.backend.upload(mine.local, row)
+        if self._agree_puts is None:
+            others = [p for p in range(self.world_size) if p != self.rank]
+            self._agree_puts = self.batch("put", [(mine, p, mine) for p in others], engine="ce")
+        self._agree_puts.issue()
+        self.barrier_all(tag=_AGREE_TAG)
+        self.sync()
+        table = self.backend.download(self._check_area.local).copy()
+        self.barrier_all(tag=_AGREE_TAG)  # nobody overwrites the table before everyone has read it
+        for p in range(self.world_size):
+            theirs = table[p]
+            if int(theirs[0]) != _AGREE_MAGIC or int(theirs[1]) != int(row[1]) or int(theirs[2]) != int(row[2]):
+                raise CollectiveMismatchError(
+                    f"{what}: rank {p} is in a different collective ({_decode(int(theirs[1]), what)}, "
+                    f"{int(theirs[2])} fields) than rank {self.rank} ({what!r}, {int(row[2])} fields); every "
+                    f"rank must make the same collective calls in order")
+        return table
+
     def agree(self, what: str, fields: Mapping[str, Any]) -> None:
         """Collective: every rank passes the same ``what`` and the same ``fields`` values (ints,
         floats or strings) or every rank raises :class:`CollectiveMismatchError` naming the first
@@ -225,24 +265,11 @@ class Runtime:
         row = np.zeros(AGREE_WORDS, np.uint64)
         row[:3] = (_AGREE_MAGIC, _encode(what), len(names))
         row[3:3 + len(names)] = [_encode(fields[k]) for k in names]
-        mine = self._check_area[self.rank]
-        self.backend.upload(mine.local, row)
-        if self._agree_puts is None:
-            others = [p for p in range(self.world_size) if p != self.rank]
-            self._agree_puts = self.batch("put", [(mine, p, mine) for p in others], engine="ce")
-        self._agree_puts.issue()
-        self.barrier_all(tag=_AGREE_TAG)
-        self.sync()
-        table = self.backend.download(self._check_area.local)
-        self.barrier_all(tag=_AGREE_TAG)  # nobody overwrites the table before everyone has read it
+        table = self._exchange_rows(row, what)
         for p in range(self.world_size):
             theirs = table[p]
             if p == self.rank or np.array_equal(theirs, row):
                 continue
-            if int(theirs[0]) != _AGREE_MAGIC or int(theirs[1]) != int(row[1]):
-                raise CollectiveMismatchError(
-                    f"{what}: rank {p} is in a different collective ({_decode(int(theirs[1]), what)}) than "
-                    f"rank {self.rank} ({what!r}); every rank must make the same collective calls in order")
             for i, k in enumerate(names):
                 if int(theirs[3 + i]) != int(row[3 + i]):
                     detail = (f"rank {p} has {k}={_decode(int(theirs[3 + i]), fields[k])}, rank {self.rank} "

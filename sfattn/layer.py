@@ -19,7 +19,8 @@ Sequences that do not divide by the ranks are padded per rank and the padded key
 from __future__ import annotations
 
 import math
-from typing import Any
+import operator
+from typing import Any, Sequence
 
 
 import oneside
@@ -38,8 +39,10 @@ class SPAttention:
 
     ``q, k, v``: this rank's shard ``[batch, L, heads, head_dim]`` (``layout='bshd'``, the
     default; ``'bhsd'``: ``[batch, heads, L, head_dim]``, any strides) where L is
-    :meth:`shard_len` of this rank (ranks hold consecutive slices of the sequence, the last
-    ones shorter when it does not divide); numpy arrays on the host backend, CuPy arrays or
+    :meth:`shard_len` of this rank: ranks hold consecutive slices of the sequence, of
+    ``lens[rank]`` rows when ``lens`` is given (any split: ``torch.tensor_split``'s, diffusers'
+    "anything" modes', ...; they sum to the plan's ``seq_len``), else ``ceil(seq_len / world)``
+    rows each, the last ones shorter when it does not divide; numpy arrays on the host backend, CuPy arrays or
     torch tensors on GPUs. Returns the attention output for the same rows. ``local``:
     ``'kernel'`` (the fused multi-block kernel; the numpy reference on the host backend) or
     ``'torch'`` (torch SDPA with log-sum-exp, merged; the same local kernel as torch baselines) or
@@ -47,7 +50,8 @@ class SPAttention:
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
-                 scale: float | None = None, layout: str = "bshd", local: str = "kernel"):
+                 scale: float | None = None, layout: str = "bshd", local: str = "kernel",
+                 lens: Sequence[int] | None = None):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
@@ -56,6 +60,8 @@ class SPAttention:
             raise ValueError(f"batch={batch}: expected >= 1")
         if layout not in ("bshd", "bhsd"):
             raise ValueError(f"layout={layout!r}: expected 'bshd' or 'bhsd'")
+        W, S = rt.world_size, plan.seq_len
+        self.lens = self.split(S, W) if lens is None else self._check_lens(lens, S, W)
         self.layout = layout
         self.rt, self.plan, self.batch = rt, plan, batch
         self.dtype = oneside.heap.dtype_name(dtype)
@@ -64,7 +70,8 @@ class SPAttention:
         sig = {"algorithm": plan.algorithm, "seq_len": plan.seq_len, "heads": plan.heads,
                "head_dim": plan.head_dim, "T": plan.T, "U": plan.U, "R": plan.R,
                "order": ",".join(f"{lv}{n}" for lv, n in plan.order), "batch": batch,
-               "dtype": self.dtype, "scale": self.scale, "layout": layout, "local": local}
+               "dtype": self.dtype, "scale": self.scale, "layout": layout, "local": local,
+               "lens": ",".join(map(str, self.lens))}
         rt.agree("SPAttention", sig)
         # call-site tags of the per-call barriers: this layer's identity, advanced per call, so a
         # barrier is never met by another layer's, or by this layer's from another call
@@ -75,8 +82,7 @@ class SPAttention:
         self._direct = rt.world_size == 1 and rt.backend.is_gpu
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
         T, U, R = plan.T, plan.U, plan.R
-        self.Sl = Sl = -(-S // W)
-        self.lens = [max(0, min(Sl, S - r * Sl)) for r in range(W)]
+        self.Sl = Sl = max(self.lens)  # every shard padded to the longest; padded keys masked
         self.Ht = Ht = H // (U * T)
         me = rt.rank
         self.t, self.u, self.r = t, u, r = plan.coords(me)
@@ -127,12 +133,31 @@ class SPAttention:
         rt.sync()
 
     @staticmethod
-    def heap_bytes(plan: Plan, batch: int, dtype: Any = "bfloat16") -> int:
+    def split(seq_len: int, world: int) -> list[int]:
+        """The default shard lengths: ``ceil(seq_len / world)`` rows per rank, the last ones shorter."""
+        n = -(-seq_len // world)
+        return [max(0, min(n, seq_len - r * n)) for r in range(world)]
+
+    @staticmethod
+    def _check_lens(lens: Sequence[int], seq_len: int, world: int) -> list[int]:
+        try:
+            lens = [operator.index(n) for n in lens]
+        except TypeError:
+            raise ValueError(f"lens={lens}: expected {world} ints >= 0 (rows per rank)") from None
+        if len(lens) != world or any(n < 0 for n in lens):
+            raise ValueError(f"lens={lens}: expected {world} ints >= 0 (rows per rank)")
+        if sum(lens) != seq_len:
+            raise ValueError(f"lens={lens}: they sum to {sum(lens)}, the plan's seq_len is {seq_len}")
+        return lens
+
+    @staticmethod
+    def heap_bytes(plan: Plan, batch: int, dtype: Any = "bfloat16", lens: Sequence[int] | None = None) -> int:
         """Symmetric-heap bytes an SPAttention of these shapes allocates: size ``oneside.init``'s
         ``heap_size`` with it (plus room for anything else on the heap and ~1 MiB reserved)."""
         from oneside.heap import ALIGN, itemsize
 
-        local = batch * -(-plan.seq_len // plan.world_size) * plan.heads * plan.head_dim
+        rows = max(lens) if lens is not None else -(-plan.seq_len // plan.world_size)
+        local = batch * rows * plan.heads * plan.head_dim
         chunk = -(-local * itemsize(oneside.heap.dtype_name(dtype)) // ALIGN) * ALIGN
         return (12 + 2 * plan.R) * chunk + ALIGN  # 12 buffers of one shard, K/V of R ring peers, signals
 

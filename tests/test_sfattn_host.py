@@ -18,21 +18,22 @@ def _inputs(seed: int, B: int, S: int, H: int, D: int):
     return [rng.standard_normal((B, S, H, D)) for _ in range(3)]
 
 
-def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str, local: str = "kernel"):
-    """Run every plan the mesh allows, twice each (buffers reused), on fresh inputs."""
+def _all_algorithms(rt, H: int, S: int, B: int, D: int, layout: str, local: str = "kernel", lens=None):
+    """Run every plan the mesh allows, twice each (buffers reused), on fresh inputs; ``lens``:
+    rows per rank (default: SPAttention's ceil split)."""
     errs = {}
     for algo in ALGORITHMS:
         try:
             plan = make_plan(rt.mesh, H, S, D, algo)
         except PlanError:
             continue
-        layer = SPAttention(rt, plan, B, "float64", layout=layout, local=local)
+        layer = SPAttention(rt, plan, B, "float64", layout=layout, local=local, lens=lens)
         used = rt.heap_used
         worst = 0.0
         for it in range(2):
             q, k, v = _inputs(100 * it + len(errs), B, S, H, D)
             ref, _ = attention_ref(q, k, v, layer.scale)
-            lo, L = rt.rank * layer.Sl, layer.shard_len()
+            lo, L = sum(layer.lens[:rt.rank]), layer.shard_len()
             shard = [x[:, lo:lo + L] for x in (q, k, v)]
             if layout == "bhsd":
                 shard = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in shard]
@@ -78,6 +79,19 @@ def test_odd_heads_lengths_and_layouts(mesh, H, S, layout):
     for r in res:
         for algo, err in r.items():
             assert err < 1e-6, (mesh, H, S, algo, err)
+
+
+@pytest.mark.parametrize("mesh,H,lens", [((1, 3), 6, [4, 3, 3]),          # torch.tensor_split of 10
+                                         ((2, 2), 4, [1, 6, 0, 3]),       # anything, an empty shard
+                                         ((3, 1), 3, [5, 5, 4])])
+def test_arbitrary_shard_lengths(mesh, H, lens):
+    W = mesh[0] * mesh[1]
+    res = all_ok(run_ranks(_all_algorithms, W, machines=mesh[0], heap="24MiB", deadline=120,
+                           H=H, S=sum(lens), B=1, D=4, layout="bshd", lens=lens))
+    assert set(res[0]) == {a for a in ALGORITHMS if _allowed(mesh, H, a)}
+    for r in res:
+        for algo, err in r.items():
+            assert err < 1e-6, (mesh, lens, algo, err)
 
 
 def _forced_degrees(rt, cases):
@@ -126,7 +140,7 @@ def _bf16_layers(rt):
     for local in ("kernel", "torch"):
         for algo in ("ulysses", "ring"):
             layer = SPAttention(rt, make_plan(rt.mesh, 4, 40, 16, algo), 1, "bfloat16", local=local)
-            lo, L = rt.rank * layer.Sl, layer.shard_len()
+            lo, L = sum(layer.lens[:rt.rank]), layer.shard_len()
             o = layer(*(x[:, lo:lo + L].to(torch.bfloat16) for x in (q, k, v)))
             assert o.dtype == torch.bfloat16
             errs[local, algo] = float(np.abs(o.double().numpy() - ref[:, lo:lo + L]).max() / np.abs(ref).max())
@@ -229,6 +243,10 @@ def _bad_inputs(rt):
         SPAttention(rt, plan, 1, "float64", layout="sbhd")
     with pytest.raises(ValueError, match="local="):
         SPAttention(rt, plan, 1, "float64", local="cudnn")
+    with pytest.raises(ValueError, match=r"lens=\[9, 8\]: they sum to 17, the plan's seq_len is 16"):
+        SPAttention(rt, plan, 1, "float64", lens=[9, 8])
+    with pytest.raises(ValueError, match=r"lens=\[16\]: expected 2 ints >= 0"):
+        SPAttention(rt, plan, 1, "float64", lens=[16])
     with pytest.raises(ValueError, match="local='fa3' needs GPUs"):
         SPAttention(rt, plan, 1, "float64", local="fa3")
     return True
