@@ -132,6 +132,11 @@ class Runtime:
         return self._allocator.used
 
     @property
+    def heap_largest_free(self) -> int:
+        """The largest allocation that would succeed now (bytes)."""
+        return self._allocator.largest_free
+
+    @property
     def hosts(self) -> tuple[str, ...]:
         """Host name of every rank: the real machine boundary (the mesh's may be virtual)."""
         return self.backend.hosts

@@ -102,17 +102,26 @@ class SPAttention:
                              f"(FlashAttention-3 with log-sum-exp, merged; Hopper, bf16)")
         B = batch
         piece = (B, Sl, Ht, D)
-        a = lambda shape: rt.alloc(shape, self.dtype)  # noqa: E731
-        # Ulysses send [dest u, torus group g]; after Ulysses [g, source u]
-        self.SU = {x: a((U, T, *piece)) for x in "qkv"}
-        self.RU = {x: a((T, U, *piece)) for x in "qkv"}
-        self.TQ = a((T, U, *piece))            # Q chunks pulled from torus peers, by source
-        self.TK, self.TV = a((T, U, *piece)), a((T, U, *piece))
-        self.RK, self.RV = a((R, T, U, *piece)), a((R, T, U, *piece))  # ring peers' K/V, by peer, chunk
-        self.TO = a((T, U, *piece))            # outputs of other machines' rows, before Push O
-        self.RO = a((T, U, *piece))            # my chunk's outputs, by torus group
-        self.FO = a((U, T, *piece))            # after reverse Ulysses: [ulysses group, torus group]
-        self.ready = rt.alloc((T, R), "uint64")  # ring peers' "chunk p pulled" counters
+        self._bufs: list[oneside.SymArray] = []
+
+        def a(shape: tuple, dtype: str = self.dtype) -> oneside.SymArray:
+            self._bufs.append(rt.alloc(shape, dtype))
+            return self._bufs[-1]
+
+        try:
+            # Ulysses send [dest u, torus group g]; after Ulysses [g, source u]
+            self.SU = {x: a((U, T, *piece)) for x in "qkv"}
+            self.RU = {x: a((T, U, *piece)) for x in "qkv"}
+            self.TQ = a((T, U, *piece))            # Q chunks pulled from torus peers, by source
+            self.TK, self.TV = a((T, U, *piece)), a((T, U, *piece))
+            self.RK, self.RV = a((R, T, U, *piece)), a((R, T, U, *piece))  # ring peers' K/V, by peer, chunk
+            self.TO = a((T, U, *piece))            # outputs of other machines' rows, before Push O
+            self.RO = a((T, U, *piece))            # my chunk's outputs, by torus group
+            self.FO = a((U, T, *piece))            # after reverse Ulysses: [ulysses group, torus group]
+            self.ready = a((T, R), "uint64")       # ring peers' "chunk p pulled" counters
+        except oneside.HeapExhaustedError:  # every rank fails at the same allocation: give back, symmetric
+            self.close()
+            raise
         self.ready.local[...] = 0
         self.states = [self.local.state(B, U * Sl, Ht, D) for _ in range(T)]
         self.gpu = rt.backend.is_gpu
@@ -392,6 +401,5 @@ class SPAttention:
 
     def close(self) -> None:
         """Return every buffer to the heap (collective)."""
-        for b in (*self.SU.values(), *self.RU.values(), self.TQ, self.TK, self.TV, self.RK, self.RV,
-                  self.TO, self.RO, self.FO, self.ready):
-            self.rt.free(b)
+        while self._bufs:
+            self.rt.free(self._bufs.pop())

@@ -1,34 +1,50 @@
-"""Sequence parallelism for diffusers' Flux and Wan transformers, with sfattn attention.
+"""sfattn as the attention of diffusers' context parallelism (any model with a ``_cp_plan``).
 
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
     import oneside
-    from sfattn.integrations.diffusers import SequenceParallel
+    from sfattn.integrations import diffusers as sfd
 
-    rt = oneside.init()
-    sp = SequenceParallel(rt)                 # algorithm=None: the planner's choice
-    sp.apply_flux(transformer)                # every attention module uses sfattn
-    out = sp.gather(transformer(hidden_states=sp.shard(latents), img_ids=sp.shard(img_ids, dim=0),
-                                encoder_hidden_states=text, txt_ids=txt_ids, ...).sample)
+    rt = oneside.init(heap_size=sfd.heap_size(transformer, tokens=4096 + 512, world=4))
+    dist.init_process_group("nccl")             # diffusers' hooks split and gather with it
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4, ulysses_anything=True))
+    sfd.enable(transformer, rt)                  # every CP attention call now runs on sfattn
+    image = pipe(prompt, height=1040, width=1040).images[0]   # any resolution
 
-For Wan (video), ``sp.apply_wan(transformer)`` is all it takes: the model is called with the
-whole latents as usual and returns the whole output; hooks split the video tokens (and their
-RoPE frequencies) along the sequence before the first block and all-gather them after the
-last. Self-attention runs on sfattn; cross-attention to the text needs no communication (each
-rank's video queries against the whole, replicated text).
+diffusers' hooks keep doing what the model's plan says - split the inputs along the sequence
+(image and text tokens, RoPE ids; ``tensor_split`` in the "anything" modes, so shards may
+differ by a token), gather the outputs. Each attention call the model makes under context
+parallelism (``dispatch_attention_fn(..., parallel_config=...)``) runs through
+:class:`~sfattn.SPAttention` on those shards instead of diffusers' templated Ulysses/Ring over
+NCCL: the planner's algorithm (or ``algorithm=``) over oneside, with ``local=`` as local
+attention. Heads need not divide by the ranks (the planner picks what works). diffusers'
+``ulysses_degree``/``ring_degree`` only shape its mesh; use an "anything" mode for token
+counts that do not divide by the ranks.
 
-For Flux, the image tokens are split along the sequence (each rank holds ``N / world`` consecutive
-tokens and their position ids, so RoPE stays exact). The text tokens are **replicated**: every
-rank keeps the whole prompt, as the model's MLPs and modulation need it. Inside attention the
-joint sequence is ``text + image``; each rank contributes its 1/world slice of the text rows
-and its image rows to the sequence-parallel attention (so every text key counts once), and
-the text outputs are all-gathered afterwards, so every rank again holds the whole text.
+Why a call and not an attention backend name: diffusers 0.42.1 keys its backend registry by
+the closed enum ``AttentionBackendName``, so a third-party backend cannot be registered without
+editing diffusers. :func:`enable` instead routes ``dispatch_attention_fn`` in the modules of the
+model's attention processors: calls that carry this model's parallel config go to sfattn,
+every other call (other models, cross-attention, no CP) to diffusers unchanged.
 
-``torch.compile`` (``fullgraph=True`` included): the joint attention and the all-gather are
-two opaque ``torch.library`` ops (``sfattn::sp_joint_attention``, ``sfattn::sp_gather``) with
-fake implementations, so a compiled transformer has no graph break and no rank communication
-in traced Python; the layers and heap buffers are made inside them, on first use.
+What sfattn does not do falls back, with one log line per reason: an attention mask, causal
+attention, dropout, grouped-query heads or keys of another length go to diffusers' own CP path
+(with the model's backend); a head dim or dtype the fused kernel lacks runs ``local='torch'``
+inside sfattn (exact).
+
+Layers are built on first use and cached. Shard lengths differ between ranks and between
+calls, so each rank learns the others' once per (input shapes, call index within the forward)
+- a plan-time exchange on the first forward at new shapes, none after - instead of on every
+call. ``torch.compile`` (``fullgraph=True`` included): one opaque op per attention call.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import struct
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,227 +52,455 @@ import torch
 import oneside
 
 from ..layer import SPAttention
-from ..op import attention, release
 from ..plan import make_plan
 
+log = logging.getLogger("sfattn")
 
-_INSTANCES: dict[int, "SequenceParallel"] = {}
-
-
-def _instance(handle: int) -> "SequenceParallel":
-    sp = _INSTANCES.get(handle)
-    if sp is None:
-        raise ValueError(f"sfattn sequence parallelism: no SequenceParallel with handle {handle} (closed?)")
-    return sp
+_INSTANCES: dict[int, "ContextParallelAttention"] = {}
+_PATCHED: dict[str, Any] = {}   # module name -> diffusers' dispatch_attention_fn it held
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_KERNEL_HEAD_DIMS = (64, 128)
+_LOCALS = ("kernel", "torch", "fa3")
 
 
-@torch.library.custom_op("sfattn::sp_joint_attention", mutates_args=())
-def _joint_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int,
-                        text_len: int) -> torch.Tensor:
-    return _instance(handle)._joint_attention(q, k, v, text_len)
+def _instance(handle: int) -> "ContextParallelAttention":
+    inst = _INSTANCES.get(handle)
+    if inst is None:
+        raise ValueError(f"sfattn context parallelism: no instance with handle {handle} (disabled?)")
+    return inst
 
 
-@_joint_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, text_len: int) -> torch.Tensor:
+@torch.library.custom_op("sfattn::cp_attention", mutates_args=())
+def _cp_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, site: int) -> torch.Tensor:
+    return _instance(handle)._attend(q, k, v, _instance(handle)._sites[site])
+
+
+@_cp_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, site: int) -> torch.Tensor:
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("sfattn::sp_gather", mutates_args=())
-def _gather_op(x: torch.Tensor, handle: int, dim: int) -> torch.Tensor:
-    return _instance(handle)._gather(x, dim)
+@torch.library.custom_op("sfattn::cp_gather", mutates_args=())
+def _cp_gather_op(x: torch.Tensor, handle: int, site: int, dim: int, total: int) -> torch.Tensor:
+    return _instance(handle)._gather(x, _instance(handle)._sites[site])
 
 
-@_gather_op.register_fake
-def _(x: torch.Tensor, handle: int, dim: int) -> torch.Tensor:
+@_cp_gather_op.register_fake
+def _(x: torch.Tensor, handle: int, site: int, dim: int, total: int) -> torch.Tensor:
     shape = list(x.shape)
-    shape[dim] *= _instance(handle).world
+    shape[dim] = total
     return x.new_empty(shape)
 
 
-class SequenceParallel:
-    """Shards tokens over the ranks of a oneside runtime and runs joint attention with sfattn.
+_SHAPE_IDS: dict[tuple, int] = {}
 
-    Subclasses may swap the attention and the all-gather (``_attend``, ``_gather``: what the two
-    torch ops run) and keep the processors, hooks and text handling.
+
+@torch.compiler.assume_constant_result
+def _shapes_id(shapes: tuple) -> int:
+    """A small int per distinct input-shape signature (evaluated while tracing under compile)."""
+    return _SHAPE_IDS.setdefault(shapes, len(_SHAPE_IDS) + 1)
+
+
+@torch.compiler.assume_constant_result
+def _site_id(handle: int, shapes: int, call: int, kind: str, dims: tuple, dtype: str, extra: tuple) -> int:
+    """The site (layer or gather buffers) of call ``call`` of a forward at input shapes ``shapes``;
+    made on first use, with the one exchange that tells every rank the others' shard lengths.
+    Runs in program order: eagerly, or while torch.compile traces (on every rank alike)."""
+    return _instance(handle)._site(shapes, call, kind, dims, dtype, extra)
+
+
+@torch.compiler.assume_constant_result
+def _gather_total(handle: int, site: int) -> int:
+    return sum(_instance(handle)._sites[site].lens)
+
+
+_SAID: set[str] = set()
+
+
+@torch.compiler.assume_constant_result
+def _say_once(why: str) -> int:
+    if why not in _SAID:
+        _SAID.add(why)
+        log.warning("sfattn: %s", why)
+    return 0
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What decides the attention shapes of a forward: tensor shapes and dtypes, int arguments."""
+    out: list = []
+
+    def add(name: str, x: Any) -> None:
+        if isinstance(x, torch.Tensor):  # int(): a dynamic size is specialised (a graph per shape)
+            out.append((name, tuple(int(d) for d in x.shape), str(x.dtype)))
+        elif isinstance(x, (bool, int)):
+            out.append((name, x))
+        elif isinstance(x, (list, tuple)):
+            for i, y in enumerate(x):
+                add(f"{name}.{i}", y)
+    for i, x in enumerate(args):
+        add(str(i), x)
+    for name in sorted(kwargs):
+        add(name, kwargs[name])
+    return tuple(out)
+
+
+def _kernel_fits(q: torch.Tensor, local: str) -> bool:
+    ok = q.dtype in _KERNEL_DTYPES and q.shape[-1] in _KERNEL_HEAD_DIMS
+    return ok and (local == "kernel" or q.dtype == torch.bfloat16)
+
+
+_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", abs(float(x))))[0]
+
+
+@dataclass
+class _Attn:
+    """An attention site: its layer (shared by every site of the same global shape)."""
+    layer: SPAttention
+    key: tuple
+
+
+@dataclass
+class _Gather:
+    """A gather site: every rank's rows along ``dim``, the heap buffer and its pushes."""
+    lens: list[int]
+    dim: int
+    buf: oneside.SymArray
+    push: Any
+
+
+class ContextParallelAttention:
+    """Runs the context-parallel attention calls of one diffusers transformer on sfattn, and
+    the output gathers of its plan over oneside.
+
+    Made by :func:`enable`; ``close()`` (or :func:`disable`) frees its heap buffers and gives the
+    calls back to diffusers. Subclasses may replace :meth:`_attend` (a baseline on the same
+    shards, e.g. another sequence-parallel library) and keep the routing and the fallbacks.
     """
 
-    def __init__(self, rt: oneside.Runtime, algorithm: str | None = None, ulysses_degree: int | None = None,
-                 local: str = "kernel"):
-        if local not in ("kernel", "torch"):
-            raise ValueError(f"local={local!r}: expected 'kernel' or 'torch' (see sfattn.SPAttention)")
+    def __init__(self, transformer: torch.nn.Module, rt: oneside.Runtime, algorithm: str | None = None,
+                 ulysses_degree: int | None = None, local: str = "kernel"):
+        if local not in _LOCALS:
+            raise ValueError(f"local={local!r}: expected one of {_LOCALS} (see sfattn.SPAttention)")
+        pc = getattr(transformer, "_parallel_config", None)
+        cp = getattr(pc, "context_parallel_config", None)
+        if cp is None:
+            raise ValueError("transformer: context parallelism is not enabled; call transformer.enable_parallelism("
+                             "config=ContextParallelConfig(...)) first, then sfattn's enable()")
+        if getattr(pc, "_sfattn", None) is not None:
+            raise ValueError("transformer: sfattn is already enabled on it (disable() first)")
+        if cp._world_size != rt.world_size:
+            raise ValueError(f"ContextParallelConfig: its mesh has {cp._world_size} ranks, the oneside runtime "
+                             f"{rt.world_size}; they must be the same ranks")
+        import torch.distributed as dist
+
+        cp_rank = dist.get_rank(cp._flattened_mesh.get_group())
+        if cp_rank != rt.rank:
+            raise ValueError(f"ranks: diffusers' context-parallel rank {cp_rank} (which shard this process gets) "
+                             f"differs from oneside's rank {rt.rank}; start both over the same ranks in the "
+                             f"same order")
         self.rt, self.algorithm, self.ulysses_degree, self.local = rt, algorithm, ulysses_degree, local
-        self.text_len: int | None = None
+        self.transformer, self.parallel_config = transformer, pc
+        self.handle = id(self)  # a plain int: what the ops carry (a constant to torch.compile)
+        self._shapes, self._call = 0, 0
+        self._site_ids: dict[tuple[int, int], int] = {}
+        self._sites: dict[int, _Attn | _Gather] = {}
         self._layers: dict[tuple, SPAttention] = {}
-        self._gathers: dict[tuple, Any] = {}
-        self.handle = id(self)  # a plain int: what the torch ops carry (a constant to torch.compile)
+        self._gathers = self._gather_hooks(transformer)
+        self._hook = transformer.register_forward_pre_hook(self._begin, with_kwargs=True)
         _INSTANCES[self.handle] = self
+        pc._sfattn = self
+        _route(transformer)
+        for hook in self._gathers:  # diffusers' all_gather (gloo cannot gather uneven shards) -> oneside
+            hook.fn_ref.post_forward = functools.partial(self._gather_outputs, hook.metadata)
 
-    @property
-    def world(self) -> int:
-        return self.rt.world_size
+    @staticmethod
+    def _gather_hooks(transformer: torch.nn.Module) -> list:
+        from diffusers.hooks.context_parallel import ContextParallelGatherHook
 
-    def _slice(self, n: int, what: str) -> slice:
-        if n % self.world:
-            raise ValueError(f"{what}: {n} tokens do not divide by the {self.world} ranks")
-        k = n // self.world
-        return slice(self.rt.rank * k, (self.rt.rank + 1) * k)
+        return [h for m in transformer.modules() for h in getattr(getattr(m, "_diffusers_hook", None), "hooks",
+                                                                   {}).values()
+                if isinstance(h, ContextParallelGatherHook)]
 
-    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's consecutive slice of ``x`` along ``dim`` (which must divide by the ranks)."""
-        idx = [slice(None)] * x.ndim
-        idx[dim] = self._slice(x.shape[dim], f"shard(dim={dim})")
-        return x[tuple(idx)].contiguous()
+    # -- per forward / per call (traced by torch.compile: attribute updates and constants) -----
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (before diffusers' split): new input shapes, call count from 0."""
+        self._shapes = _shapes_id(_signature(args, kwargs))
+        self._call = 0
 
-    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """All-gather along ``dim`` (collective): every rank gets the whole, in rank order."""
-        return torch.ops.sfattn.sp_gather(x, self.handle, dim)
+    def _next(self) -> int:
+        call = self._call
+        self._call = call + 1
+        return call
 
-    def _gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """The all-gather itself, through the symmetric heap."""
-        x = x.contiguous()
-        key = (tuple(x.shape), str(x.dtype), dim)
-        buf = self._gathers.get(key)
-        if buf is None:
-            buf = self._gathers[key] = self.rt.alloc((self.world, *x.shape), str(x.dtype).replace("torch.", ""))
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any, dropout_p: float,
+                 is_causal: bool, scale: float | None, enable_gqa: bool, attention_kwargs: Any, backend: Any,
+                 parallel_config: Any) -> torch.Tensor:
+        why = self._unsupported(query, key, value, attn_mask, dropout_p, is_causal, attention_kwargs)
+        if why is not None:
+            _say_once(f"{why}: this attention runs on diffusers' own context-parallel path")
+            return _DISPATCH(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             attention_kwargs, backend=backend, parallel_config=parallel_config)
+        local = self.local
+        if self.rt.backend.is_gpu and local != "torch" and not _kernel_fits(query, local):
+            _say_once(f"head_dim {query.shape[-1]} / {query.dtype}: the fused kernel takes head dims "
+                      f"{_KERNEL_HEAD_DIMS} in bf16/fp16 (FA3: bf16); these layers use local='torch' (exact)")
+            local = "torch"
+        site = _site_id(self.handle, self._shapes, self._next(), "attention", tuple(int(d) for d in query.shape),
+                        str(query.dtype).replace("torch.", ""), (0.0 if scale is None else float(scale), local))
+        return torch.ops.sfattn.cp_attention(query, key, value, self.handle, site)
+
+    def _gather_outputs(self, metadata: list, module: torch.nn.Module, output: Any) -> Any:
+        """diffusers' ContextParallelGatherHook.post_forward, gathering over oneside (any sizes)."""
+        single = isinstance(output, torch.Tensor)
+        outs = [output] if single else list(output)
+        if len(outs) != len(metadata):
+            raise ValueError(f"context-parallel gather: {len(outs)} outputs, the plan gathers {len(metadata)}")
+        for i, cpm in enumerate(metadata):
+            if cpm is None:
+                continue
+            x = outs[i]
+            dim = cpm.gather_dim % x.ndim
+            site = _site_id(self.handle, self._shapes, self._next(), "gather", tuple(int(d) for d in x.shape),
+                            str(x.dtype).replace("torch.", ""), (dim,))
+            outs[i] = torch.ops.sfattn.cp_gather(x, self.handle, site, dim, _gather_total(self.handle, site))
+        return outs[0] if single else tuple(outs)
+
+    @staticmethod
+    def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any, dropout_p: float,
+                     is_causal: bool, attention_kwargs: Any) -> str | None:
+        if attn_mask is not None:
+            return "an attention mask"
+        if is_causal:
+            return "causal attention"
+        if dropout_p:
+            return f"dropout_p={dropout_p}"
+        if attention_kwargs:
+            return f"backend-specific attention_kwargs {sorted(attention_kwargs)}"
+        if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+            return (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (sfattn takes self-attention "
+                    f"shards [batch, tokens, heads, head_dim] of one shape)")
+        return None
+
+    # -- plan time: first use of a site ----------------------------------------------------------
+    def _site(self, shapes: int, call: int, kind: str, dims: tuple, dtype: str, extra: tuple) -> int:
+        sid = self._site_ids.get((shapes, call))
+        if sid is not None:
+            return sid
+        if dtype not in _DTYPES:
+            raise TypeError(f"{kind}: dtype {dtype} not supported (expected one of {_DTYPES})")
+        seq = 1 if kind == "attention" else extra[0]
+        other = [d for i, d in enumerate(dims) if i != seq]
+        mine = [call, len(dims), *other, _DTYPES.index(dtype),
+                *((_bits(extra[0]), _LOCALS.index(extra[1])) if kind == "attention" else ())]
+        table = self.rt.exchange(f"sfattn context-parallel {kind}", [dims[seq], *mine])
+        for p, row in enumerate(table):
+            if list(row[1:]) != mine:
+                raise oneside.CollectiveMismatchError(
+                    f"sfattn context-parallel {kind} (call {call} of the forward): rank {p} has shape/dtype fields "
+                    f"{list(row[1:])}, rank {self.rt.rank} {mine} (call, ndim, sizes but the sequence, dtype, ...); "
+                    f"every rank must run the same model on the same input shapes")
+        lens = [int(n) for n in table[:, 0]]
+        if kind == "attention":
+            B, _, H, D = dims
+            key = (tuple(lens), B, H, D, dtype, extra[0], extra[1])
+            layer = self._layers.get(key)
+            if layer is None:
+                layer = self._layers[key] = self._build(key, shapes)
+            site: _Attn | _Gather = _Attn(layer, key)
+        else:
+            site = self._make_gather(lens, extra[0], dims, dtype)
+        sid = len(self._sites) + 1
+        while sid in self._sites:
+            sid += 1
+        self._sites[sid] = site
+        self._site_ids[(shapes, call)] = sid
+        return sid
+
+    def _build(self, key: tuple, shapes: int) -> SPAttention:
+        lens, B, H, D, dtype, scale, local = key
+        plan = make_plan(self.rt.mesh, H, sum(lens), D, self.algorithm, self.ulysses_degree)
+
+        def build() -> SPAttention:
+            return SPAttention(self.rt, plan, B, dtype, scale=scale or None, local=local, lens=lens)
+        try:
+            return build()
+        except oneside.HeapExhaustedError:
+            if not self._evict(shapes):
+                raise
+            try:
+                return build()
+            except oneside.HeapExhaustedError as e:
+                need = SPAttention.heap_bytes(plan, B, dtype, lens)
+                raise oneside.HeapExhaustedError(
+                    f"sfattn: the symmetric heap cannot hold this forward's attention layers ({need} bytes for "
+                    f"{sum(lens)} tokens x {H} heads x {D}); size oneside.init(heap_size=...) with "
+                    f"sfattn.integrations.diffusers.heap_size(transformer, tokens=..., world=...)") from e
+
+    def _evict(self, shapes: int) -> bool:
+        """Free the layers and gather buffers no site of the current input shapes uses (those of an
+        earlier resolution); the same on every rank. Whether anything was freed."""
+        keep = {sid for (sh, _), sid in self._site_ids.items() if sh == shapes}
+        used = {id(self._sites[sid]) for sid in keep} | {id(self._sites[sid].layer) for sid in keep
+                                                            if isinstance(self._sites[sid], _Attn)}
+        freed = False
+        for k in [k for k, layer in self._layers.items() if id(layer) not in used]:
+            self._layers.pop(k).close()
+            freed = True
+        for sid in [sid for sid in self._sites if sid not in keep]:
+            site = self._sites.pop(sid)
+            if isinstance(site, _Gather):
+                self.rt.free(site.buf)
+                freed = True
+        self._site_ids = {k: sid for k, sid in self._site_ids.items() if sid in keep}
+        return freed
+
+    def _make_gather(self, lens: list[int], dim: int, dims: tuple, dtype: str) -> _Gather:
+        shape = list(dims)
+        shape[dim] = max(lens)
+        try:
+            buf = self.rt.alloc((self.rt.world_size, *shape), dtype)
+        except oneside.HeapExhaustedError:
+            if not self._evict(self._shapes):
+                raise
+            buf = self.rt.alloc((self.rt.world_size, *shape), dtype)
         me = self.rt.rank
-        self.rt.barrier_all()  # nobody still reads this buffer from the previous gather
-        self.rt.scatter_push([(x, p, buf[me]) for p in range(self.world)])
-        self.rt.barrier_all()
-        parts = buf.torch()
-        return torch.cat([parts[i] for i in range(self.world)], dim=dim)
+        push = self.rt.batch("put", [(buf[me], p, buf[me]) for p in range(self.rt.world_size) if p != me])
+        return _Gather(lens, dim, buf, push)
 
-    def _layer(self, B: int, S: int, H: int, D: int, dtype: torch.dtype) -> SPAttention:
-        key = (B, S, H, D, dtype)
-        layer = self._layers.get(key)
-        if layer is None:
-            plan = make_plan(self.rt.mesh, H, S, D, self.algorithm, self.ulysses_degree)
-            layer = self._layers[key] = SPAttention(self.rt, plan, B, str(dtype).replace("torch.", ""),
-                                                    local=self.local)
-        return layer
+    # -- per call, inside the ops --------------------------------------------------------------------
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: _Attn) -> torch.Tensor:
+        """Sequence-parallel attention of this rank's ``[B, L, H, D]`` shards."""
+        return site.layer(q, k, v)
 
-    def joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int) -> torch.Tensor:
-        """Attention over ``text (replicated, first text_len rows) + image (this rank's rows)``.
+    def _gather(self, x: torch.Tensor, site: _Gather) -> torch.Tensor:
+        """All-gather along ``site.dim`` through the symmetric heap: every rank gets the whole."""
+        rt, me, dim = self.rt, self.rt.rank, site.dim
+        parts = site.buf.torch()
+        rt.barrier_all()  # nobody still reads this buffer from the previous gather
+        parts[me].narrow(dim, 0, site.lens[me]).copy_(x)
+        if rt.world_size > 1:
+            site.push.issue()
+        rt.barrier_all()
+        return torch.cat([parts[p].narrow(dim, 0, n) for p, n in enumerate(site.lens)], dim=dim)
 
-        ``q, k, v``: ``[B, text_len + local image rows, H, D]``; returns the same shape, the
-        text rows being the full text output on every rank. One opaque torch op.
-        """
-        return torch.ops.sfattn.sp_joint_attention(q, k, v, self.handle, text_len)
-
-    def _joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int) -> torch.Tensor:
-        """The body of :meth:`joint_attention`: this rank's text slice and image rows attend, the
-        text outputs are gathered."""
-        tl = self._slice(text_len, "text_len")
-        pieces = [torch.cat([x[:, tl], x[:, text_len:]], dim=1).contiguous() for x in (q, k, v)]
-        o = self._attend(*pieces)
-        n = tl.stop - tl.start
-        text = self._gather(o[:, :n], 1)
-        return torch.cat([text, o[:, n:]], dim=1)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Sequence-parallel attention of equal ``[B, L, H, D]`` shards (``L * world`` rows in all)."""
-        B, L, H, D = q.shape
-        return attention(q, k, v, self._layer(B, L * self.world, H, D, q.dtype))
-
-    def apply_flux(self, transformer: Any) -> None:
-        """Route every attention module of a ``FluxTransformer2DModel`` through sfattn."""
-        transformer.set_attn_processor(FluxSPAttnProcessor(self))
-
-    def apply_wan(self, transformer: Any) -> list:
-        """Make a ``WanTransformer3DModel`` sequence-parallel; returns the hook handles.
-
-        Its blocks run on this rank's slice of the video tokens (self-attention through
-        sfattn), the whole output is gathered after the last block.
-        """
-        blocks = list(transformer.blocks)
-        for block in blocks:
-            block.attn1.set_processor(WanSPSelfAttnProcessor(self))
-        first, last = blocks[0], blocks[-1]
-
-        def split(module: Any, args: tuple) -> tuple:
-            hidden, context, tproj, rotary = args
-            if module is first:
-                hidden = self.shard(hidden)
-            if tproj.ndim == 4:  # per-token modulation (Wan 2.2 TI2V): [B, S, 6, C]
-                tproj = self.shard(tproj)
-            rotary = tuple(self.shard(r) for r in rotary) if rotary is not None else None
-            return hidden, context, tproj, rotary
-
-        return [b.register_forward_pre_hook(split) for b in blocks] + \
-            [last.register_forward_hook(lambda m, a, out: self.gather(out))]
+    def plans(self) -> list[str]:
+        """One line per layer built so far: tokens, shard lengths and the plan."""
+        return [f"{sum(k[0])} tokens {list(k[0])} x {k[2]}h x {k[3]}: {layer.plan.algorithm} "
+                f"T={layer.plan.T} U={layer.plan.U} R={layer.plan.R} ({k[6]})" for k, layer in self._layers.items()]
 
     def close(self) -> None:
-        """Free the heap buffers (collective); the instance's ops stop working."""
-        _INSTANCES.pop(self.handle, None)
+        """Free the heap buffers (collective) and give attention and gathers back to diffusers."""
+        if _INSTANCES.pop(self.handle, None) is None:
+            return
+        self._hook.remove()
+        for hook in self._gathers:
+            hook.fn_ref.post_forward = hook.post_forward
+        if getattr(self.parallel_config, "_sfattn", None) is self:
+            self.parallel_config._sfattn = None
         for layer in self._layers.values():
-            release(layer)
             layer.close()
-        for buf in self._gathers.values():
-            self.rt.free(buf)
+        for site in self._sites.values():
+            if isinstance(site, _Gather):
+                self.rt.free(site.buf)
         self._layers.clear()
-        self._gathers.clear()
+        self._sites.clear()
+        self._site_ids.clear()
+        if not _INSTANCES:
+            _unroute()
 
 
-class FluxSPAttnProcessor:
-    """Drop-in for diffusers' ``FluxAttnProcessor`` running joint attention with sfattn."""
+# -- routing diffusers' dispatch_attention_fn ---------------------------------------------------
+def _diffusers_dispatch() -> Any:
+    from diffusers.models import attention_dispatch
 
-    def __init__(self, sp: SequenceParallel):
-        self.sp = sp
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        if attention_mask is not None:
-            raise ValueError("attention_mask: not supported with sequence parallelism (Flux uses none)")
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:  # double-stream block: text comes separately
-            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            q, k, v = (torch.cat([a, b], dim=1) for a, b in ((eq, q), (ek, k), (ev, v)))
-            self.sp.text_len = encoder_hidden_states.shape[1]
-        elif self.sp.text_len is None:
-            raise RuntimeError("FluxSPAttnProcessor: a single-stream block ran before any double-stream "
-                               "block, so the text length is unknown")
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = self.sp.joint_attention(q, k, v, self.sp.text_len).flatten(2, 3).to(q.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text, image = out.split_with_sizes([self.sp.text_len, out.shape[1] - self.sp.text_len], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+    return attention_dispatch.dispatch_attention_fn
 
 
-class WanSPSelfAttnProcessor:
-    """Drop-in for diffusers' ``WanAttnProcessor`` on the self-attention (``attn1``) of Wan blocks."""
-
-    def __init__(self, sp: SequenceParallel):
-        self.sp = sp
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, rotary_emb: Any = None) -> torch.Tensor:
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("WanSPSelfAttnProcessor: for self-attention only (no encoder states, no mask)")
-        q, k, v = _get_qkv_projections(attn, hidden_states, None)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
-        if rotary_emb is not None:
-            q, k = (_wan_rotary(x, *rotary_emb) for x in (q, k))
-        out = self.sp.joint_attention(q, k, v, 0).flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
+_DISPATCH: Any = None  # diffusers' own dispatch_attention_fn, once routed
 
 
-def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding (as in diffusers' WanAttnProcessor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out.type_as(x)
+def _dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+              attention_kwargs: dict[str, Any] | None = None, *, backend: Any = None,
+              parallel_config: Any = None) -> torch.Tensor:
+    """diffusers' ``dispatch_attention_fn`` with calls under an sfattn-enabled parallel config
+    taken by sfattn."""
+    inst = getattr(parallel_config, "_sfattn", None) if parallel_config is not None else None
+    if inst is None:
+        return _DISPATCH(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+                         backend=backend, parallel_config=parallel_config)
+    return inst(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs, backend,
+                parallel_config)
+
+
+def _route(transformer: torch.nn.Module) -> None:
+    """Point the processors' modules at :func:`_dispatch` (diffusers' modules import the function
+    by name, so the name in each module is what their processors call)."""
+    global _DISPATCH
+    original = _DISPATCH = _diffusers_dispatch()
+    modules = {type(p).__module__ for p in transformer.attn_processors.values()}
+    routed = False
+    for name in modules:
+        mod = sys.modules.get(name)
+        held = getattr(mod, "dispatch_attention_fn", None)
+        if held is _dispatch:
+            routed = True
+        elif held is original:
+            _PATCHED[name] = held
+            mod.dispatch_attention_fn = _dispatch
+            routed = True
+    if not routed:
+        raise ValueError(f"transformer: none of its attention processors ({sorted(modules)}) calls diffusers' "
+                         f"dispatch_attention_fn, so context-parallel attention cannot be routed to sfattn")
+
+
+def _unroute() -> None:
+    for name, fn in _PATCHED.items():
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "dispatch_attention_fn", None) is _dispatch:
+            mod.dispatch_attention_fn = fn
+    _PATCHED.clear()
+
+
+# -- the public calls ------------------------------------------------------------------------------
+def enable(transformer: torch.nn.Module, rt: oneside.Runtime, *, algorithm: str | None = None,
+           ulysses_degree: int | None = None, local: str = "kernel") -> ContextParallelAttention:
+    """Run ``transformer``'s context-parallel attention on sfattn (after ``enable_parallelism``).
+
+    ``algorithm`` / ``ulysses_degree``: force the plan (default: the planner's choice per shape);
+    ``local``: ``'kernel'`` (the fused kernel), ``'torch'`` or ``'fa3'``. Returns the instance
+    (``.plans()`` lists the layers built); undo with :func:`disable`.
+    """
+    return ContextParallelAttention(transformer, rt, algorithm, ulysses_degree, local)
+
+
+def disable(transformer: torch.nn.Module) -> None:
+    """Free sfattn's layers of ``transformer`` (collective); its attention goes back to diffusers."""
+    inst = getattr(getattr(transformer, "_parallel_config", None), "_sfattn", None)
+    if inst is not None:
+        inst.close()
+
+
+def heap_size(transformer: torch.nn.Module, tokens: int, world: int, batch: int = 1, dtype: Any = None,
+              shapes: int = 1) -> int:
+    """Symmetric-heap bytes per rank for sfattn's layers of ``transformer`` (pass to ``oneside.init``).
+
+    ``tokens``: the longest attention sequence of a forward (image/video + text tokens);
+    ``world``: the ranks; ``shapes``: distinct attention shapes alive at once (e.g. 2 to switch
+    resolution without a rebuild). Heads and head dim come from the model's config.
+    """
+    cfg = getattr(transformer, "config", {})
+    heads, hd = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    if not (isinstance(heads, int) and isinstance(hd, int)):
+        raise ValueError("transformer: its config has no num_attention_heads / attention_head_dim; size the heap "
+                         "with sfattn.SPAttention.heap_bytes(plan, batch, dtype)")
+    if dtype is None:
+        dtype = next(transformer.parameters()).dtype
+    item = torch.empty((), dtype=dtype).element_size()
+    shard = batch * math.ceil(tokens / world + 1) * heads * hd * item
+    per_layer = (12 + 2 * world) * (shard + 4096) + 4096
+    return shapes * per_layer + (16 << 20)
