@@ -1,14 +1,15 @@
-"""Tiny Flux and Wan transformers, sequence-parallel over 2 host-backend ranks, equal one process.
+"""sfattn under diffusers' own context parallelism, on host-backend ranks with gloo (float64).
 
-Also the end-to-end example (examples/dit_sp.py) on its tiny configurations: sfattn and the
-yunchang USP baseline (over gloo) against one rank, eager and compiled with fullgraph=True.
+Tiny Flux and Wan transformers with token counts that do not divide by the ranks, 2 and 3
+ranks: the parallel output equals one process, eager and compiled (fullgraph), across a change
+of resolution; forced algorithms; the fallbacks; where diffusers' own CP runs on gloo (equal
+shards), ours equals it; errors. Every family of examples/dit_models.py runs through the
+example in tests/test_dit_example.py.
 """
 from __future__ import annotations
 
-import json
+import logging
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,106 +18,6 @@ pytest.importorskip("diffusers")
 
 from ranks import all_ok, run_ranks  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-
-def _tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
-                                  pooled_projection_dim=16, guidance_embeds=False,
-                                  axes_dims_rope=(4, 6, 6)).to(torch.float64).eval()
-
-
-def _inputs(n_img: int = 24, n_txt: int = 8):
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(n_img // 4.0),
-                                         indexing="ij"), -1).reshape(-1, 3)
-    return dict(hidden_states=torch.randn(1, n_img, 8, generator=g, dtype=torch.float64),
-                encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g, dtype=torch.float64),
-                pooled_projections=torch.randn(1, 16, generator=g, dtype=torch.float64),
-                timestep=torch.tensor([0.5], dtype=torch.float64),
-                img_ids=img_ids.to(torch.float64), txt_ids=torch.zeros(n_txt, 3, dtype=torch.float64))
-
-
-def _flux_sp(rt, algorithm):
-    from sfattn.integrations.diffusers import SequenceParallel
-
-    model, x = _tiny_flux(), _inputs()
-    with torch.no_grad():
-        ref = model(**x).sample
-        sp = SequenceParallel(rt, algorithm=algorithm)
-        sp.apply_flux(model)
-        local = dict(x, hidden_states=sp.shard(x["hidden_states"]), img_ids=sp.shard(x["img_ids"], dim=0))
-        out = sp.gather(model(**local).sample)
-        out2 = sp.gather(model(**local).sample)  # buffers reused, same result
-    sp.close()
-    err = float((out - ref).abs().max() / ref.abs().max())
-    return err, bool(torch.equal(out, out2)), tuple(out.shape)
-
-
-@pytest.mark.parametrize("algorithm", ["ulysses", "ring", "torus"])
-def test_tiny_flux_sequence_parallel_matches_one_process(algorithm):
-    machines = 2 if algorithm == "torus" else 1
-    res = all_ok(run_ranks(_flux_sp, 2, machines=machines, heap="16MiB", deadline=180, timeout=120,
-                           algorithm=algorithm))
-    for err, same, shape in res:
-        assert shape == (1, 24, 8)
-        assert err < 1e-10, err
-        assert same
-
-
-def _bad_shard(rt):
-    from sfattn.integrations.diffusers import SequenceParallel
-
-    sp = SequenceParallel(rt)
-    with pytest.raises(ValueError, match="25 tokens do not divide by the 2 ranks"):
-        sp.shard(torch.zeros(1, 25, 4))
-    return True
-
-
-def test_shard_refuses_uneven_sequences():
-    all_ok(run_ranks(_bad_shard, 2))
-
-
-def _tiny_wan():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
-                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                 rope_max_seq_len=32).to(torch.float64).eval()
-
-
-def _wan_sp(rt, algorithm):
-    from sfattn.integrations.diffusers import SequenceParallel
-
-    model = _tiny_wan()
-    g = torch.Generator().manual_seed(2)
-    x = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g, dtype=torch.float64),  # 3 x 4 x 4 tokens
-             timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 8, 16, generator=g, dtype=torch.float64))
-    with torch.no_grad():
-        ref = model(**x).sample
-        sp = SequenceParallel(rt, algorithm=algorithm)
-        hooks = sp.apply_wan(model)
-        out = model(**x).sample
-    for h in hooks:
-        h.remove()
-    sp.close()
-    return float((out - ref).abs().max() / ref.abs().max()), tuple(out.shape)
-
-
-@pytest.mark.parametrize("algorithm", ["ulysses", "torus"])
-def test_tiny_wan_sequence_parallel_matches_one_process(algorithm):
-    res = all_ok(run_ranks(_wan_sp, 2, machines=2 if algorithm == "torus" else 1, heap="16MiB", deadline=180,
-                           timeout=120, algorithm=algorithm))
-    for err, shape in res:
-        assert shape == (1, 4, 3, 8, 8)
-        assert err < 1e-10, err
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -124,77 +25,275 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _example(rt, argv):
-    import dit_sp
-
-    return dit_sp.run(rt, dit_sp.parse_args(argv))
-
-
-@pytest.mark.parametrize("model,compiled", [("flux", True), ("wan", False), ("wan", True)])
-def test_dit_example_tiny_sfattn_and_usp_match_one_rank(model, compiled):
-    """The example's path: Euler steps of the tiny model on 1 rank, with sfattn and with USP on 2."""
-    pytest.importorskip("yunchang")
-    argv = ["--model", model, "--tiny", "--steps", "2", "--dist-init", f"tcp://127.0.0.1:{_free_port()}"]
-    if compiled:  # fullgraph=True: a graph break anywhere (attention, gathers, hooks) raises
-        argv += ["--compile", "--compile-backend", "aot_eager"]
-    res = all_ok(run_ranks(_example, 2, heap="16MiB", deadline=240, timeout=200, argv=argv))
-    r = res[0]
-    assert r["ok"], r["failures"]
-    assert set(r["ms"]) == {"1gpu", "sfattn", "usp"}
-    assert r["usp"] == "yunchang USP U2xR1 torch_math"
-    assert max(r["rel_err"]["sfattn"].values()) < 1e-9, r["rel_err"]
-    assert max(r["rel_err"]["usp"].values()) < 1e-5, r["rel_err"]  # yunchang accumulates in float32
-    if compiled:  # one graph per run: no break, no recompilation between steps
-        assert r["graphs"] == {"1gpu": 1, "sfattn": 1, "usp": 1}
-    else:
-        assert "graphs" not in r
-
-
-def _usp_ring_on_cpu(rt, port):
-    import dit_sp
+def _dist(rt, port: int) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rt.rank, world_size=2)
+    from sfattn.integrations.diffusers import diffusers_workarounds
+
+    diffusers_workarounds()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rt.rank, world_size=rt.world_size)
+
+
+def _tiny_flux(heads: int = 3):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
+                                  pooled_projection_dim=16, guidance_embeds=False,
+                                  axes_dims_rope=(4, 6, 6)).to(torch.float64).eval()
+
+
+def _flux_inputs(h: int, w: int, n_txt: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)),
+                                     indexing="ij"), -1).reshape(-1, 3)
+    return dict(hidden_states=torch.randn(1, h * w, 8, generator=g, dtype=torch.float64),
+                encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g, dtype=torch.float64),
+                pooled_projections=torch.randn(1, 16, generator=g, dtype=torch.float64),
+                timestep=torch.tensor([0.5], dtype=torch.float64), img_ids=ids.to(torch.float64),
+                txt_ids=torch.zeros(n_txt, 3, dtype=torch.float64), return_dict=False)
+
+
+def _tiny_wan(heads: int = 3):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16,
+                                 in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32).to(torch.float64).eval()
+
+
+def _wan_inputs(frames: int, h: int, w: int, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 4, frames, 2 * h, 2 * w, generator=g, dtype=torch.float64),
+                timestep=torch.tensor([500]), return_dict=False,
+                encoder_hidden_states=torch.randn(1, 7, 16, generator=g, dtype=torch.float64))
+
+
+def _rel(x, ref) -> float:
+    return float((x - ref).abs().max() / ref.abs().max())
+
+
+def _cp_config(world: int, mode: str):
+    from diffusers import ContextParallelConfig
+
+    if mode == "ulysses_anything":
+        return ContextParallelConfig(ulysses_degree=world, ulysses_anything=True)
+    if mode == "ring_anything":
+        return ContextParallelConfig(ring_degree=world, ring_anything=True)
+    return ContextParallelConfig(ulysses_degree=world)
+
+
+def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3):
+    """Two resolutions, each twice (layers reused), eager or compiled; errors vs one process."""
+    from sfattn.integrations import diffusers as sfd
+
+    _dist(rt, port)
+    tiny, inputs = (_tiny_flux, _flux_inputs) if family == "flux" else (_tiny_wan, _wan_inputs)
+
+    def make():
+        return tiny(heads)
+    shapes = [(5, 5, 7), (7, 3, 9)] if family == "flux" else [(3, 3, 3), (2, 5, 3)]  # tokens: 25+7, 21+9 / 27, 30
+    with torch.no_grad():
+        refs = [make()(**inputs(*s))[0] for s in shapes]
+        model = make()
+        model.enable_parallelism(config=_cp_config(rt.world_size, mode))
+        inst = sfd.enable(model, rt, algorithm=algorithm)
+        run = model
+        if compiled:
+            from torch._dynamo.utils import counters
+
+            torch._dynamo.reset()
+            counters.clear()
+            # Wan: diffusers' split hook on blocks.0 looks its argument up with inspect.signature,
+            # which dynamo cannot trace (a graph break, with or without sfattn): no fullgraph there
+            run = torch.compile(model, backend="aot_eager", fullgraph=family == "flux", dynamic=False)
+        errs = []
+        for s, ref in zip(shapes + shapes, refs + refs):
+            out = run(**inputs(*s))[0]
+            assert out.shape == ref.shape
+            errs.append(_rel(out, ref))
+        plans = inst.plans()
+        graphs = counters["stats"]["unique_graphs"] if compiled else None
+        sfd.disable(model)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return errs, plans, graphs
+
+
+@pytest.mark.parametrize("family,world,algorithm,compiled", [
+    ("flux", 2, None, False), ("flux", 3, None, True), ("flux", 2, "ring", True),
+    ("wan", 2, None, True), ("wan", 3, "ring", False)])
+def test_uneven_tokens_match_one_process(family, world, algorithm, compiled):
+    res = all_ok(run_ranks(_same_as_one_process, world, heap="16MiB", deadline=180, timeout=60, port=_free_port(),
+                           family=family, mode="ulysses_anything", algorithm=algorithm, compiled=compiled))
+    for errs, plans, graphs in res:
+        assert max(errs) < 1e-12, errs
+        assert len(plans) == 2, plans  # one layer per resolution, shared by every block
+        assert all(("ring" if algorithm == "ring" else "") in p for p in plans), plans
+        if compiled and family == "flux":
+            assert graphs == 2, graphs  # one graph per resolution: no break, no recompilation between calls
+    # shard lengths as diffusers' tensor_split made them, text and image split separately
+    if family == "flux" and world == 2:
+        assert "32 tokens [17, 15]" in res[0][1][0], res[0][1]
+
+
+def test_torus_on_two_machines_and_ring_anything():
+    res = all_ok(run_ranks(_same_as_one_process, 4, machines=2, heap="16MiB", deadline=180, timeout=60,
+                           port=_free_port(), family="flux", mode="ring_anything", algorithm="torus",
+                           compiled=False, heads=4))
+    for errs, plans, _ in res:
+        assert max(errs) < 1e-12, errs
+        assert all("torus" in p for p in plans), plans
+
+
+def _versus_diffusers(rt, port):
+    """Equal shards, plain Ulysses: diffusers' own CP (native backend over gloo) and sfattn."""
+    from sfattn.integrations import diffusers as sfd
+
+    _dist(rt, port)
+    x = _flux_inputs(4, 4, 8)
+    with torch.no_grad():
+        ref = _tiny_flux(4)(**x)[0]
+        model = _tiny_flux(4)
+        model.enable_parallelism(config=_cp_config(rt.world_size, "ulysses"))
+        theirs = model(**x)[0]
+        sfd.enable(model, rt)
+        ours = model(**x)[0]
+        sfd.disable(model)
+        again = model(**x)[0]  # diffusers' path once more after disable
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return _rel(ours, ref), _rel(theirs, ref), _rel(ours, theirs), _rel(again, theirs)
+
+
+def test_equals_diffusers_own_context_parallelism_where_it_runs_on_gloo():
+    for ours, theirs, between, again in all_ok(run_ranks(_versus_diffusers, 2, heap="16MiB", deadline=120,
+                                                         timeout=60, port=_free_port())):
+        assert ours < 1e-12 and theirs < 1e-12 and between < 1e-12, (ours, theirs, between)
+        assert again == 0.0
+
+
+def _fallbacks(rt, port):
+    """A mask goes to diffusers' own path (one log line), a float64 layer stays on sfattn."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from sfattn.integrations import diffusers as sfd
+
+    _dist(rt, port)
+    model = _tiny_flux(4)
+    model.enable_parallelism(config=_cp_config(rt.world_size, "ulysses"))
+    inst = sfd.enable(model, rt)
+    pc = model._parallel_config
+    g = torch.Generator().manual_seed(rt.rank)
+    q, k, v = (torch.randn(1, 6, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("sfattn").addHandler(handler)
     try:
-        with pytest.raises(ValueError, match="only pure Ulysses on CPUs"):
-            dit_sp.USPBaseline(rt, heads=4, ulysses_degree=1)
-        with pytest.raises(ValueError, match="ulysses_degree=3: must divide the 2 ranks and the 4 heads"):
-            dit_sp.USPBaseline(rt, heads=4, ulysses_degree=3)
+        from diffusers.models.transformers import transformer_flux
+
+        routed = transformer_flux.dispatch_attention_fn
+        inst._shapes, inst._call = 99, 0
+        plain = routed(q, k, v, parallel_config=pc)
+        mask = torch.ones(1, 1, 6 * rt.world_size, 6 * rt.world_size, dtype=torch.bool)
+        masked = routed(q, k, v, attn_mask=mask, parallel_config=pc)
+        masked2 = routed(q, k, v, attn_mask=mask, parallel_config=pc)
+        theirs = dispatch_attention_fn(q, k, v, parallel_config=pc)  # diffusers' module is never routed
     finally:
-        dist.destroy_process_group()
+        logging.getLogger("sfattn").removeHandler(handler)
+    sfd.disable(model)
+    restored = transformer_flux.dispatch_attention_fn is dispatch_attention_fn
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    said = [r.getMessage() for r in records]
+    return _rel(plain, theirs), _rel(masked, theirs), bool(torch.equal(masked, masked2)), said, restored
+
+
+def test_mask_falls_back_to_diffusers_with_one_log_line():
+    for plain, masked, same, said, restored in all_ok(run_ranks(_fallbacks, 2, heap="16MiB", deadline=120,
+                                                                timeout=60, port=_free_port())):
+        assert plain < 1e-12 and masked < 1e-12 and same
+        assert said == ["sfattn: an attention mask: this attention runs on diffusers' own context-parallel path"]
+        assert restored
+
+
+def _heap_pressure(rt, port):
+    """A heap for one resolution at a time: switching resolution frees the old layers; a heap too
+    small for one forward says how to size it."""
+    import oneside
+    from sfattn.integrations import diffusers as sfd
+
+    _dist(rt, port)
+    model = _tiny_flux(4)
+    model.enable_parallelism(config=_cp_config(rt.world_size, "ulysses_anything"))
+    inst = sfd.enable(model, rt)
+    ballast = rt.alloc((rt.heap_largest_free - 400_000,), "uint8")  # 400 kB left: one resolution's layer
+    errs = []
+    with torch.no_grad():
+        for s in ((5, 5, 7), (9, 9, 7), (5, 5, 7)):
+            x = _flux_inputs(*s)
+            errs.append(_rel(model(**x)[0], _tiny_flux(4)(**x)[0]))
+        layers = len(inst._layers)
+        with pytest.raises(oneside.HeapExhaustedError, match=r"size oneside.init\(heap_size=...\) with "
+                                                            r"sfattn.integrations.diffusers.heap_size"):
+            model(**_flux_inputs(40, 40, 7))
+    rt.free(ballast)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return errs, layers
+
+
+def test_heap_holds_one_resolution_at_a_time():
+    for errs, layers in all_ok(run_ranks(_heap_pressure, 2, heap="4MiB", deadline=120, timeout=60,
+                                         port=_free_port())):
+        assert max(errs) < 1e-12, errs
+        assert layers == 1
+
+
+def _bad_setup(rt, port):
+    from sfattn.integrations import diffusers as sfd
+
+    _dist(rt, port)
+    model = _tiny_flux()
+    with pytest.raises(ValueError, match=r"context parallelism is not enabled; call transformer.enable_parallelism"):
+        sfd.enable(model, rt)
+    model.enable_parallelism(config=_cp_config(rt.world_size, "ulysses_anything"))
+    with pytest.raises(ValueError, match="local='cudnn'"):
+        sfd.enable(model, rt, local="cudnn")
+    sfd.enable(model, rt)
+    with pytest.raises(ValueError, match="already enabled"):
+        sfd.enable(model, rt)
+    sfd.disable(model)
+    sfd.disable(model)  # twice: a no-op
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     return True
 
 
-def test_usp_baseline_refuses_what_yunchang_cannot_do_on_cpus():
-    pytest.importorskip("yunchang")
-    all_ok(run_ranks(_usp_ring_on_cpu, 2, port=_free_port(), deadline=120))
+def test_bad_setup_raises_clear_errors():
+    all_ok(run_ranks(_bad_setup, 2, heap="16MiB", deadline=120, timeout=60, port=_free_port()))
 
 
-def test_summary_keys_only_from_full_width_flux4096_on_two_gpus(tmp_path):
-    import dit_sp
+def test_heap_size_covers_the_layers():
+    from sfattn.integrations.diffusers import heap_size
+    from sfattn.layer import SPAttention
+    from sfattn.plan import make_plan
+    from oneside import Mesh
 
-    path = tmp_path / "summary.json"
-    path.write_text('{"other": 1}\n')
-    res = dict(ranks=2, device="NVIDIA H200", shared_gpu=False, ok=True, speedup=1.91234, over_usp=1.05)
-    full = dit_sp.parse_args(["--model", "flux", "--size", "4096"])
-    for argv, change in ((["--model", "flux", "--tiny"], {}), (["--model", "flux", "--size", "2048"], {}),
-                         (["--model", "wan"], {}), (["--model", "flux", "--size", "4096"], {"device": "cpu"}),
-                         (["--model", "flux", "--size", "4096"], {"shared_gpu": True}),
-                         (["--model", "flux", "--size", "4096"], {"ranks": 4}),
-                         (["--model", "flux", "--size", "4096"], {"ok": False})):
-        assert "not written" in dit_sp.write_summary(dit_sp.parse_args(argv), dict(res, **change), str(path))
-    assert json.loads(path.read_text()) == {"other": 1}
-    dit_sp.write_summary(full, res, str(path))
-    assert json.loads(path.read_text()) == {"other": 1, "e2e_flux4096_2gpu_speedup": 1.912,
-                                            "e2e_flux4096_over_usp": 1.05}
-
-
-def test_example_rejects_bad_arguments(capsys):
-    import dit_sp
-
-    for argv, msg in ((["--size", "1000"], "--size 1000: must be a multiple of 16"),
-                      (["--frames", "80"], "--frames 80: must be 4k+1"),
-                      (["--steps", "0"], "--steps 0: expected >= 1")):
-        with pytest.raises(SystemExit):
-            dit_sp.parse_args(argv)
-        assert msg in capsys.readouterr().err
+    model = _tiny_flux(24)
+    for world, tokens in ((2, 4225 + 512), (3, 1000), (8, 16896)):
+        need = max(SPAttention.heap_bytes(make_plan(Mesh(1, world), 24, tokens, 16, a), 1, "float64",
+                                          [len(c) for c in torch.arange(tokens).tensor_split(world)])
+                   for a in ("ulysses", "ring", "usp"))
+        assert need < heap_size(model, tokens, world) < need + (20 << 20)
+    with pytest.raises(ValueError, match="num_attention_heads / attention_head_dim"):
+        heap_size(torch.nn.Linear(2, 2), 10, 2)

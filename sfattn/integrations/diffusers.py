@@ -485,6 +485,22 @@ def disable(transformer: torch.nn.Module) -> None:
         inst.close()
 
 
+def diffusers_workarounds() -> None:
+    """Two diffusers 0.42.1 context-parallel bugs met outside its pipelines (tests, examples):
+
+    * its mesh setup takes ``rank % torch.accelerator.device_count()``: a division by zero on a
+      machine without GPUs (count 1 there);
+    * its hooks warn through ``logger.warning_once``, which exists only once ``transformers`` is
+      imported (pipelines import it; Wan's plan hits it with a 1-D timestep): added as a
+      warn-once, and told to torch.compile as a logging call (else a fullgraph break).
+    """
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+    if not hasattr(logging.Logger, "warning_once"):
+        logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
+    torch._dynamo.config.ignore_logging_functions.add(logging.Logger.warning_once)
+
+
 def heap_size(transformer: torch.nn.Module, tokens: int, world: int, batch: int = 1, dtype: Any = None,
               shapes: int = 1) -> int:
     """Symmetric-heap bytes per rank for sfattn's layers of ``transformer`` (pass to ``oneside.init``).
