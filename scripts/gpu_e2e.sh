@@ -2,9 +2,12 @@
 # On a GPU host (from the repo root): end-to-end sequence-parallel DiT steps with examples/dit_sp.py.
 # Installs the offline wheels, builds the shim, then runs each name of $E2E_RUNS:
 #   flux2048, flux4096  Flux full width (2 double + 4 single blocks), $E2E_RANKS ranks on as many GPUs
-#   wan20s              Wan 2.1-1.3B width, 4 blocks, 321 frames 480x832 (126,360 tokens)
+#   wan20s              Wan 2.1-1.3B width (12 heads), 4 blocks, 321 frames 480x832 (126,360 tokens)
 #   wan20s14b           the same at Wan 2.1-14B width (40 heads)
-#   check               correctness only: 2 ranks on ONE GPU (Flux 1024^2, small Wan; no USP, no timing)
+#   check               correctness only, 2 and 3 ranks sharing ONE GPU under diffusers' context
+#                       parallelism: Flux 1040^2 (4225 tokens: uneven shards) in bf16 and fp16, Wan 14B
+#                       width (40 heads: not divisible by 3), Qwen-Image and LTX at uneven sizes
+#   flux1024shared      Flux 1024^2 compiled, 1 rank vs 2 ranks sharing one GPU (the per-layer fixed cost)
 # Default E2E_RUNS="check flux2048 flux4096 wan20s". E2E_COMPILE=1 (default) adds --compile,
 # E2E_STEPS (default 4) timed steps, E2E_TIMEOUT (default 900) seconds per run, E2E_ARGS extra
 # arguments for every run. flux4096 writes e2e_flux4096_2gpu_speedup / e2e_flux4096_over_usp into
@@ -38,12 +41,19 @@ for name in ${E2E_RUNS-check flux2048 flux4096 wan20s}; do
   case $name in
     flux2048) run $name "$N" --model flux --size 2048 $common ;;
     flux4096) run $name "$N" --model flux --size 4096 $common --summary "$OUT/summary.json" ;;
-    wan20s) run $name "$N" --model wan --wan-width 1.3b --frames 321 $common ;;
-    wan20s14b) run $name "$N" --model wan --wan-width 14b --frames 321 $common ;;
+    wan20s) run $name "$N" --model wan --heads 12 --frames 321 $common ;;
+    wan20s14b) run $name "$N" --model wan --frames 321 $common ;;
     check)
-      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run check_flux 2 --model flux --size 1024 --ranks-per-gpu 2 $common
-      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run check_wan 2 --model wan --frames 33 --height 240 --width 416 --ranks-per-gpu 2 $common ;;
-    *) echo "E2E_RUNS: unknown run '$name' (flux2048 flux4096 wan20s wan20s14b check)"; status=1 ;;
+      export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+      run check_flux_bf16_2 2 --model flux --size 1040 --ranks-per-gpu 2 $common
+      run check_flux_fp16_3 3 --model flux --size 1040 --dtype float16 --ranks-per-gpu 3 $common
+      run check_flux_bf16_3 3 --model flux --size 1040 --ranks-per-gpu 3 $common
+      run check_wan_3 3 --model wan --frames 9 --height 240 --width 416 --ranks-per-gpu 3 $common
+      run check_qwen_2 2 --model qwenimage --size 1040 --ranks-per-gpu 2 $common
+      run check_ltx_3 3 --model ltx --frames 17 --height 352 --width 608 --ranks-per-gpu 3 $common ;;
+    flux1024shared) CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run $name 2 --model flux --size 1024 --ranks-per-gpu 2 \
+      --peers $common ;;
+    *) echo "E2E_RUNS: unknown run '$name' (flux2048 flux4096 wan20s wan20s14b check flux1024shared)"; status=1 ;;
   esac
 done
 python3 - "$OUT/e2e.json" <<'EOF'
@@ -51,16 +61,17 @@ import json, sys
 from pathlib import Path
 runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path("/tmp/e2e").glob("*.json")) if p.stem != "import"}
 Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
-print(f"\n{'run':<11} {'tokens':>7} {'1 GPU ms':>9} {'sfattn ms':>9} {'USP ms':>8} {'speedup':>7} {'/USP':>6} {'max err':>8} ok")
+print(f"\n{'run':<18} {'tokens':>7} {'ranks':>5} {'1 GPU ms':>9} {'sfattn ms':>9} {'USP ms':>8} {'diff-U ms':>9} "
+      f"{'speedup':>7} {'/USP':>6} {'max err':>8} ok")
 for name, r in runs.items():
     if "failed" in r:
-        print(f"{name:<11} failed (exit {r['failed']}): see /tmp/e2e_{name}.log")
+        print(f"{name:<18} failed (exit {r['failed']}): see /tmp/e2e_{name}.log")
         continue
     ms, err = r["ms"], max((max(e.values()) for e in r["rel_err"].values()), default=float("nan"))
-    usp = f"{ms['usp']:8.1f}" if "usp" in ms else f"{'-':>8}"
+    col = lambda k, w: f"{ms[k]:{w}.1f}" if k in ms else f"{'-':>{w}}"  # noqa: E731
     over = f"{r['over_usp']:6.3f}" if "over_usp" in r else f"{'-':>6}"
-    print(f"{name:<11} {r['tokens'] + r['text_tokens']:>7} {ms['1gpu']:9.1f} {ms['sfattn']:9.1f} {usp} "
-          f"{r['speedup']:7.3f} {over} {err:8.1e} {'yes' if r['ok'] else 'NO'}"
-          + ("  (shared GPU: times meaningless)" if r["shared_gpu"] else ""))
+    print(f"{name:<18} {r['tokens'] + r['text_tokens']:>7} {r['ranks']:>5} {ms['1gpu']:9.1f} {ms['sfattn']:9.1f} "
+          f"{col('usp', 8)} {col('diffusers-ulysses', 9)} {r['speedup']:7.3f} {over} {err:8.1e} "
+          f"{'yes' if r['ok'] else 'NO'}" + ("  (shared GPU)" if r["shared_gpu"] else ""))
 EOF
 exit $status

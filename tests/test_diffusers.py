@@ -179,7 +179,8 @@ def test_equals_diffusers_own_context_parallelism_where_it_runs_on_gloo():
 
 
 def _fallbacks(rt, port):
-    """A mask goes to diffusers' own path (one log line), a float64 layer stays on sfattn."""
+    """A mask with a query axis goes to diffusers' own path (one log line); a key mask and keys of
+    another length are gathered and attended exactly; a float64 layer stays on sfattn."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     from sfattn.integrations import diffusers as sfd
@@ -189,8 +190,22 @@ def _fallbacks(rt, port):
     model.enable_parallelism(config=_cp_config(rt.world_size, "ulysses"))
     inst = sfd.enable(model, rt)
     pc = model._parallel_config
-    g = torch.Generator().manual_seed(rt.rank)
-    q, k, v = (torch.randn(1, 6, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def shard(p, n=6):
+        g = torch.Generator().manual_seed(p)
+        q, k, v = (torch.randn(1, n, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+        keep = torch.rand(1, 1, 1, n, generator=g) > 0.3
+        return q, k, v, keep
+    q, k, v, keep = shard(rt.rank)
+    _, K, V, KEEP = (torch.cat(x, dim=1 if x[0].ndim == 4 and x[0].shape[1] != 1 else -1)
+                     for x in zip(*[shard(p) for p in range(rt.world_size)]))
+    exact = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
+                                                             attn_mask=KEEP).transpose(1, 2)
+    short_k, short_v = k[:, :4 + rt.rank], v[:, :4 + rt.rank]  # keys of another length (and uneven)
+    SK = torch.cat([shard(p)[1][:, :4 + p] for p in range(rt.world_size)], 1)
+    SV = torch.cat([shard(p)[2][:, :4 + p] for p in range(rt.world_size)], 1)
+    exact_short = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), SK.transpose(1, 2), SV.transpose(1, 2)).transpose(1, 2)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -204,6 +219,8 @@ def _fallbacks(rt, port):
         mask = torch.ones(1, 1, 6 * rt.world_size, 6 * rt.world_size, dtype=torch.bool)
         masked = routed(q, k, v, attn_mask=mask, parallel_config=pc)
         masked2 = routed(q, k, v, attn_mask=mask, parallel_config=pc)
+        keyed = routed(q, k, v, attn_mask=keep, parallel_config=pc)
+        short = routed(q, short_k, short_v, parallel_config=pc)
         theirs = dispatch_attention_fn(q, k, v, parallel_config=pc)  # diffusers' module is never routed
     finally:
         logging.getLogger("sfattn").removeHandler(handler)
@@ -213,14 +230,23 @@ def _fallbacks(rt, port):
 
     dist.destroy_process_group()
     said = [r.getMessage() for r in records]
-    return _rel(plain, theirs), _rel(masked, theirs), bool(torch.equal(masked, masked2)), said, restored
+    return (_rel(plain, theirs), _rel(masked, theirs), bool(torch.equal(masked, masked2)), _rel(keyed, exact),
+            _rel(short, exact_short), said, restored)
 
 
-def test_mask_falls_back_to_diffusers_with_one_log_line():
-    for plain, masked, same, said, restored in all_ok(run_ranks(_fallbacks, 2, heap="16MiB", deadline=120,
-                                                                timeout=60, port=_free_port())):
+def test_masks_and_other_key_lengths_fall_back_with_one_log_line():
+    for plain, masked, same, keyed, short, said, restored in all_ok(run_ranks(_fallbacks, 2, heap="16MiB",
+                                                                              deadline=120, timeout=60,
+                                                                              port=_free_port())):
         assert plain < 1e-12 and masked < 1e-12 and same
-        assert said == ["sfattn: an attention mask: this attention runs on diffusers' own context-parallel path"]
+        assert keyed < 1e-12 and short < 1e-12, (keyed, short)
+        assert said == [
+            "sfattn: an attention mask with a query axis ((1, 1, 12, 12)): this attention runs on diffusers' own "
+            "context-parallel path",
+            "sfattn: an attention mask: sfattn all-gathers K/V (and the mask's key axis) and runs torch SDPA on "
+            "its queries (exact)",
+            "sfattn: keys of another length: sfattn all-gathers K/V (and the mask's key axis) and runs torch SDPA "
+            "on its queries (exact)"], said
         assert restored
 
 
@@ -289,11 +315,12 @@ def test_heap_size_covers_the_layers():
     from sfattn.plan import make_plan
     from oneside import Mesh
 
-    model = _tiny_flux(24)
+    cfg = dict(num_attention_heads=24, attention_head_dim=16)
     for world, tokens in ((2, 4225 + 512), (3, 1000), (8, 16896)):
         need = max(SPAttention.heap_bytes(make_plan(Mesh(1, world), 24, tokens, 16, a), 1, "float64",
                                           [len(c) for c in torch.arange(tokens).tensor_split(world)])
                    for a in ("ulysses", "ring", "usp"))
-        assert need < heap_size(model, tokens, world) < need + (20 << 20)
+        assert need < heap_size(cfg, tokens, world, dtype=torch.float64) < need + (20 << 20)
+    assert heap_size(_tiny_flux(24), 1000, 3) == heap_size(cfg, 1000, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="num_attention_heads / attention_head_dim"):
         heap_size(torch.nn.Linear(2, 2), 10, 2)

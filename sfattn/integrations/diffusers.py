@@ -45,7 +45,7 @@ import math
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -149,7 +149,7 @@ def _kernel_fits(q: torch.Tensor, local: str) -> bool:
     return ok and (local == "kernel" or q.dtype == torch.bfloat16)
 
 
-_DTYPES = ("float64", "float32", "bfloat16", "float16")
+_DTYPES = ("float64", "float32", "bfloat16", "float16", "uint8", "int64")
 
 
 def _bits(x: float) -> int:
@@ -159,7 +159,7 @@ def _bits(x: float) -> int:
 @dataclass
 class _Attn:
     """An attention site: its layer (shared by every site of the same global shape)."""
-    layer: SPAttention
+    layer: SPAttention | None
     key: tuple
 
 
@@ -244,6 +244,10 @@ class ContextParallelAttention:
             _say_once(f"{why}: this attention runs on diffusers' own context-parallel path")
             return _DISPATCH(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              attention_kwargs, backend=backend, parallel_config=parallel_config)
+        if attn_mask is not None or key.shape[1] != query.shape[1]:
+            _say_once(f"{'an attention mask' if attn_mask is not None else 'keys of another length'}: sfattn "
+                      f"all-gathers K/V (and the mask's key axis) and runs torch SDPA on its queries (exact)")
+            return self._gathered(query, key, value, attn_mask, scale)
         local = self.local
         if self.rt.backend.is_gpu and local != "torch" and not _kernel_fits(query, local):
             _say_once(f"head_dim {query.shape[-1]} / {query.dtype}: the fused kernel takes head dims "
@@ -252,6 +256,28 @@ class ContextParallelAttention:
         site = _site_id(self.handle, self._shapes, self._next(), "attention", tuple(int(d) for d in query.shape),
                         str(query.dtype).replace("torch.", ""), (0.0 if scale is None else float(scale), local))
         return torch.ops.sfattn.cp_attention(query, key, value, self.handle, site)
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """All-gather this rank's shard ``x`` along ``dim`` (collective; shards may differ in length
+        along ``dim``), in rank order, through the symmetric heap. One opaque op."""
+        dim = dim % x.ndim
+        site = _site_id(self.handle, self._shapes, self._next(), "gather", tuple(int(d) for d in x.shape),
+                        str(x.dtype).replace("torch.", ""), (dim,))
+        return torch.ops.sfattn.cp_gather(x.contiguous(), self.handle, site, dim, _gather_total(self.handle, site))
+
+    def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any,
+                  scale: float | None) -> torch.Tensor:
+        """Exact attention of this rank's queries against every rank's keys: K, V and the mask's
+        key axis all-gathered (the order of keys does not matter without a causal mask)."""
+        n = k.shape[1]
+        k, v = self.gather(k, 1), self.gather(v, 1)
+        if mask is not None and mask.shape[-1] == n:
+            is_bool = mask.dtype == torch.bool
+            mask = self.gather(mask.to(torch.uint8) if is_bool else mask, mask.ndim - 1)
+            mask = mask.bool() if is_bool else mask
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                               attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
 
     def _gather_outputs(self, metadata: list, module: torch.nn.Module, output: Any) -> Any:
         """diffusers' ContextParallelGatherHook.post_forward, gathering over oneside (any sizes)."""
@@ -263,26 +289,23 @@ class ContextParallelAttention:
             if cpm is None:
                 continue
             x = outs[i]
-            dim = cpm.gather_dim % x.ndim
-            site = _site_id(self.handle, self._shapes, self._next(), "gather", tuple(int(d) for d in x.shape),
-                            str(x.dtype).replace("torch.", ""), (dim,))
-            outs[i] = torch.ops.sfattn.cp_gather(x, self.handle, site, dim, _gather_total(self.handle, site))
+            outs[i] = self.gather(x, cpm.gather_dim)
         return outs[0] if single else tuple(outs)
 
     @staticmethod
     def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any, dropout_p: float,
                      is_causal: bool, attention_kwargs: Any) -> str | None:
-        if attn_mask is not None:
-            return "an attention mask"
+        if attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] > 1:
+            return f"an attention mask with a query axis ({tuple(attn_mask.shape)})"
         if is_causal:
             return "causal attention"
         if dropout_p:
             return f"dropout_p={dropout_p}"
         if attention_kwargs:
             return f"backend-specific attention_kwargs {sorted(attention_kwargs)}"
-        if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-            return (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (sfattn takes self-attention "
-                    f"shards [batch, tokens, heads, head_dim] of one shape)")
+        if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or (k.shape[0], *k.shape[2:]) != (q.shape[0], *q.shape[2:]):
+            return (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (sfattn takes shards [batch, tokens, "
+                    f"heads, head_dim] with as many key as query heads)")
         return None
 
     # -- plan time: first use of a site ----------------------------------------------------------
@@ -309,7 +332,9 @@ class ContextParallelAttention:
             key = (tuple(lens), B, H, D, dtype, extra[0], extra[1])
             layer = self._layers.get(key)
             if layer is None:
-                layer = self._layers[key] = self._build(key, shapes)
+                layer = self._make_layer(key, shapes)
+                if layer is not None:
+                    self._layers[key] = layer
             site: _Attn | _Gather = _Attn(layer, key)
         else:
             site = self._make_gather(lens, extra[0], dims, dtype)
@@ -320,7 +345,8 @@ class ContextParallelAttention:
         self._site_ids[(shapes, call)] = sid
         return sid
 
-    def _build(self, key: tuple, shapes: int) -> SPAttention:
+    def _make_layer(self, key: tuple, shapes: int) -> SPAttention | None:
+        """The layer of a new global shape (subclasses that bring their own attention: None)."""
         lens, B, H, D, dtype, scale, local = key
         plan = make_plan(self.rt.mesh, H, sum(lens), D, self.algorithm, self.ulysses_degree)
 
@@ -501,20 +527,23 @@ def diffusers_workarounds() -> None:
     torch._dynamo.config.ignore_logging_functions.add(logging.Logger.warning_once)
 
 
-def heap_size(transformer: torch.nn.Module, tokens: int, world: int, batch: int = 1, dtype: Any = None,
-              shapes: int = 1) -> int:
+def heap_size(transformer: torch.nn.Module | Mapping[str, Any], tokens: int, world: int, batch: int = 1,
+              dtype: Any = None, shapes: int = 1) -> int:
     """Symmetric-heap bytes per rank for sfattn's layers of ``transformer`` (pass to ``oneside.init``).
 
-    ``tokens``: the longest attention sequence of a forward (image/video + text tokens);
-    ``world``: the ranks; ``shapes``: distinct attention shapes alive at once (e.g. 2 to switch
-    resolution without a rebuild). Heads and head dim come from the model's config.
+    ``transformer``: the model or its config; ``tokens``: the longest attention sequence of a
+    forward (image/video + text tokens); ``world``: the ranks; ``dtype``: default the model's;
+    ``shapes``: distinct attention shapes alive at once (e.g. 2 to switch resolution without a
+    rebuild). Heads and head dim come from the config.
     """
-    cfg = getattr(transformer, "config", {})
+    cfg = transformer if isinstance(transformer, Mapping) else getattr(transformer, "config", {})
     heads, hd = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
     if not (isinstance(heads, int) and isinstance(hd, int)):
         raise ValueError("transformer: its config has no num_attention_heads / attention_head_dim; size the heap "
                          "with sfattn.SPAttention.heap_bytes(plan, batch, dtype)")
     if dtype is None:
+        if isinstance(transformer, Mapping):
+            raise ValueError("dtype: required when a config is passed")
         dtype = next(transformer.parameters()).dtype
     item = torch.empty((), dtype=dtype).element_size()
     shard = batch * math.ceil(tokens / world + 1) * heads * hd * item
