@@ -60,6 +60,6 @@ def test_launcher_rejects_bad_arguments():
 
 
 def test_dit_example_tiny_on_two_ranks():
-    r = _run("-n", "2", "examples/dit_sp.py", "--model", "flux", "--tiny", "--steps", "2", "--no-usp", timeout=300)
+    r = _run("-n", "2", "examples/dit_sp.py", "--model", "flux", "--tiny", "--steps", "2", "--peers", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rel err first step" in r.stdout and "sfattn" in r.stdout and "USP skipped: --no-usp" in r.stdout
+    assert "rel err first step" in r.stdout and "sfattn on 2 ranks" in r.stdout and "(uneven shards)" in r.stdout
