@@ -23,6 +23,12 @@ fi
 python3 -c "import diffusers" 2>/tmp/e2e/import.log || { tail -5 /tmp/e2e/import.log; echo "diffusers does not import: add the missing wheels (../shared/device/fetch-wheels.sh NAME...)"; exit 1; }
 python3 -c "import yunchang" 2>/dev/null || echo "yunchang does not import: the USP rows will be skipped"
 cp docs/perf/summary.json "$OUT/summary.json"
+if [ "${E2E_MPS:-1}" = 1 ]; then  # ranks sharing a GPU run side by side under MPS, not time-sliced
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d 2>/dev/null || true
+  trap 'echo quit | nvidia-cuda-mps-control 2>/dev/null || true' EXIT
+fi
 N=${E2E_RANKS:-2}
 common="--steps ${E2E_STEPS:-4} ${E2E_ARGS:-}"
 [ "${E2E_COMPILE:-1}" = 1 ] && common="$common --compile"
