@@ -34,11 +34,11 @@ def _dist(rt, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rt.rank, world_size=rt.world_size)
 
 
-def _tiny_flux(heads: int = 3):
+def _tiny_flux(heads: int = 3, blocks: int = 2):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=blocks, num_single_layers=blocks,
                                   attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
                                   pooled_projection_dim=16, guidance_embeds=False,
                                   axes_dims_rope=(4, 6, 6)).to(torch.float64).eval()
@@ -55,12 +55,12 @@ def _flux_inputs(h: int, w: int, n_txt: int, seed: int = 1):
                 txt_ids=torch.zeros(n_txt, 3, dtype=torch.float64), return_dict=False)
 
 
-def _tiny_wan(heads: int = 3):
+def _tiny_wan(heads: int = 3, blocks: int = 2):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16,
-                                 in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=blocks,
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                  rope_max_seq_len=32).to(torch.float64).eval()
 
@@ -86,7 +86,7 @@ def _cp_config(world: int, mode: str):
     return ContextParallelConfig(ulysses_degree=world)
 
 
-def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3):
+def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3, regional=False):
     """Two resolutions, each twice (layers reused), eager or compiled; errors vs one process."""
     from sfattn.integrations import diffusers as sfd
 
@@ -94,7 +94,7 @@ def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3):
     tiny, inputs = (_tiny_flux, _flux_inputs) if family == "flux" else (_tiny_wan, _wan_inputs)
 
     def make():
-        return tiny(heads)
+        return tiny(heads, 4) if regional else tiny(heads)
     shapes = [(5, 5, 7), (7, 3, 9)] if family == "flux" else [(3, 3, 3), (2, 5, 3)]  # tokens: 25+7, 21+9 / 27, 30
     with torch.no_grad():
         refs = [make()(**inputs(*s))[0] for s in shapes]
@@ -102,7 +102,13 @@ def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3):
         model.enable_parallelism(config=_cp_config(rt.world_size, mode))
         inst = sfd.enable(model, rt, algorithm=algorithm)
         run = model
-        if compiled:
+        if regional:  # diffusers' regional compilation: each block class compiled once, any size
+            from torch._dynamo.utils import counters
+
+            torch._dynamo.reset()
+            counters.clear()
+            model.compile_repeated_blocks(backend="aot_eager", fullgraph=True, dynamic=True)
+        elif compiled:
             from torch._dynamo.utils import counters
 
             torch._dynamo.reset()
@@ -116,7 +122,7 @@ def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3):
             assert out.shape == ref.shape
             errs.append(_rel(out, ref))
         plans = inst.plans()
-        graphs = counters["stats"]["unique_graphs"] if compiled else None
+        graphs = counters["stats"]["unique_graphs"] if compiled or regional else None
         sfd.disable(model)
     import torch.distributed as dist
 
@@ -135,10 +141,20 @@ def test_uneven_tokens_match_one_process(family, world, algorithm, compiled):
         assert len(plans) == 2, plans  # one layer per resolution, shared by every block
         assert all(("ring" if algorithm == "ring" else "") in p for p in plans), plans
         if compiled and family == "flux":
-            assert graphs == 2, graphs  # one graph per resolution: no break, no recompilation between calls
+            # per resolution: one graph of the forward, one of sfattn's pre-hook (its own frame under
+            # torch.compile(module)): no break, no recompilation between calls
+            assert graphs == 4, graphs
     # shard lengths as diffusers' tensor_split made them, text and image split separately
     if family == "flux" and world == 2:
         assert "32 tokens [17, 15]" in res[0][1][0], res[0][1]
+
+
+def test_regional_compilation_any_size():
+    res = all_ok(run_ranks(_same_as_one_process, 2, heap="16MiB", deadline=180, timeout=60, port=_free_port(),
+                           family="flux", mode="ulysses_anything", algorithm=None, compiled=False, regional=True))
+    for errs, plans, graphs in res:
+        assert max(errs) < 1e-12, errs
+        assert graphs <= 4, graphs  # 2 block classes (x static, dynamic): not a graph per block (8 blocks)
 
 
 def test_torus_on_two_machines_and_ring_anything():

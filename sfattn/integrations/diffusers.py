@@ -35,7 +35,9 @@ inside sfattn (exact).
 Layers are built on first use and cached. Shard lengths differ between ranks and between
 calls, so each rank learns the others' once per (input shapes, call index within the forward)
 - a plan-time exchange on the first forward at new shapes, none after - instead of on every
-call. ``torch.compile`` (``fullgraph=True`` included): one opaque op per attention call.
+call. ``torch.compile``: opaque ops, no per-call constants in the graph, so regional
+compilation (``compile_repeated_blocks``) reuses each block's graph at any size; a whole-model
+compile needs ``dynamic=False`` (the output gather's length is resolved while tracing).
 """
 from __future__ import annotations
 
@@ -70,13 +72,29 @@ def _instance(handle: int) -> "ContextParallelAttention":
     return inst
 
 
+@torch.library.custom_op("sfattn::cp_begin", mutates_args=("token",))
+def _cp_begin_op(token: torch.Tensor, handle: int, shapes: list[int]) -> None:
+    """A forward starts at these input shapes (its attention calls count from 0). Mutates
+    ``token``, which every attention op reads: a compiled graph keeps them in order."""
+    token.add_(1)
+    _instance(handle)._start(tuple(shapes))
+
+
+@_cp_begin_op.register_fake
+def _(token: torch.Tensor, handle: int, shapes: list[int]) -> None:
+    return None
+
+
 @torch.library.custom_op("sfattn::cp_attention", mutates_args=())
-def _cp_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, site: int) -> torch.Tensor:
-    return _instance(handle)._attend(q, k, v, _instance(handle)._sites[site])
+def _cp_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token: torch.Tensor, handle: int,
+                     scale: float, local: str) -> torch.Tensor:
+    inst = _instance(handle)
+    return inst._attend(q, k, v, inst._attention_site(q, scale, local))
 
 
 @_cp_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, site: int) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token: torch.Tensor, handle: int, scale: float,
+      local: str) -> torch.Tensor:
     return torch.empty_like(q)
 
 
@@ -102,11 +120,14 @@ def _shapes_id(shapes: tuple) -> int:
 
 
 @torch.compiler.assume_constant_result
-def _site_id(handle: int, shapes: int, call: int, kind: str, dims: tuple, dtype: str, extra: tuple) -> int:
-    """The site (layer or gather buffers) of call ``call`` of a forward at input shapes ``shapes``;
-    made on first use, with the one exchange that tells every rank the others' shard lengths.
-    Runs in program order: eagerly, or while torch.compile traces (on every rank alike)."""
-    return _instance(handle)._site(shapes, call, kind, dims, dtype, extra)
+def _gather_site(handle: int, shapes: int, call: int, dims: tuple, dtype: str, dim: int) -> int:
+    """The site (buffers, every rank's length) of gather ``call`` of a forward at input shapes
+    ``shapes``; made on first use with one exchange. Runs eagerly or while torch.compile traces
+    (on every rank alike): the gathered length is a constant of the graph."""
+    inst = _instance(handle)
+    key = (shapes, -1 - call, "gather", dtype, dim)
+    sid = inst._site_ids.get(key)
+    return sid if sid is not None else inst._site(key, -1 - call, "gather", dims, dtype, (dim,))
 
 
 @torch.compiler.assume_constant_result
@@ -125,23 +146,24 @@ def _say_once(why: str) -> int:
     return 0
 
 
-def _signature(args: tuple, kwargs: dict) -> tuple:
-    """What decides the attention shapes of a forward: tensor shapes and dtypes, int arguments."""
+def _signature(args: tuple, kwargs: dict) -> list:
+    """What decides the attention shapes of a forward, as ints: every tensor argument's sizes, every
+    int argument (an argument's index and length first). Sizes may be symbolic under compile."""
     out: list = []
 
-    def add(name: str, x: Any) -> None:
-        if isinstance(x, torch.Tensor):  # int(): a dynamic size is specialised (a graph per shape)
-            out.append((name, tuple(int(d) for d in x.shape), str(x.dtype)))
+    def add(i: int, x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            out.extend((i, x.ndim, *x.shape))
         elif isinstance(x, (bool, int)):
-            out.append((name, x))
+            out.extend((i, -1, int(x)))
         elif isinstance(x, (list, tuple)):
-            for i, y in enumerate(x):
-                add(f"{name}.{i}", y)
+            for y in x:
+                add(i, y)
     for i, x in enumerate(args):
-        add(str(i), x)
-    for name in sorted(kwargs):
-        add(name, kwargs[name])
-    return tuple(out)
+        add(i, x)
+    for i, name in enumerate(sorted(kwargs)):
+        add(len(args) + i, kwargs[name])
+    return out
 
 
 def _kernel_fits(q: torch.Tensor, local: str) -> bool:
@@ -205,8 +227,11 @@ class ContextParallelAttention:
         self.rt, self.algorithm, self.ulysses_degree, self.local = rt, algorithm, ulysses_degree, local
         self.transformer, self.parallel_config = transformer, pc
         self.handle = id(self)  # a plain int: what the ops carry (a constant to torch.compile)
-        self._shapes, self._call = 0, 0
-        self._site_ids: dict[tuple[int, int], int] = {}
+        self._shapes, self._call = 0, 0     # run time: input shapes id, attention calls so far
+        self._signature: list = []          # trace time (or eager): the forward's shapes, its gathers so far
+        self._gathers_seen = 0
+        self._token = torch.zeros(1, dtype=torch.int64)  # orders cp_begin before the attention ops
+        self._site_ids: dict[tuple, int] = {}   # (input shapes id, call, kind, ...) -> site id
         self._sites: dict[int, _Attn | _Gather] = {}
         self._layers: dict[tuple, SPAttention] = {}
         self._gathers = self._gather_hooks(transformer)
@@ -227,14 +252,15 @@ class ContextParallelAttention:
 
     # -- per forward / per call (traced by torch.compile: attribute updates and constants) -----
     def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook (before diffusers' split): new input shapes, call count from 0."""
-        self._shapes = _shapes_id(_signature(args, kwargs))
-        self._call = 0
+        """Forward pre-hook (before diffusers' split): new input shapes, calls counted from 0."""
+        self._signature = _signature(args, kwargs)
+        self._gathers_seen = 0
+        torch.ops.sfattn.cp_begin(self._token, self.handle, self._signature)
 
-    def _next(self) -> int:
-        call = self._call
-        self._call = call + 1
-        return call
+    def _start(self, shapes: tuple) -> None:
+        """Inside the cp_begin op, at run time."""
+        self._shapes = _SHAPE_IDS.setdefault(shapes, len(_SHAPE_IDS) + 1)
+        self._call = 0
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any, dropout_p: float,
                  is_causal: bool, scale: float | None, enable_gqa: bool, attention_kwargs: Any, backend: Any,
@@ -253,16 +279,20 @@ class ContextParallelAttention:
             _say_once(f"head_dim {query.shape[-1]} / {query.dtype}: the fused kernel takes head dims "
                       f"{_KERNEL_HEAD_DIMS} in bf16/fp16 (FA3: bf16); these layers use local='torch' (exact)")
             local = "torch"
-        site = _site_id(self.handle, self._shapes, self._next(), "attention", tuple(int(d) for d in query.shape),
-                        str(query.dtype).replace("torch.", ""), (0.0 if scale is None else float(scale), local))
-        return torch.ops.sfattn.cp_attention(query, key, value, self.handle, site)
+        return torch.ops.sfattn.cp_attention(query, key, value, self._token, self.handle,
+                                             0.0 if scale is None else float(scale), local)
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """All-gather this rank's shard ``x`` along ``dim`` (collective; shards may differ in length
         along ``dim``), in rank order, through the symmetric heap. One opaque op."""
         dim = dim % x.ndim
-        site = _site_id(self.handle, self._shapes, self._next(), "gather", tuple(int(d) for d in x.shape),
-                        str(x.dtype).replace("torch.", ""), (dim,))
+        # the output's length along dim must be known while tracing: the site is resolved then
+        # (static sizes: compile a whole model with dynamic=False; gathers outside compiled
+        # regions, as with compile_repeated_blocks, take any sizes)
+        call = self._gathers_seen
+        self._gathers_seen = call + 1
+        site = _gather_site(self.handle, _shapes_id(tuple(int(d) for d in self._signature)), call,
+                            tuple(int(d) for d in x.shape), str(x.dtype).replace("torch.", ""), dim)
         return torch.ops.sfattn.cp_gather(x.contiguous(), self.handle, site, dim, _gather_total(self.handle, site))
 
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any,
@@ -309,15 +339,26 @@ class ContextParallelAttention:
         return None
 
     # -- plan time: first use of a site ----------------------------------------------------------
-    def _site(self, shapes: int, call: int, kind: str, dims: tuple, dtype: str, extra: tuple) -> int:
-        sid = self._site_ids.get((shapes, call))
-        if sid is not None:
-            return sid
+    def _attention_site(self, q: torch.Tensor, scale: float, local: str) -> "_Attn":
+        """At run time, inside the attention op: this call's site (made on first use)."""
+        call = self._call
+        self._call = call + 1
+        dtype = str(q.dtype).replace("torch.", "")
+        key = (self._shapes, call, "attention", q.shape[0], *q.shape[2:], dtype, scale, local)
+        sid = self._site_ids.get(key)
+        if sid is None:
+            sid = self._site(key, call, "attention", tuple(q.shape), dtype, (scale, local))
+        return self._sites[sid]
+
+    def _site(self, key: tuple, call: int, kind: str, dims: tuple, dtype: str, extra: tuple) -> int:
+        """A new site for ``key`` (its first item the input-shapes id): every rank's length along
+        the sequence in one exchange, then the layer (shared by equal global shapes) or buffers."""
+        shapes = key[0]
         if dtype not in _DTYPES:
             raise TypeError(f"{kind}: dtype {dtype} not supported (expected one of {_DTYPES})")
         seq = 1 if kind == "attention" else extra[0]
         other = [d for i, d in enumerate(dims) if i != seq]
-        mine = [call, len(dims), *other, _DTYPES.index(dtype),
+        mine = [abs(call), len(dims), *other, _DTYPES.index(dtype),
                 *((_bits(extra[0]), _LOCALS.index(extra[1])) if kind == "attention" else ())]
         table = self.rt.exchange(f"sfattn context-parallel {kind}", [dims[seq], *mine])
         for p, row in enumerate(table):
@@ -337,12 +378,12 @@ class ContextParallelAttention:
                     self._layers[key] = layer
             site: _Attn | _Gather = _Attn(layer, key)
         else:
-            site = self._make_gather(lens, extra[0], dims, dtype)
+            site = self._make_gather(lens, extra[0], dims, dtype, shapes)
         sid = len(self._sites) + 1
         while sid in self._sites:
             sid += 1
         self._sites[sid] = site
-        self._site_ids[(shapes, call)] = sid
+        self._site_ids[key] = sid
         return sid
 
     def _make_layer(self, key: tuple, shapes: int) -> SPAttention | None:
@@ -369,7 +410,7 @@ class ContextParallelAttention:
     def _evict(self, shapes: int) -> bool:
         """Free the layers and gather buffers no site of the current input shapes uses (those of an
         earlier resolution); the same on every rank. Whether anything was freed."""
-        keep = {sid for (sh, _), sid in self._site_ids.items() if sh == shapes}
+        keep = {sid for k, sid in self._site_ids.items() if k[0] == shapes}
         used = {id(self._sites[sid]) for sid in keep} | {id(self._sites[sid].layer) for sid in keep
                                                             if isinstance(self._sites[sid], _Attn)}
         freed = False
@@ -384,13 +425,13 @@ class ContextParallelAttention:
         self._site_ids = {k: sid for k, sid in self._site_ids.items() if sid in keep}
         return freed
 
-    def _make_gather(self, lens: list[int], dim: int, dims: tuple, dtype: str) -> _Gather:
+    def _make_gather(self, lens: list[int], dim: int, dims: tuple, dtype: str, shapes: int) -> _Gather:
         shape = list(dims)
         shape[dim] = max(lens)
         try:
             buf = self.rt.alloc((self.rt.world_size, *shape), dtype)
         except oneside.HeapExhaustedError:
-            if not self._evict(self._shapes):
+            if not self._evict(shapes):
                 raise
             buf = self.rt.alloc((self.rt.world_size, *shape), dtype)
         me = self.rt.rank
