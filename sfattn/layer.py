@@ -267,25 +267,42 @@ class SPAttention:
         """The heap buffer as the caller's array type (torch tensor or numpy/CuPy array)."""
         return buf.torch() if hasattr(like, "permute") else buf.local
 
+    def _by_piece(self, x: Any, view: bool = False) -> Any:
+        """[B, L, H, D] (any strides) as [U, T, B, L, Ht, D]: head group (j, g) of the plan is
+        heads ``(j * T + g) * Ht ...``. ``view``: None where numpy/CuPy would have to copy."""
+        U, T, Ht, D = self.plan.U, self.plan.T, self.Ht, self.plan.head_dim
+        if hasattr(x, "unflatten"):  # torch: splitting one axis is always a view
+            return x.unflatten(2, (U, T, Ht)).permute(2, 3, 0, 1, 4, 5)
+        v = x.reshape(x.shape[0], x.shape[1], U, T, Ht, D)
+        return None if view and v.base is None else v.transpose(2, 3, 0, 1, 4, 5)
+
     def _pack(self, x: Any, buf: oneside.SymArray) -> None:
-        """x [B, L, H, D] -> buf [U, T, B, Sl, Ht, D] (or [T, 1, ...] without Ulysses)."""
-        plan, B, L = self.plan, self.batch, self.shard_len()
-        U, T, Ht, D = plan.U, plan.T, self.Ht, plan.head_dim
-        dst = self._view(buf, x).reshape(U, T, B, self.Sl, Ht, D)
-        for j in range(U):  # head slices: reads through any strides of `x`
-            for g in range(T):
-                h0 = (j * T + g) * Ht
-                dst[j, g, :, :L] = x[:, :, h0:h0 + Ht]
+        """x [B, L, H, D] -> buf [U, T, B, Sl, Ht, D] (or [T, 1, ...] without Ulysses): one
+        strided copy per tensor."""
+        plan, L = self.plan, self.shard_len()
+        dst = self._view(buf, x).reshape(plan.U, plan.T, self.batch, self.Sl, self.Ht, plan.head_dim)[:, :, :, :L]
+        if hasattr(dst, "copy_"):
+            dst.copy_(self._by_piece(x))
+        else:
+            dst[...] = self._by_piece(x)
 
     def _unpack(self, out: Any) -> None:
+        """The reverse: [U, T, B, Sl, Ht, D] (FO after the reverse Ulysses, or RO when there is
+        none) -> out [B, L, H, D], one strided copy."""
         plan, L = self.plan, self.shard_len()
         U, T, Ht = plan.U, plan.T, self.Ht
-        # [U, T, B, Sl, Ht, D]: FO after the reverse Ulysses, or RO when there is none (U == 1)
         src = self._view(self.FO if U > 1 else self.RO, out).reshape(U, T, self.batch, self.Sl, Ht, plan.head_dim)
-        for j in range(U):
-            for g in range(T):
-                h0 = (j * T + g) * Ht
-                out[:, :, h0:h0 + Ht] = src[j, g, :, :L]
+        src = src[:, :, :, :L]
+        dst = self._by_piece(out, view=True)
+        if dst is None:  # an array numpy/CuPy cannot split without a copy: per head group
+            for j in range(U):
+                for g in range(T):
+                    h0 = (j * T + g) * Ht
+                    out[:, :, h0:h0 + Ht] = src[j, g]
+        elif hasattr(dst, "copy_"):
+            dst.copy_(src)
+        else:
+            dst[...] = src
 
     def __call__(self, q: Any, k: Any, v: Any, out: Any = None) -> Any:
         rt, plan = self.rt, self.plan
