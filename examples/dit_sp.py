@@ -388,23 +388,29 @@ def report(a: argparse.Namespace, res: dict[str, Any]) -> str:
 
 
 def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
-    """The two e2e keys, for a full-width Flux 4096^2 run on 2 GPUs only; says what it did."""
+    """Summary keys from the runs that define them; says what it did. Full-width Flux 4096^2 on 2
+    GPUs: e2e_flux4096_2gpu_speedup (and _over_usp); full-width Flux 1024^2, compiled, 2 ranks
+    sharing one GPU: e2e_flux1024_2ranks_1gpu_over_1rank (same compute as 1 rank: our overhead)."""
+    full = a.model == "flux" and not a.tiny and a.depth is None and a.heads is None
+    values: dict[str, Any] = {}
     why = []
-    if a.model != "flux" or a.tiny or (a.height, a.width) != (4096, 4096):
-        why.append("not full-width Flux at 4096^2")
-    if res["ranks"] != 2 or res["device"] == "cpu" or res["shared_gpu"]:
-        why.append("not 2 ranks on 2 GPUs")
     if not res["ok"]:
         why.append("outputs differ from 1 GPU")
+    elif full and (a.height, a.width) == (4096, 4096) and res["ranks"] == 2 and res["device"] != "cpu" \
+            and not res["shared_gpu"]:
+        values["e2e_flux4096_2gpu_speedup"] = round(res["speedup"], 3)
+        if "over_usp" in res:
+            values["e2e_flux4096_over_usp"] = round(res["over_usp"], 3)
+    elif full and (a.height, a.width) == (1024, 1024) and res["ranks"] == 2 and res["shared_gpu"] and a.compile:
+        values["e2e_flux1024_2ranks_1gpu_over_1rank"] = round(res["ms"]["sfattn"] / res["ms"]["1gpu"], 4)
+    else:
+        why.append("not full-width Flux at 4096^2 on 2 GPUs, nor compiled at 1024^2 on 2 ranks sharing a GPU")
     if why:
         return f"summary: not written ({'; '.join(why)})"
     sys.path.insert(0, str(ROOT / "perf"))
     from common import update_summary
 
-    values = {"e2e_flux4096_2gpu_speedup": round(res["speedup"], 3)}
-    if "over_usp" in res:
-        values["e2e_flux4096_over_usp"] = round(res["over_usp"], 3)
-    update_summary(values, Path(path))
+    update_summary({**values, "e2e_card": res["device"]}, Path(path))
     return f"summary: {values} -> {path}"
 
 

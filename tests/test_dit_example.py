@@ -87,23 +87,29 @@ def test_usp_on_cpus_with_heads_that_divide():
     assert r["graphs"] == {"1gpu": 1, "sfattn": 2, "usp": 2}  # + the pre-hook's frame
 
 
-def test_summary_keys_only_from_full_width_flux4096_on_two_gpus(tmp_path):
+def test_summary_keys_only_from_the_runs_that_define_them(tmp_path):
     import dit_sp
 
     path = tmp_path / "summary.json"
     path.write_text('{"other": 1}\n')
-    res = dict(ranks=2, device="NVIDIA H200", shared_gpu=False, ok=True, speedup=1.91234, over_usp=1.05)
+    res = dict(ranks=2, device="NVIDIA H200", shared_gpu=False, ok=True, speedup=1.91234, over_usp=1.05,
+               ms={"1gpu": 10.0, "sfattn": 10.3})
     full = dit_sp.parse_args(["--model", "flux", "--size", "4096"])
     for argv, change in ((["--model", "flux", "--tiny"], {}), (["--model", "flux", "--size", "2048"], {}),
                          (["--model", "wan"], {}), (["--model", "flux", "--size", "4096"], {"device": "cpu"}),
                          (["--model", "flux", "--size", "4096"], {"shared_gpu": True}),
+                         (["--model", "flux", "--size", "4096", "--depth", "1"], {}),
                          (["--model", "flux", "--size", "4096"], {"ranks": 4}),
+                         (["--model", "flux", "--size", "1024"], {"shared_gpu": True}),  # not compiled
                          (["--model", "flux", "--size", "4096"], {"ok": False})):
         assert "not written" in dit_sp.write_summary(dit_sp.parse_args(argv), dict(res, **change), str(path))
     assert json.loads(path.read_text()) == {"other": 1}
     dit_sp.write_summary(full, res, str(path))
     assert json.loads(path.read_text()) == {"other": 1, "e2e_flux4096_2gpu_speedup": 1.912,
-                                            "e2e_flux4096_over_usp": 1.05}
+                                            "e2e_flux4096_over_usp": 1.05, "e2e_card": "NVIDIA H200"}
+    dit_sp.write_summary(dit_sp.parse_args(["--model", "flux", "--size", "1024", "--compile"]),
+                         dict(res, shared_gpu=True), str(path))
+    assert json.loads(path.read_text())["e2e_flux1024_2ranks_1gpu_over_1rank"] == 1.03
 
 
 def test_example_rejects_bad_arguments(capsys):

@@ -1,0 +1,120 @@
+"""A layer's fixed cost: its time beyond its attention kernels, split by cause (GPU; N ranks).
+
+    # 1, 2 and 4 ranks sharing one GPU under MPS (scripts/gpu_fixed.sh does all three)
+    python -m oneside.launch -n 2 --backend nvshmem perf/bench_fixed.py --json /tmp/fixed_2.json
+
+Flux shapes (24 heads x 128, bf16): 1024^2 = 4096 image + 512 text tokens, 2048^2 = 16384 + 512.
+Per shape, interleaved rounds on every rank (CUDA events, a device-side sleep before each so the
+host's launch time stays out of GPU times; medians):
+
+* ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm;
+* ``kernels``: the layer's attention kernels alone (its compute steps, on the data already in
+  its buffers) - ``fixed = layer - kernels``;
+* the pieces of the fixed cost, each alone: ``pack`` (Q, K, V into the send buffers),
+  ``exchange`` (the Ulysses ScatterPush and the barrier after it), ``barrier`` (one BarrierAll),
+  ``reverse`` (the output's ScatterPush back and its barrier), ``unpack``;
+* ``host_us``: the host's time to issue one layer call (wall clock, no sync), against which the
+  GPU time says whether a layer is host-bound.
+
+Rank 0 prints a table and, with ``--summary``, writes ``layer_fixed_us_2ranks_flux1024`` from a
+2-rank run on one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_medians, update_summary  # noqa: E402
+
+SHAPES = {"flux1024": 4096 + 512, "flux2048": 16384 + 512}
+
+
+def measure(rt, name: str, S: int, reps: int) -> dict:
+    import torch
+
+    import sfattn
+    from sfattn.op import release
+
+    H, D = 24, 128
+    dev = torch.device("cuda", rt.backend.device)
+    plan = sfattn.make_plan(rt.mesh, H, S, D)
+    layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
+    L = layer.shard_len()
+    g = torch.Generator(device=dev).manual_seed(rt.rank)
+    q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    out = torch.empty_like(q)
+    C = lambda: rt.backend.stream_handle(None)  # noqa: E731  the caller's (torch's current) stream
+    steps = [arg for kind, arg, _ in layer.steps if kind == "run"]
+    fns = {
+        "layer": lambda: sfattn.attention(q, k, v, layer),
+        "kernels": lambda: [run(C()) for run in steps],
+        "pack": lambda: [layer._pack(x, layer._send_views[n]) for n, x in zip("qkv", (q, k, v))],
+        "barrier": lambda: rt.barrier_all(C()),
+        "unpack": lambda: layer._unpack(out),
+    }
+    if plan.U > 1:
+        fns["exchange"] = lambda: (layer.ulysses.issue(C()), rt.barrier_all(C()))
+        fns["reverse"] = lambda: (layer.ulysses_back.issue(C()), rt.barrier(layer.Ut, C()))
+    rt.barrier_all()
+    t = interleaved_medians(fns, warmup=5, reps=reps)
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(reps):  # issue time of one call while the GPU is kept busy ahead of it
+        torch.cuda._sleep(2_000_000)
+        t0 = time.perf_counter()
+        sfattn.attention(q, k, v, layer)
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    res = {k: round(x * 1e6, 2) for k, x in t.items()}
+    res.update(host_us=round(statistics.median(host) * 1e6, 2), fixed_us=round((t["layer"] - t["kernels"]) * 1e6, 2),
+               plan=f"{plan.algorithm} T={plan.T} U={plan.U} R={plan.R}", tokens=S, shard=L)
+    release(layer)
+    layer.close()
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="*", choices=tuple(SHAPES), default=list(SHAPES))
+    p.add_argument("--reps", type=int, default=31)
+    p.add_argument("--json", default=None)
+    p.add_argument("--summary", default=None, help="summary.json to update (2 ranks on one GPU only)")
+    a = p.parse_args()
+    import torch
+
+    import oneside
+
+    rt = oneside.init(backend="nvshmem", heap_size="2GiB")
+    out = {}
+    for name in a.shapes:
+        mine = measure(rt, name, SHAPES[name], a.reps)
+        keys = [k for k in mine if isinstance(mine[k], float)]
+        table = rt.exchange("bench_fixed", [max(0, int(mine[k] * 100)) for k in keys])  # 10 ns units
+        mine["max_over_ranks"] = {k: float(table[:, i].max()) / 100 for i, k in enumerate(keys)}
+        out[name] = mine
+    shared = torch.cuda.device_count() < rt.world_size
+    res = dict(ranks=rt.world_size, device=torch.cuda.get_device_name(rt.backend.device), shared_gpu=shared,
+               shapes=out)
+    if rt.rank == 0:
+        cols = ["layer", "kernels", "fixed_us", "pack", "exchange", "barrier", "reverse", "unpack", "host_us"]
+        print(f"{rt.world_size} ranks on {res['device']}{' (sharing it)' if shared else ''}: us, max over ranks")
+        print(f"{'shape':<10} {'plan':<22} " + " ".join(f"{c:>9}" for c in cols))
+        for name, r in out.items():
+            m = r["max_over_ranks"]
+            print(f"{name:<10} {r['plan']:<22} " + " ".join(f"{m[c]:9.1f}" if c in m else f"{'-':>9}" for c in cols))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        if a.summary and rt.world_size == 2 and "flux1024" in out:
+            update_summary({"layer_fixed_us_2ranks_flux1024": out["flux1024"]["max_over_ranks"]["fixed_us"],
+                            "layer_fixed_card": res["device"]}, Path(a.summary))
+    oneside.finalize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
