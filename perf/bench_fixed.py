@@ -4,8 +4,9 @@
     python -m oneside.launch -n 2 --backend nvshmem perf/bench_fixed.py --json /tmp/fixed_2.json
 
 Flux shapes (24 heads x 128, bf16): 1024^2 = 4096 image + 512 text tokens, 2048^2 = 16384 + 512.
-Per shape, interleaved rounds on every rank (CUDA events, a device-side sleep before each so the
-host's launch time stays out of GPU times; medians):
+Per shape, interleaved rounds on every rank (every rank starts each piece together on an idle GPU, behind a
+device-side sleep that hides the host's launch time unless issuing takes longer; CUDA events;
+medians):
 
 * ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm;
 * ``kernels``: the layer's attention kernels alone (its compute steps, on the data already in
@@ -13,8 +14,8 @@ host's launch time stays out of GPU times; medians):
 * the pieces of the fixed cost, each alone: ``pack`` (Q, K, V into the send buffers),
   ``exchange`` (the Ulysses ScatterPush and the barrier after it), ``barrier`` (one BarrierAll),
   ``reverse`` (the output's ScatterPush back and its barrier), ``unpack``;
-* ``host_us``: the host's time to issue one layer call (wall clock, no sync), against which the
-  GPU time says whether a layer is host-bound.
+* ``host_*``: the host's time to issue each (wall clock, no sync), against which the GPU time
+  says whether a layer is host-bound; ``--profile N``: rank 0's cProfile of N layer calls.
 
 Rank 0 prints a table and, with ``--summary``, writes ``layer_fixed_us_2ranks_flux1024`` from a
 2-rank run on one GPU.
@@ -29,12 +30,42 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, update_summary  # noqa: E402
+from common import update_summary  # noqa: E402
 
 SHAPES = {"flux1024": 4096 + 512, "flux2048": 16384 + 512}
 
 
-def measure(rt, name: str, S: int, reps: int) -> dict:
+def timed(rt, fns: dict, reps: int) -> tuple[dict, dict]:
+    """Median GPU seconds (CUDA events) and host issue seconds of each fn, interleaved rounds; every
+    rank starts each fn together (host barrier, idle GPU) behind a short device-side sleep."""
+    import random
+
+    import torch
+
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    gpu: dict = {k: [] for k in fns}
+    host: dict = {k: [] for k in fns}
+    order = list(fns)
+    for rep in range(reps):
+        random.Random(rep).shuffle(order)  # the same order on every rank
+        for k in order:
+            rt.barrier_all()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(1_000_000)
+            a.record()
+            t0 = time.perf_counter()
+            fns[k]()
+            host[k].append(time.perf_counter() - t0)
+            b.record()
+            torch.cuda.synchronize()
+            gpu[k].append(a.elapsed_time(b) / 1e3)
+    return ({k: statistics.median(v) for k, v in gpu.items()}, {k: statistics.median(v) for k, v in host.items()})
+
+
+def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     import torch
 
     import sfattn
@@ -60,18 +91,28 @@ def measure(rt, name: str, S: int, reps: int) -> dict:
     if plan.U > 1:
         fns["exchange"] = lambda: (layer.ulysses.issue(C()), rt.barrier_all(C()))
         fns["reverse"] = lambda: (layer.ulysses_back.issue(C()), rt.barrier(layer.Ut, C()))
-    rt.barrier_all()
-    t = interleaved_medians(fns, warmup=5, reps=reps)
-    torch.cuda.synchronize()
-    host = []
-    for _ in range(reps):  # issue time of one call while the GPU is kept busy ahead of it
-        torch.cuda._sleep(2_000_000)
-        t0 = time.perf_counter()
-        sfattn.attention(q, k, v, layer)
-        host.append(time.perf_counter() - t0)
+    t, h = timed(rt, fns, reps)
+    if profile and rt.rank == 0:  # where the host's time per layer call goes
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(profile):
+            sfattn.attention(q, k, v, layer)
+        pr.disable()
+        torch.cuda.synchronize()
+        txt = io.StringIO()
+        pstats.Stats(pr, stream=txt).sort_stats("tottime").print_stats(25)
+        print(f"== host profile, {name}, {profile} layer calls ==\n" + txt.getvalue(), flush=True)
+    else:
+        for _ in range(profile):
+            sfattn.attention(q, k, v, layer)
         torch.cuda.synchronize()
     res = {k: round(x * 1e6, 2) for k, x in t.items()}
-    res.update(host_us=round(statistics.median(host) * 1e6, 2), fixed_us=round((t["layer"] - t["kernels"]) * 1e6, 2),
+    res.update({f"host_{k}": round(x * 1e6, 2) for k, x in h.items()})
+    res.update(fixed_us=round((t["layer"] - t["kernels"]) * 1e6, 2),
                plan=f"{plan.algorithm} T={plan.T} U={plan.U} R={plan.R}", tokens=S, shard=L)
     release(layer)
     layer.close()
@@ -82,6 +123,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", choices=tuple(SHAPES), default=list(SHAPES))
     p.add_argument("--reps", type=int, default=31)
+    p.add_argument("--profile", type=int, default=0, help="rank 0: cProfile of this many layer calls")
     p.add_argument("--json", default=None)
     p.add_argument("--summary", default=None, help="summary.json to update (2 ranks on one GPU only)")
     a = p.parse_args()
@@ -92,7 +134,7 @@ def main() -> int:
     rt = oneside.init(backend="nvshmem", heap_size="2GiB")
     out = {}
     for name in a.shapes:
-        mine = measure(rt, name, SHAPES[name], a.reps)
+        mine = measure(rt, name, SHAPES[name], a.reps, a.profile)
         keys = [k for k in mine if isinstance(mine[k], float)]
         table = rt.exchange("bench_fixed", [max(0, int(mine[k] * 100)) for k in keys])  # 10 ns units
         mine["max_over_ranks"] = {k: float(table[:, i].max()) / 100 for i, k in enumerate(keys)}
@@ -101,9 +143,10 @@ def main() -> int:
     res = dict(ranks=rt.world_size, device=torch.cuda.get_device_name(rt.backend.device), shared_gpu=shared,
                shapes=out)
     if rt.rank == 0:
-        cols = ["layer", "kernels", "fixed_us", "pack", "exchange", "barrier", "reverse", "unpack", "host_us"]
+        cols = ["layer", "kernels", "fixed_us", "pack", "exchange", "barrier", "reverse", "unpack", "host_layer",
+                "host_kernels", "host_pack", "host_exchange", "host_barrier", "host_reverse", "host_unpack"]
         print(f"{rt.world_size} ranks on {res['device']}{' (sharing it)' if shared else ''}: us, max over ranks")
-        print(f"{'shape':<10} {'plan':<22} " + " ".join(f"{c:>9}" for c in cols))
+        print(f"{'shape':<10} {'plan':<22} " + " ".join(f"{c.replace('host_', 'h.'):>9}" for c in cols))
         for name, r in out.items():
             m = r["max_over_ranks"]
             print(f"{name:<10} {r['plan']:<22} " + " ".join(f"{m[c]:9.1f}" if c in m else f"{'-':>9}" for c in cols))

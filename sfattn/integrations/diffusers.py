@@ -552,6 +552,15 @@ def disable(transformer: torch.nn.Module) -> None:
         inst.close()
 
 
+_WARNED: set = set()
+
+
+def _warning_once(self: logging.Logger, msg: str, *args: Any, **kwargs: Any) -> None:
+    if (self.name, msg) not in _WARNED:
+        _WARNED.add((self.name, msg))
+        self.warning(msg, *args, **kwargs)
+
+
 def diffusers_workarounds() -> None:
     """Two diffusers 0.42.1 context-parallel bugs met outside its pipelines (tests, examples):
 
@@ -564,7 +573,7 @@ def diffusers_workarounds() -> None:
     if torch.accelerator.device_count() == 0:
         torch.accelerator.device_count = lambda: 1
     if not hasattr(logging.Logger, "warning_once"):
-        logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
+        logging.Logger.warning_once = _warning_once
     torch._dynamo.config.ignore_logging_functions.add(logging.Logger.warning_once)
 
 
