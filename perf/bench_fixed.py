@@ -8,7 +8,8 @@ Per shape, interleaved rounds on every rank (every rank starts each piece togeth
 device-side sleep that hides the host's launch time unless issuing takes longer; CUDA events;
 medians):
 
-* ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm;
+* ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm (its exchange and
+  compute replayed as one CUDA graph); ``eager``: the same layer with ``cuda_graph=False``;
 * ``kernels``: the layer's attention kernels alone (its compute steps, on the data already in
   its buffers) - ``fixed = layer - kernels``;
 * the pieces of the fixed cost, each alone: ``pack`` (Q, K, V into the send buffers),
@@ -75,6 +76,7 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     dev = torch.device("cuda", rt.backend.device)
     plan = sfattn.make_plan(rt.mesh, H, S, D)
     layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
+    eager = sfattn.SPAttention(rt, plan, 1, "bfloat16", cuda_graph=False)  # every launch from the host
     L = layer.shard_len()
     g = torch.Generator(device=dev).manual_seed(rt.rank)
     q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -83,6 +85,7 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     steps = [arg for kind, arg, _ in layer.steps if kind == "run"]
     fns = {
         "layer": lambda: sfattn.attention(q, k, v, layer),
+        "eager": lambda: sfattn.attention(q, k, v, eager),
         "kernels": lambda: [run(C()) for run in steps],
         "pack": lambda: [layer._pack(x, layer._send_views[n]) for n, x in zip("qkv", (q, k, v))],
         "barrier": lambda: rt.barrier_all(C()),
@@ -114,8 +117,9 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     res.update({f"host_{k}": round(x * 1e6, 2) for k, x in h.items()})
     res.update(fixed_us=round((t["layer"] - t["kernels"]) * 1e6, 2),
                plan=f"{plan.algorithm} T={plan.T} U={plan.U} R={plan.R}", tokens=S, shard=L)
-    release(layer)
-    layer.close()
+    for x in (layer, eager):
+        release(x)
+        x.close()
     return res
 
 
@@ -143,8 +147,9 @@ def main() -> int:
     res = dict(ranks=rt.world_size, device=torch.cuda.get_device_name(rt.backend.device), shared_gpu=shared,
                shapes=out)
     if rt.rank == 0:
-        cols = ["layer", "kernels", "fixed_us", "pack", "exchange", "barrier", "reverse", "unpack", "host_layer",
-                "host_kernels", "host_pack", "host_exchange", "host_barrier", "host_reverse", "host_unpack"]
+        cols = ["layer", "eager", "kernels", "fixed_us", "pack", "exchange", "barrier", "reverse", "unpack",
+                "host_layer", "host_eager", "host_kernels", "host_pack", "host_exchange", "host_barrier",
+                "host_reverse", "host_unpack"]
         print(f"{rt.world_size} ranks on {res['device']}{' (sharing it)' if shared else ''}: us, max over ranks")
         print(f"{'shape':<10} {'plan':<22} " + " ".join(f"{c.replace('host_', 'h.'):>9}" for c in cols))
         for name, r in out.items():

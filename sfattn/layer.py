@@ -51,7 +51,7 @@ class SPAttention:
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
                  scale: float | None = None, layout: str = "bshd", local: str = "kernel",
-                 lens: Sequence[int] | None = None):
+                 lens: Sequence[int] | None = None, cuda_graph: bool = True):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
@@ -80,6 +80,12 @@ class SPAttention:
         # one rank on a GPU: nothing to exchange, the local kernel reads the caller's tensors and
         # writes the output (no heap round trip); off after the first call the kernel refuses
         self._direct = rt.world_size == 1 and rt.backend.is_gpu
+        # GPUs: the exchange + compute part of a call (every transfer, barrier, wait and kernel
+        # between pack and unpack: ~20 launches) is captured once, on the second call, and
+        # replayed as one graph launch (not while the caller captures a graph itself)
+        self._graphable = cuda_graph and rt.backend.is_gpu and rt.chaos is None
+        self._graph: Any = None
+        self._ext: dict = {}
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
         T, U, R = plan.T, plan.U, plan.R
         self.Sl = Sl = max(self.lens)  # every shard padded to the longest; padded keys masked
@@ -306,7 +312,6 @@ class SPAttention:
 
     def __call__(self, q: Any, k: Any, v: Any, out: Any = None) -> Any:
         rt, plan = self.rt, self.plan
-        T, U, R = plan.T, plan.U, plan.R
         expect = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
         if self.layout == "bhsd":
             expect = (expect[0], expect[2], expect[1], expect[3])
@@ -324,13 +329,31 @@ class SPAttention:
                 return o
         rt.check()  # a failure an earlier call's GPU-side waits recorded: raise it now
         self._calls += 1
-        tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
         for x, a in (("q", q), ("k", k), ("v", v)):
             self._pack(a, self._send_views[x])
+        C = rt.backend.stream_handle(None) if self.gpu else None
+        if self._graphable and self._calls >= 2 and not self._capturing(C):
+            if self._graph is None:
+                self._graph = self._capture(C)
+            self._graph.launch(self._ext_stream(C))
+        else:
+            self._exchange_compute(C)
+        if out is None:
+            shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
+            out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)
+            self._unpack(out)
+            return _swap12(out) if self.layout == "bhsd" else out
+        self._unpack(_swap12(out) if self.layout == "bhsd" else out)
+        return out
+
+    def _exchange_compute(self, C: Any) -> None:
+        """Everything between pack and unpack, issued on the caller's stream ``C``."""
+        rt, plan = self.rt, self.plan
+        T, U, R = plan.T, plan.U, plan.R
+        tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
         # Compute on the caller's stream C; Torus traffic on stream A, Ring traffic on stream B
         # (GPU). On the host backend every call completes in program order, which this order
         # keeps valid: pulls and signals are issued before the waits and computes needing them.
-        C = rt.backend.stream_handle(None) if self.gpu else None
         A, Bs = (self._streams[0].ptr, self._streams[1].ptr) if self.gpu else (None, None)
         if U > 1:
             self.ulysses.issue(C)
@@ -377,13 +400,33 @@ class SPAttention:
             rt.barrier(self.Ut, C, tag=tag + 2)
         if self.gpu:  # results of a call whose waits failed are NaN, never plausible numbers
             rt.poison_if_failed(self.FO if U > 1 else self.RO, C)
-        if out is None:
-            shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
-            out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)
-            self._unpack(out)
-            return _swap12(out) if self.layout == "bhsd" else out
-        self._unpack(_swap12(out) if self.layout == "bhsd" else out)
-        return out
+
+    def _capturing(self, C: Any) -> bool:
+        import cupy
+
+        return cupy.cuda.runtime.streamIsCapturing(C) != 0
+
+    def _ext_stream(self, C: int) -> Any:
+        import cupy
+
+        st = self._ext.get(C)
+        if st is None:
+            st = self._ext[C] = cupy.cuda.ExternalStream(C, self.rt.backend.device)
+        return st
+
+    def _capture(self, C: int) -> Any:
+        """The exchange + compute part as a CUDA graph (captured, not run; every rank captures
+        at the same call). Its barriers' rounds and tags live on the GPU, so replays stay exact."""
+        import cupy
+
+        s = cupy.cuda.Stream(non_blocking=True)
+        s.begin_capture(getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2))  # NVSHMEM's own threads
+        try:
+            self._exchange_compute(s.ptr)
+        finally:
+            graph = s.end_capture()
+        graph.upload(self._ext_stream(C))
+        return graph
 
     def _call_direct(self, q: Any, k: Any, v: Any, out: Any) -> Any:
         """The whole call at world size 1 on a GPU (BSHD views in); None if the kernel cannot
