@@ -127,6 +127,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", choices=tuple(SHAPES), default=list(SHAPES))
     p.add_argument("--reps", type=int, default=31)
+    p.add_argument("--heap", default="6GiB", help="symmetric heap per rank (two layers of the largest shape)")
     p.add_argument("--profile", type=int, default=0, help="rank 0: cProfile of this many layer calls")
     p.add_argument("--json", default=None)
     p.add_argument("--summary", default=None, help="summary.json to update (2 ranks on one GPU only)")
@@ -135,7 +136,7 @@ def main() -> int:
 
     import oneside
 
-    rt = oneside.init(backend="nvshmem", heap_size="2GiB")
+    rt = oneside.init(backend="nvshmem", heap_size=a.heap)
     out = {}
     for name in a.shapes:
         mine = measure(rt, name, SHAPES[name], a.reps, a.profile)
