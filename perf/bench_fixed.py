@@ -142,7 +142,8 @@ def main() -> int:
         mine = measure(rt, name, SHAPES[name], a.reps, a.profile)
         keys = [k for k in mine if isinstance(mine[k], float)]
         table = rt.exchange("bench_fixed", [max(0, int(mine[k] * 100)) for k in keys])  # 10 ns units
-        mine["max_over_ranks"] = {k: float(table[:, i].max()) / 100 for i, k in enumerate(keys)}
+        m = mine["max_over_ranks"] = {k: float(table[:, i].max()) / 100 for i, k in enumerate(keys)}
+        m["fixed_us"] = round(m["layer"] - m["kernels"], 2)  # the critical path: slowest layer - slowest kernels
         out[name] = mine
     shared = torch.cuda.device_count() < rt.world_size
     res = dict(ranks=rt.world_size, device=torch.cuda.get_device_name(rt.backend.device), shared_gpu=shared,
