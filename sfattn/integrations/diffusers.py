@@ -27,10 +27,13 @@ editing diffusers. :func:`enable` instead routes ``dispatch_attention_fn`` in th
 model's attention processors: calls that carry this model's parallel config go to sfattn,
 every other call (other models, cross-attention, no CP) to diffusers unchanged.
 
-What sfattn does not do falls back, with one log line per reason: an attention mask, causal
-attention, dropout, grouped-query heads or keys of another length go to diffusers' own CP path
-(with the model's backend); a head dim or dtype the fused kernel lacks runs ``local='torch'``
-inside sfattn (exact).
+Other attention, with one log line per reason: a key mask (``[..., 1, keys]``) or keys of
+another length (LTX's text cross-attention, Qwen-Image's padded prompt) - K, V and the mask's
+key axis are all-gathered and torch SDPA attends this rank's queries (exact); a head dim or
+dtype the fused kernel lacks - ``local='torch'`` inside sfattn (exact); a mask with a query
+axis, causal attention, dropout, grouped-query heads - diffusers' own CP path (with the
+model's backend). The output gathers of the plan run over the symmetric heap (gloo cannot
+all-gather uneven shards; NCCL is not needed for them).
 
 Layers are built on first use and cached. Shard lengths differ between ranks and between
 calls, so each rank learns the others' once per (input shapes, call index within the forward)
