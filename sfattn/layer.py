@@ -47,8 +47,9 @@ class SPAttention:
     ``'kernel'`` (the fused multi-block kernel; the numpy reference on the host backend) or
     ``'torch'`` (torch SDPA with log-sum-exp, merged; the same local kernel as torch baselines) or
     ``'fa3'`` (FlashAttention-3 with log-sum-exp, merged; Hopper GPUs, bf16, needs ``fa3_fwd``).
-    ``cuda_graph`` (GPUs): from the second call, replay the call's exchange + compute as one CUDA
-    graph (halves the host's issue time); default: for plans inside one machine (T == 1).
+    ``cuda_graph`` (GPUs, ``local='kernel'``): from the second call, replay the call's exchange +
+    compute as one CUDA graph (halves the host's issue time); default: for plans inside one
+    machine (T == 1).
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
@@ -86,10 +87,12 @@ class SPAttention:
         # between pack and unpack: ~20 launches) is captured once, on the second call, and
         # replayed as one graph launch (not while the caller captures a graph itself)
         # (default: plans inside one machine, T == 1; a 2 x 2 torus run on one GPU under MPS gave a
-        # non-finite output with graphs on, cause not yet known: multi-machine plans stay eager)
+        # non-finite output with graphs on, cause not yet known: multi-machine plans stay eager).
+        # Only the fused kernel: the torch/FA3 paths allocate temporaries through torch's caching
+        # allocator, which would hand their memory out again while the graph still writes it.
         if cuda_graph is None:
             cuda_graph = plan.T == 1
-        self._graphable = cuda_graph and rt.backend.is_gpu and rt.chaos is None
+        self._graphable = bool(cuda_graph) and rt.backend.is_gpu and rt.chaos is None and local == "kernel"
         self._graph: Any = None
         self._ext: dict = {}
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
