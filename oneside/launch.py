@@ -66,17 +66,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     code, failed_at = 0, None
-    while any(q.poll() is None for q in procs):
+    reported: set[int] = set()
+    killed: set[int] = set()
+
+    def report() -> None:  # every rank that failed, once (several may fail between two polls)
+        nonlocal code, failed_at
         for r, q in enumerate(procs):
             rc = q.poll()
-            if rc not in (None, 0) and failed_at is None:
-                code, failed_at = rc, time.monotonic()
+            if rc not in (None, 0) and r not in reported and r not in killed:
+                reported.add(r)
+                if failed_at is None:
+                    code, failed_at = rc, time.monotonic()
                 print(f"oneside.launch: rank {r} exited with code {rc}", file=sys.stderr, flush=True)
+
+    while any(q.poll() is None for q in procs):
+        report()
         if failed_at is not None and time.monotonic() - failed_at > a.grace:
-            for q in procs:
+            for r, q in enumerate(procs):
                 if q.poll() is None:
+                    killed.add(r)
                     q.kill()
         time.sleep(0.05)
+    report()
     if code == 0:
         code = next((q.returncode for q in procs if q.returncode), 0)
     return code if code >= 0 else 128 - code
