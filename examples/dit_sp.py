@@ -116,7 +116,8 @@ def init_distributed(rt: oneside.Runtime, init_method: str | None, nccl: bool) -
     if init_method is None:
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("--dist-init not given and MASTER_ADDR unset (run under oneside.launch or torchrun)")
-        init_method = f"tcp://{os.environ['MASTER_ADDR']}:{int(os.environ['MASTER_PORT']) + 11}"
+        port = os.environ.get("ONESIDE_DIST_PORT") or int(os.environ["MASTER_PORT"]) + 11  # oneside.launch's, or torchrun's + 11
+        init_method = f"tcp://{os.environ['MASTER_ADDR']}:{port}"
     kw: dict[str, Any] = {}
     if nccl:
         kw["device_id"] = torch.device("cuda", rt.backend.device)

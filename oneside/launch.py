@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     per = a.nproc // a.machines
     base = dict(os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_ENV.items()})
     base.update(MASTER_ADDR=base.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()),
+                ONESIDE_DIST_PORT=str(_free_port()),  # for a torch.distributed group beside oneside
                 ONESIDE_JOB=uuid.uuid4().hex[:12], ONESIDE_MACHINES=str(a.machines),
                 WORLD_SIZE=str(a.nproc), LOCAL_WORLD_SIZE=str(per))
     if a.backend:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         if S % W:
             raise SystemExit(f"{name}: {S} tokens do not divide by {W} ranks (yunchang needs equal shards)")
     dev = torch.device("cuda", rt.backend.device) if gpu else torch.device("cpu")
-    port = int(os.environ["MASTER_PORT"]) + 11
+    port = os.environ.get("ONESIDE_DIST_PORT") or int(os.environ["MASTER_PORT"]) + 11
     dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{port}",
                             rank=me, world_size=W, **({"device_id": dev} if gpu else {}))
     from torch.nn.attention import SDPBackend, sdpa_kernel

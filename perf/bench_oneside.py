@@ -45,7 +45,7 @@ def main() -> None:
     assert n == 2, "run with 2 ranks"
     dev = torch.device("cuda", rt.backend.device)
     stream = torch.cuda.Stream(dev)
-    port = int(os.environ["MASTER_PORT"]) + 7
+    port = os.environ.get("ONESIDE_DIST_PORT") or int(os.environ["MASTER_PORT"]) + 7
     dist.init_process_group("nccl", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{port}", rank=me,
                             world_size=n, device_id=dev)
     big_src = rt.alloc(SIZES[-1], "uint8")
