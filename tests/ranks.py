@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import socket
 import traceback
 import uuid
 from typing import Any, Callable
@@ -24,12 +25,20 @@ def _child(fn, rank, n, machines, job, heap, timeout, q, kwargs):
         q.put((rank, "err", (type(e).__name__, str(e), traceback.format_exc())))
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a torch.distributed group beside the ranks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_ranks(fn: Callable[..., Any], n: int, machines: int = 1, heap: str = "4MiB", timeout: float = 20.0,
-              deadline: float = 60.0, **kwargs) -> list[tuple[str, Any]]:
+              deadline: float = 60.0, grace: float | None = None, **kwargs) -> list[tuple[str, Any]]:
     """Run ``fn(rt, **kwargs)`` on ``n`` ranks; returns ``[(status, value)]`` by rank.
 
     status is ``'ok'`` (value: fn's return) or ``'err'`` (value: (type name, message, traceback)).
-    A rank that neither reports nor exits within ``deadline`` seconds fails the test.
+    A rank that neither reports nor exits within ``deadline`` seconds fails the test; with
+    ``grace``, the others get that many seconds after the first error (they may wait on it).
     """
     ctx = mp.get_context("fork")
     q = ctx.Queue()
@@ -47,6 +56,8 @@ def run_ranks(fn: Callable[..., Any], n: int, machines: int = 1, heap: str = "4M
         try:
             r, status, value = q.get(timeout=0.2)
             results[r] = (status, value)
+            if status == "err" and grace is not None:
+                end = min(end, time.monotonic() + grace)
         except queue.Empty:
             if all(not p.is_alive() for p in procs) and q.empty():
                 break

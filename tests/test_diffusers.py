@@ -9,20 +9,13 @@ example in tests/test_dit_example.py.
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from ranks import all_ok, run_ranks  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ranks import all_ok, free_port, run_ranks  # noqa: E402
 
 
 def _dist(rt, port: int) -> None:
@@ -134,7 +127,7 @@ def _same_as_one_process(rt, port, family, mode, algorithm, compiled, heads=3, r
     ("flux", 2, None, False), ("flux", 3, None, True), ("flux", 2, "ring", True),
     ("wan", 2, None, True), ("wan", 3, "ring", False)])
 def test_uneven_tokens_match_one_process(family, world, algorithm, compiled):
-    res = all_ok(run_ranks(_same_as_one_process, world, heap="16MiB", deadline=180, timeout=60, port=_free_port(),
+    res = all_ok(run_ranks(_same_as_one_process, world, heap="16MiB", deadline=180, timeout=60, port=free_port(),
                            family=family, mode="ulysses_anything", algorithm=algorithm, compiled=compiled))
     for errs, plans, graphs in res:
         assert max(errs) < 1e-12, errs
@@ -150,7 +143,7 @@ def test_uneven_tokens_match_one_process(family, world, algorithm, compiled):
 
 
 def test_regional_compilation_any_size():
-    res = all_ok(run_ranks(_same_as_one_process, 2, heap="16MiB", deadline=180, timeout=60, port=_free_port(),
+    res = all_ok(run_ranks(_same_as_one_process, 2, heap="16MiB", deadline=180, timeout=60, port=free_port(),
                            family="flux", mode="ulysses_anything", algorithm=None, compiled=False, regional=True))
     for errs, plans, graphs in res:
         assert max(errs) < 1e-12, errs
@@ -159,7 +152,7 @@ def test_regional_compilation_any_size():
 
 def test_torus_on_two_machines_and_ring_anything():
     res = all_ok(run_ranks(_same_as_one_process, 4, machines=2, heap="16MiB", deadline=180, timeout=60,
-                           port=_free_port(), family="flux", mode="ring_anything", algorithm="torus",
+                           port=free_port(), family="flux", mode="ring_anything", algorithm="torus",
                            compiled=False, heads=4))
     for errs, plans, _ in res:
         assert max(errs) < 1e-12, errs
@@ -189,7 +182,7 @@ def _versus_diffusers(rt, port):
 
 def test_equals_diffusers_own_context_parallelism_where_it_runs_on_gloo():
     for ours, theirs, between, again in all_ok(run_ranks(_versus_diffusers, 2, heap="16MiB", deadline=120,
-                                                         timeout=60, port=_free_port())):
+                                                         timeout=60, port=free_port())):
         assert ours < 1e-12 and theirs < 1e-12 and between < 1e-12, (ours, theirs, between)
         assert again == 0.0
 
@@ -253,7 +246,7 @@ def _fallbacks(rt, port):
 def test_masks_and_other_key_lengths_fall_back_with_one_log_line():
     for plain, masked, same, keyed, short, said, restored in all_ok(run_ranks(_fallbacks, 2, heap="16MiB",
                                                                               deadline=120, timeout=60,
-                                                                              port=_free_port())):
+                                                                              port=free_port())):
         assert plain < 1e-12 and masked < 1e-12 and same
         assert keyed < 1e-12 and short < 1e-12, (keyed, short)
         assert said == [
@@ -295,7 +288,7 @@ def _heap_pressure(rt, port):
 
 def test_heap_holds_one_resolution_at_a_time():
     for errs, layers in all_ok(run_ranks(_heap_pressure, 2, heap="4MiB", deadline=120, timeout=60,
-                                         port=_free_port())):
+                                         port=free_port())):
         assert max(errs) < 1e-12, errs
         assert layers == 1
 
@@ -322,7 +315,7 @@ def _bad_setup(rt, port):
 
 
 def test_bad_setup_raises_clear_errors():
-    all_ok(run_ranks(_bad_setup, 2, heap="16MiB", deadline=120, timeout=60, port=_free_port()))
+    all_ok(run_ranks(_bad_setup, 2, heap="16MiB", deadline=120, timeout=60, port=free_port()))
 
 
 def test_heap_size_covers_the_layers():

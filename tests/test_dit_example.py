@@ -7,7 +7,6 @@ it runs on CPUs) beside it, equal too.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -16,15 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from ranks import all_ok, run_ranks  # noqa: E402
+from ranks import all_ok, free_port, run_ranks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _example(rt, argv):
@@ -34,7 +27,7 @@ def _example(rt, argv):
 
 
 def _run(world: int, argv: list[str]) -> dict:
-    argv = [*argv, "--tiny", "--steps", "2", "--warmup", "0", "--dist-init", f"tcp://127.0.0.1:{_free_port()}"]
+    argv = [*argv, "--tiny", "--steps", "2", "--warmup", "0", "--dist-init", f"tcp://127.0.0.1:{free_port()}"]
     r = all_ok(run_ranks(_example, world, heap="16MiB", deadline=240, timeout=120, argv=argv))[0]
     assert r["ok"], r["failures"]
     return r

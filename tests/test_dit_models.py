@@ -27,13 +27,9 @@ from __future__ import annotations
 import builtins
 import functools
 import logging
-import multiprocessing as mp
-import queue
 import re
-import socket
 import sys
 import time
-import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +42,7 @@ diffusers = pytest.importorskip("diffusers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from dit_models import FAMILIES, Family, Res  # noqa: E402
+from ranks import free_port, run_ranks  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 from diffusers import ContextParallelConfig  # noqa: E402
@@ -118,12 +115,6 @@ def test_full_width_on_meta(name):
 
 
 # -- ranks ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pad_gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     """diffusers' ``_all_gather_anything`` on gloo: equal-size all_gather of padded shards, trimmed."""
     sizes = cp_hooks.gather_size_by_comm(tensor.shape[dim], group)
@@ -151,10 +142,11 @@ def _shims(cpu_mesh: bool, gather: bool, warning_once: bool) -> Iterator[None]:
         torch.accelerator.device_count = count
 
 
-def _rank(rank: int, world: int, port: int, name: str, res: Res, cp: dict[str, Any], shims: dict[str, bool],
+def _rank(rt, port: int, name: str, res: Res, cp: dict[str, Any], shims: dict[str, bool],
           backend: str | None, heads: int | None, no_mask: bool) -> dict[str, Any]:
+    """One rank (``rt``: its host-backend runtime, used only for rank and world size)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rt.rank, world_size=rt.world_size,
                             timeout=timedelta(seconds=20))
     fam = FAMILIES[name]
     cfg = fam.config(tiny=True)
@@ -181,43 +173,6 @@ def _rank(rank: int, world: int, port: int, name: str, res: Res, cp: dict[str, A
     return dict(err=float((out - ref).abs().max() / ref.abs().max()), shape=tuple(out.shape), seen=seen)
 
 
-def _child(rank: int, world: int, port: int, q, kw: dict[str, Any]) -> None:
-    try:
-        q.put((rank, "ok", _rank(rank, world, port, **kw)))
-    except BaseException as e:  # report, never hang the parent
-        q.put((rank, "err", (type(e).__name__, str(e), traceback.format_exc())))
-
-
-def _run(world: int, deadline: float = 60.0, grace: float = 2.0, **kw: Any) -> list[tuple[str, Any]]:
-    """``_rank`` on ``world`` forked processes: [(status, value)] by rank. After the first
-    failure the others get ``grace`` seconds to report (they may wait on the failed rank)."""
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, q, kw), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[str, Any]] = {}
-    end = time.monotonic() + deadline
-    while len(results) < world and time.monotonic() < end:
-        try:
-            r, status, value = q.get(timeout=0.05)
-            results[r] = (status, value)
-            if status == "err":
-                end = min(end, time.monotonic() + grace)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs) and q.empty():
-                break
-    for p in procs:
-        p.join(timeout=max(0.05, min(1.0, end - time.monotonic())))
-        if p.is_alive():
-            p.kill()
-            p.join()
-    for r in range(world):
-        results.setdefault(r, ("dead", procs[r].exitcode))
-    return [results[r] for r in range(world)]
-
-
 def check(name: str, world: int, res: Res, cp: dict[str, Any], expect: str | None = None, *,
           shims: dict[str, bool] | None = None, backend: str | None = None, heads: int | None = None,
           no_mask: bool = False) -> None:
@@ -228,7 +183,8 @@ def check(name: str, world: int, res: Res, cp: dict[str, Any], expect: str | Non
     AssertionError, which the strict xfails below do not accept.
     """
     shims = dict(dict(cpu_mesh=True, gather=True, warning_once=True), **(shims or {}))
-    results = _run(world, name=name, res=res, cp=cp, shims=shims, backend=backend, heads=heads, no_mask=no_mask)
+    results = run_ranks(_rank, world, deadline=60.0, grace=2.0, port=free_port(), name=name, res=res, cp=cp,
+                        shims=shims, backend=backend, heads=heads, no_mask=no_mask)
     bad = [(r, s, v) for r, (s, v) in enumerate(results) if s != "ok"]
     if bad:
         text = "\n".join(f"rank {r} {s}: " + (f"{v[0]}: {v[1]}\n{v[2]}" if s == "err" else f"exit {v}")
