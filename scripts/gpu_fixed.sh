@@ -8,23 +8,9 @@
 #   e2e        examples/dit_sp.py Flux 1024^2 compiled, 1 rank vs 2 ranks sharing the GPU
 # Results: $OUT/summary_gpu.json (keys to merge into docs/perf/summary.json), $OUT/fixed_N.json,
 # $OUT/e2e_flux1024.json, logs; a short table last.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -m oneside.native > "$OUT/shim-build.log" 2>&1 || { tail -30 "$OUT/shim-build.log"; exit 1; }
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-nvidia-cuda-mps-control -d 2>/dev/null || true
-status=0
-step() {  # name timeout command...
-  local name=$1 t=$2; shift 2
-  local t0=$SECONDS
-  timeout "$t" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  [ $rc = 0 ] || status=1
-  printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(grep -v '^WARN' "$OUT/$name.log" | grep -E 'PASSED|passed|Error|error|_ms|us"' | tail -2 | tr '\n' ' ' | cut -c1-220)"
-}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+STEP_SHOW='PASSED|passed|Error|error|_ms|us"'
+source scripts/gpu_common.sh
 want() { [[ " ${FIXED_STEPS:-layers primitives checks fixed e2e} " == *" $1 "* ]]; }
 if want layers; then
   step layers2 200 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_sfattn.py

@@ -4,23 +4,8 @@
 # layer GPU tests (CUDA graphs replay tagged barriers), the per-call cost of the checks, the
 # chaos soak (GPU_CALLS layer calls per mesh) and injected faults (GPU_FAULT_RUNS runs).
 # Results in $OUT (chaos_gpu.json, summary_gpu.json, logs).
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -m oneside.native > "$OUT/shim-build.log" 2>&1 || { tail -30 "$OUT/shim-build.log"; exit 1; }
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-nvidia-cuda-mps-control -d 2>/dev/null || true
-status=0
-step() {  # name timeout command...
-  local name=$1 t=$2; shift 2
-  local t0=$SECONDS
-  timeout "$t" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  [ $rc = 0 ] || status=1
-  printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(grep -v '^WARN' "$OUT/$name.log" | grep -E 'PASSED|ok:|Error|error|calls|faults_|us"' | tail -2 | tr '\n' ' ' | cut -c1-200)"
-}
+STEP_SHOW='PASSED|ok:|Error|error|calls|faults_|us"'
+source scripts/gpu_common.sh
 step faults_gpu 90 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_faults.py
 step primitives 180 python3 -m oneside.launch -n 2 --backend nvshmem tests/gpu_primitives.py
 step layers 200 python3 -m oneside.launch -n 2 --machines 2 --backend nvshmem tests/gpu_sfattn.py
