@@ -95,6 +95,7 @@ class SPAttention:
         self._graphable = bool(cuda_graph) and rt.backend.is_gpu and rt.chaos is None and local == "kernel"
         self._graph: Any = None
         self._ext: dict = {}
+        self._row_views: dict = {}
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
         T, U, R = plan.T, plan.U, plan.R
         self.Sl = Sl = max(self.lens)  # every shard padded to the longest; padded keys masked
@@ -291,11 +292,21 @@ class SPAttention:
         v = x.reshape(x.shape[0], x.shape[1], U, T, Ht, D)
         return None if view and v.base is None else v.transpose(2, 3, 0, 1, 4, 5)
 
+    def _rows(self, buf: oneside.SymArray, like: Any) -> Any:
+        """``buf`` as ``[U, T, B, L, Ht, D]``: this rank's rows of each piece, as the caller's array
+        type; made once per buffer and type (no view work per call)."""
+        key = (id(buf), hasattr(like, "permute"))
+        rows = self._row_views.get(key)
+        if rows is None:
+            plan = self.plan
+            rows = self._view(buf, like).reshape(plan.U, plan.T, self.batch, self.Sl, self.Ht, plan.head_dim)
+            rows = self._row_views[key] = rows[:, :, :, :self.shard_len()]
+        return rows
+
     def _pack(self, x: Any, buf: oneside.SymArray) -> None:
         """x [B, L, H, D] -> buf [U, T, B, Sl, Ht, D] (or [T, 1, ...] without Ulysses): one
         strided copy per tensor."""
-        plan, L = self.plan, self.shard_len()
-        dst = self._view(buf, x).reshape(plan.U, plan.T, self.batch, self.Sl, self.Ht, plan.head_dim)[:, :, :, :L]
+        dst = self._rows(buf, x)
         if hasattr(dst, "copy_"):
             dst.copy_(self._by_piece(x))
         else:
@@ -304,10 +315,8 @@ class SPAttention:
     def _unpack(self, out: Any) -> None:
         """The reverse: [U, T, B, Sl, Ht, D] (FO after the reverse Ulysses, or RO when there is
         none) -> out [B, L, H, D], one strided copy."""
-        plan, L = self.plan, self.shard_len()
-        U, T, Ht = plan.U, plan.T, self.Ht
-        src = self._view(self.FO if U > 1 else self.RO, out).reshape(U, T, self.batch, self.Sl, Ht, plan.head_dim)
-        src = src[:, :, :, :L]
+        U, T, Ht = self.plan.U, self.plan.T, self.Ht
+        src = self._rows(self.FO if U > 1 else self.RO, out)
         dst = self._by_piece(out, view=True)
         if dst is None:  # an array numpy/CuPy cannot split without a copy: per head group
             for j in range(U):
