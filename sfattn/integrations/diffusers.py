@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import struct
 import sys
 from dataclasses import dataclass
@@ -598,7 +597,9 @@ def heap_size(transformer: torch.nn.Module | Mapping[str, Any], tokens: int, wor
         if isinstance(transformer, Mapping):
             raise ValueError("dtype: required when a config is passed")
         dtype = next(transformer.parameters()).dtype
-    item = torch.empty((), dtype=dtype).element_size()
-    shard = batch * math.ceil(tokens / world + 1) * heads * hd * item
-    per_layer = (12 + 2 * world) * (shard + 4096) + 4096
-    return shapes * per_layer + (16 << 20)
+    from oneside import Mesh
+
+    # the largest layer any plan makes: a ring over every rank holds every peer's K/V
+    ring = make_plan(Mesh(1, world), heads, tokens, hd, "ring")
+    per_layer = SPAttention.heap_bytes(ring, batch, str(dtype).replace("torch.", ""))
+    return shapes * per_layer + (16 << 20)  # + the output gathers and the runtime's reserved area
