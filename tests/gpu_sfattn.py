@@ -3,9 +3,12 @@
 Every algorithm the mesh allows, bf16, vs a float64 reference (relative error < 1e-2), odd
 sequence lengths, both head dims and layouts; bitwise identical results run to run; heap use
 unchanged over 1000 calls. Rank 0 prints one line per check; exits non-zero on failure.
+GPU_SFATTN_GRAPH=1|0 forces the layers' internal CUDA-graph replay on or off (default: the
+layer's own choice).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -27,6 +30,7 @@ def main() -> None:
     dev = torch.device("cuda", rt.backend.device)
     say = (lambda m: print(f"[{rt.mesh.machines}x{rt.mesh.gpus_per_machine}] ok: {m}", flush=True)) \
         if me == 0 else (lambda m: None)
+    graph = {"1": True, "0": False}.get(os.environ.get("GPU_SFATTN_GRAPH", ""))
     cases = [(24, 1031, 128, "bshd"), (6, 517, 64, "bhsd")]
     for H, S, D, layout in cases:
         g = torch.Generator(device=dev).manual_seed(H * S)
@@ -37,23 +41,26 @@ def main() -> None:
                 plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
             except PlanError:
                 continue
-            layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, local=local)
+            layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, local=local,
+                                       cuda_graph=graph)
             ref = reference(q, k, v, layer.scale)
             lo, L = me * layer.Sl, layer.shard_len()
             sh = [x[:, lo:lo + L] for x in (q, k, v)]
             if layout == "bhsd":
                 sh = [x.transpose(1, 2) for x in sh]
             o1 = sfattn.attention(*sh, layer)
-            o2 = sfattn.attention(*sh, layer)
+            o2 = sfattn.attention(*sh, layer)  # with cuda_graph: captured here
+            o3 = sfattn.attention(*sh, layer)  # and replayed here
             torch.cuda.synchronize()
             o = o1.transpose(1, 2) if layout == "bhsd" else o1
             r = ref[:, lo:lo + L]
             err = ((o.double() - r).abs().max() / ref.abs().max()).item()
             err2 = ((o2.transpose(1, 2) if layout == "bhsd" else o2).double() - r).abs().max().item() / \
                 ref.abs().max().item()
-            assert torch.isfinite(o1).all(), (algo, "non-finite output")
+            for i, oi in enumerate((o1, o2, o3)):
+                assert torch.isfinite(oi).all(), (algo, local, f"non-finite output of call {i + 1}")
             assert err < 1e-2 and err2 < 1e-2, (algo, local, H, S, D, err, err2)
-            diff = (o1.float() - o2.float()).abs().max().item()
+            diff = max((o1.float() - oi.float()).abs().max().item() for oi in (o2, o3))
             if local == "kernel":  # the fused kernel is deterministic; cuDNN and FA3 need not be
                 assert diff == 0, (algo, local, "not bitwise identical run to run", diff)
             say(f"{algo:>7} {local:>6} H={H} S={S} D={D} {layout}: rel err {err:.2e}, run-to-run "

@@ -51,6 +51,9 @@
 #define WS_FO 1  // 1: rescale O between issuing S_t and P_{t-1} V_{t-1} (under the S GEMM) and
                  // wait for V_{t-1} only then; 0: rescale after P_{t-1} V_{t-1} completes
 #endif
+#ifndef WS_UW
+#define WS_UW 1  // warpgroup index made provably warp-uniform (uniform-register descriptors)
+#endif
 #ifndef WS_CL
 #define WS_CL 1  // blocks per cluster sharing K/V tiles by TMA multicast (1 or 2)
 #endif
@@ -203,7 +206,10 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
   const uint32_t qfull = bar0 + 8 * (2 * KST + 2 * VST);
   const uint32_t qempty = qfull + 8;
 
-  const int tid = threadIdx.x, wg = tid >> 7;
+  // WS_UW=1: the warpgroup index through a shuffle, so the compiler knows it is warp-uniform and
+  // keeps what derives from it (the consumer index, the Q descriptors) in uniform registers: no
+  // R2UR moves in front of every S wgmma (16 per K/V tile at head dim 128)
+  const int tid = threadIdx.x, wg = WS_UW ? __shfl_sync(0xffffffffu, tid >> 7, 0) : tid >> 7;
   const int b = blockIdx.z;
   const int nkv = (int)p.nkv;
   const SfQBlk& qlast = p.q[p.nq - 1];
