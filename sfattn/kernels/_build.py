@@ -34,7 +34,7 @@ WS_TILES_CPASYNC = {(128, 2): (176, 2, 2)}
 # rescale threshold (log2 units, 0: rescale whenever the max grows), blocks per cluster sharing
 # K/V tiles by TMA multicast (CL=2: head dim 128, TMA, not persistent), O rescaled under the S GEMM
 # (FO=1)
-WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT", "CL", "FO", "UW")
+WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2", "RT", "CL", "FO", "UW", "DA")
 # sm90ws per head dim: blocks per cluster
 WS_CLUSTER = {64: 1, 128: 1}
 MAXQ, MAXKV = 16, 16
@@ -154,7 +154,8 @@ class KernelConfig:
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                 f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
-                f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 1)}", f"-DWS_UW={o.get('UW', 1)}",
+                f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 1)}", f"-DWS_UW={o.get('UW', 0)}",
+                f"-DWS_DA={o.get('DA', 0)}",
                 f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
 
     def nvcc_args(self, out: Path, fmt: str = "cubin") -> list[str]:

@@ -52,7 +52,11 @@
                  // wait for V_{t-1} only then; 0: rescale after P_{t-1} V_{t-1} completes
 #endif
 #ifndef WS_UW
-#define WS_UW 1  // warpgroup index made provably warp-uniform (uniform-register descriptors)
+#define WS_UW 0  // 1: warpgroup index made provably warp-uniform (uniform-register descriptors;
+                 // 3-4 % slower at head dim 128 on an H200, docs/kernel-notes.md)
+#endif
+#ifndef WS_DA
+#define WS_DA 0  // 1: wgmma descriptors as slot-0 descriptor + offset (one add each)
 #endif
 #ifndef WS_CL
 #define WS_CL 1  // blocks per cluster sharing K/V tiles by TMA multicast (1 or 2)
@@ -315,6 +319,10 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
     const int warp = (ctid >> 5) & 3, lane = ctid & 31, t = lane & 3;
     const float sl2 = (float)p.scale_log2;
     const uint32_t qdesc_base = sQ + c * 64 * 128;
+    // WS_DA=1: descriptors of slot 0 built once; a GEMM's descriptor is that plus its offset in
+    // 16-byte units (the 14-bit address field cannot carry: shared memory is < 256 KB)
+    const uint64_t qd0 = sf_desc(qdesc_base, 16, 1024), kd0 = sf_desc(sK, 16, 1024),
+                   vd0 = sf_desc(sV, BN * 128, 1024);
     const int my_bar = 1 + c, next_bar = 1 + (c + 1) % WS_NC;  // GEMM-issue token ring
     const bool arrives = !WS_EA || lane == 0;  // "empty" arrivals: one per warp (or per thread)
     uint32_t pa[BN / 16][4];
@@ -342,8 +350,10 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         const uint32_t kbase = sK + (ct % KST) * TILE;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          const uint64_t da = sf_desc(qdesc_base + (kk >> 2) * (BM * 128) + (kk & 3) * 32, 16, 1024);
-          const uint64_t db = sf_desc(kbase + (kk >> 2) * (BN * 128) + (kk & 3) * 32, 16, 1024);
+          const uint32_t qo = (kk >> 2) * (BM * 128) + (kk & 3) * 32;
+          const uint32_t ko = (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+          const uint64_t da = WS_DA ? qd0 + (qo >> 4) : sf_desc(qdesc_base + qo, 16, 1024);
+          const uint64_t db = WS_DA ? kd0 + ((kbase - sK + ko) >> 4) : sf_desc(kbase + ko, 16, 1024);
           WGMMA_S(s, da, db, kk > 0);
         }
         wg_commit();
@@ -352,7 +362,8 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
         const uint32_t vbase = sV + ((ct - 1) % VST) * TILE;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk)
-          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
+          WGMMA_O(o, pa[kk], WS_DA ? vd0 + ((vbase - sV + kk * 16 * 128) >> 4)
+                                   : sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
         wg_commit();
       };
       auto release_k = [&]() {  // after this warp's wait for S_ct: K slot (and Q after the last S)
