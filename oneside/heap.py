@@ -210,6 +210,19 @@ class SymArray:
         """Address of this window in this rank's arena."""
         return self.rt.backend.heap_base + self.offset
 
+    def peer_ptr(self, pe: int) -> int:
+        """Address of rank ``pe``'s copy of this window as this rank addresses it (loads and
+        stores, e.g. from a kernel); raises where ``pe`` is not mapped (see ``rt.mapped``)."""
+        self.rt._check_live(self)
+        return self.rt._peer_address(self.offset, pe)
+
+    def peer(self, pe: int):
+        """Rank ``pe``'s copy of this window as a numpy (host) or CuPy array, no copy; raises
+        where ``pe`` is not mapped. Reading it races the peer's own writes: order them with a
+        barrier or signal as for put/get."""
+        self.peer_ptr(pe)
+        return self.rt.backend.peer_array(self.offset, self.shape, storage_dtype(self.dtype), pe)
+
     def torch(self):
         """The window as a torch tensor (no copy; bfloat16 windows come back as torch.bfloat16).
 

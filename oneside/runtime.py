@@ -168,6 +168,19 @@ class Runtime:
         if a.alloc_offset >= 0 and a.alloc_offset not in self._allocator._used:
             raise OnesideError(f"{a!r} was freed")
 
+    def mapped(self, pe: int) -> bool:
+        """Whether rank ``pe``'s heap is load/store addressable from this rank (always on the host
+        backend; on GPUs the same GPU or an NVLink/P2P peer), so kernels may read or write it
+        through :meth:`SymArray.peer_ptr` instead of put/get."""
+        return self.backend.peer_address(0, self._pe(pe)) != 0
+
+    def _peer_address(self, offset: int, pe: int) -> int:
+        addr = self.backend.peer_address(offset, self._pe(pe))
+        if not addr:
+            raise OnesideError(f"pe={pe}: its heap is not mapped into this rank (no NVLink/P2P path); "
+                               f"use put/get")
+        return addr
+
     def _pe(self, pe: int, what: str = "pe") -> int:
         if not isinstance(pe, (int, np.integer)) or not 0 <= pe < self.world_size:
             raise ValueError(f"{what}={pe!r}: out of range, expected 0 <= {what} < {self.world_size}")

@@ -8,13 +8,18 @@ Per shape, interleaved rounds on every rank (every rank starts each piece togeth
 device-side sleep that hides the host's launch time unless issuing takes longer; CUDA events;
 medians):
 
-* ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm (its exchange and
-  compute replayed as one CUDA graph); ``eager``: the same layer with ``cuda_graph=False``;
+* ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm with the layer's
+  defaults (its exchange and compute replayed as one CUDA graph; the Ulysses exchange by stores
+  into the members' mapped heaps, ``p2p``, where the team is inside one machine);
+  ``eager``: the same layer with ``cuda_graph=False``; ``layer_put``: with ``p2p=False`` (send
+  buffer, puts; measured where the default is p2p);
 * ``kernels``: the layer's attention kernels alone (its compute steps, on the data already in
-  its buffers) - ``fixed = layer - kernels``;
-* the pieces of the fixed cost, each alone: ``pack`` (Q, K, V into the send buffers),
-  ``exchange`` (the Ulysses ScatterPush and the barrier after it), ``barrier`` (one BarrierAll),
-  ``reverse`` (the output's ScatterPush back and its barrier), ``unpack``;
+  its buffers) - ``fixed = layer - kernels`` (``fixed_put_us``: the same for ``layer_put``);
+* the pieces of the fixed cost, each alone: ``push`` / ``pull`` (p2p: Q, K, V into the members'
+  receive buffers; the output rows back into the caller's tensor), ``barrier`` (one
+  BarrierAll); of the put exchange: ``pack`` (Q, K, V into the send buffers), ``exchange`` (the
+  Ulysses ScatterPush and the barrier after it), ``reverse`` (the output's ScatterPush back and
+  its barrier), ``unpack``;
 * ``host_*``: the host's time to issue each (wall clock, no sync), against which the GPU time
   says whether a layer is host-bound; ``--profile N``: rank 0's cProfile of N layer calls.
 
@@ -77,6 +82,8 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     plan = sfattn.make_plan(rt.mesh, H, S, D)
     layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
     eager = sfattn.SPAttention(rt, plan, 1, "bfloat16", cuda_graph=False)  # every launch from the host
+    put = sfattn.SPAttention(rt, plan, 1, "bfloat16", p2p=False) if layer.p2p is not None else None
+    old = put or layer  # the layer whose put exchange's pieces are timed
     L = layer.shard_len()
     g = torch.Generator(device=dev).manual_seed(rt.rank)
     q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -87,13 +94,17 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
         "layer": lambda: sfattn.attention(q, k, v, layer),
         "eager": lambda: sfattn.attention(q, k, v, eager),
         "kernels": lambda: [run(C()) for run in steps],
-        "pack": lambda: [layer._pack(x, layer._send_views[n]) for n, x in zip("qkv", (q, k, v))],
+        "pack": lambda: [old._pack(x, old._send_views[n]) for n, x in zip("qkv", (q, k, v))],
         "barrier": lambda: rt.barrier_all(C()),
-        "unpack": lambda: layer._unpack(out),
+        "unpack": lambda: old._unpack(out),
     }
     if plan.U > 1:
-        fns["exchange"] = lambda: (layer.ulysses.issue(C()), rt.barrier_all(C()))
-        fns["reverse"] = lambda: (layer.ulysses_back.issue(C()), rt.barrier(layer.Ut, C()))
+        fns["exchange"] = lambda: (old.ulysses.issue(C()), rt.barrier_all(C()))
+        fns["reverse"] = lambda: (old.ulysses_back.issue(C()), rt.barrier(old.Ut, C()))
+    if put is not None:
+        fns["layer_put"] = lambda: sfattn.attention(q, k, v, put)
+        fns["push"] = lambda: layer.p2p.push(q, k, v, C())
+        fns["pull"] = lambda: layer.p2p.pull(out, C())
     t, h = timed(rt, fns, reps)
     if profile and rt.rank == 0:  # where the host's time per layer call goes
         import cProfile
@@ -116,8 +127,11 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     res = {k: round(x * 1e6, 2) for k, x in t.items()}
     res.update({f"host_{k}": round(x * 1e6, 2) for k, x in h.items()})
     res.update(fixed_us=round((t["layer"] - t["kernels"]) * 1e6, 2),
-               plan=f"{plan.algorithm} T={plan.T} U={plan.U} R={plan.R}", tokens=S, shard=L)
-    for x in (layer, eager):
+               plan=f"{plan.algorithm} T={plan.T} U={plan.U} R={plan.R}{' p2p' if layer.p2p else ''}",
+               tokens=S, shard=L)
+    if put is not None:
+        res["fixed_put_us"] = round((t["layer_put"] - t["kernels"]) * 1e6, 2)
+    for x in (layer, eager, *([put] if put else [])):
         release(x)
         x.close()
     return res
@@ -144,19 +158,22 @@ def main() -> int:
         table = rt.exchange("bench_fixed", [max(0, int(mine[k] * 100)) for k in keys])  # 10 ns units
         m = mine["max_over_ranks"] = {k: float(table[:, i].max()) / 100 for i, k in enumerate(keys)}
         m["fixed_us"] = round(m["layer"] - m["kernels"], 2)  # the critical path: slowest layer - slowest kernels
+        if "layer_put" in m:
+            m["fixed_put_us"] = round(m["layer_put"] - m["kernels"], 2)
         out[name] = mine
     shared = torch.cuda.device_count() < rt.world_size
     res = dict(ranks=rt.world_size, device=torch.cuda.get_device_name(rt.backend.device), shared_gpu=shared,
                shapes=out)
     if rt.rank == 0:
-        cols = ["layer", "eager", "kernels", "fixed_us", "pack", "exchange", "barrier", "reverse", "unpack",
-                "host_layer", "host_eager", "host_kernels", "host_pack", "host_exchange", "host_barrier",
-                "host_reverse", "host_unpack"]
+        cols = ["layer", "eager", "kernels", "fixed_us", "push", "barrier", "pull", "layer_put", "fixed_put_us",
+                "pack", "exchange", "reverse", "unpack", "host_layer", "host_eager", "host_kernels",
+                "host_push", "host_pull", "host_barrier", "host_pack", "host_exchange", "host_reverse",
+                "host_unpack"]
         print(f"{rt.world_size} ranks on {res['device']}{' (sharing it)' if shared else ''}: us, max over ranks")
-        print(f"{'shape':<10} {'plan':<22} " + " ".join(f"{c.replace('host_', 'h.'):>9}" for c in cols))
+        print(f"{'shape':<10} {'plan':<26} " + " ".join(f"{c.replace('host_', 'h.')[:9]:>9}" for c in cols))
         for name, r in out.items():
             m = r["max_over_ranks"]
-            print(f"{name:<10} {r['plan']:<22} " + " ".join(f"{m[c]:9.1f}" if c in m else f"{'-':>9}" for c in cols))
+            print(f"{name:<10} {r['plan']:<26} " + " ".join(f"{m[c]:9.1f}" if c in m else f"{'-':>9}" for c in cols))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))
         if a.summary and rt.world_size == 2 and "flux1024" in out:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import oneside
 
 from .local import FA3Attention, GpuAttention, HostAttention, TorchAttention
+from .p2p import UlyssesP2P
 from .plan import Plan
 
 
@@ -50,11 +51,15 @@ class SPAttention:
     ``cuda_graph`` (GPUs, ``local='kernel'``): from the second call, replay the call's exchange +
     compute as one CUDA graph (halves the host's issue time); default: for plans inside one
     machine (T == 1).
+    ``p2p``: the Ulysses exchange by loads and stores into the team's mapped heaps
+    (:mod:`sfattn.p2p`: no send buffer, no puts); default: where every rank's Ulysses team is
+    on its machine and mapped (the same GPU or NVLink/P2P peers); ``True`` raises where it is not.
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
                  scale: float | None = None, layout: str = "bshd", local: str = "kernel",
-                 lens: Sequence[int] | None = None, cuda_graph: bool | None = None):
+                 lens: Sequence[int] | None = None, cuda_graph: bool | None = None,
+                 p2p: bool | None = None):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
@@ -116,6 +121,12 @@ class SPAttention:
             raise ValueError(f"local={local!r}: expected 'kernel' (sfattn's fused kernel; numpy on the host "
                              f"backend), 'torch' (torch SDPA with log-sum-exp, merged) or 'fa3' "
                              f"(FlashAttention-3 with log-sum-exp, merged; Hopper, bf16)")
+        # every rank takes the same exchange: p2p only where it is possible on every rank
+        able = bool(rt.exchange("SPAttention.p2p", [int(UlyssesP2P.possible(self))])[:, 0].all())
+        if p2p and not able:
+            raise ValueError("p2p=True: some rank's Ulysses team is not on its machine or not mapped "
+                             "into it (or the head dim's rows are not 16-byte multiples)")
+        use_p2p = able if p2p is None else bool(p2p)
         B = batch
         piece = (B, Sl, Ht, D)
         self._bufs: list[oneside.SymArray] = []
@@ -153,6 +164,7 @@ class SPAttention:
             self._compute2 = cupy.cuda.Stream(non_blocking=True)
             self._events: dict = {}
         self._build()
+        self.p2p = UlyssesP2P(self) if use_p2p else None
         rt.sync()
         rt.barrier_all()
         rt.sync()
@@ -347,22 +359,30 @@ class SPAttention:
                 return o
         rt.check()  # a failure an earlier call's GPU-side waits recorded: raise it now
         self._calls += 1
-        for x, a in (("q", q), ("k", k), ("v", v)):
-            self._pack(a, self._send_views[x])
         C = rt.backend.stream_handle(None) if self.gpu else None
+        if self.p2p is not None:
+            self.p2p.push(q, k, v, C)
+        else:
+            for x, a in (("q", q), ("k", k), ("v", v)):
+                self._pack(a, self._send_views[x])
         if self._graphable and self._calls >= 2 and not self._capturing(C):
             if self._graph is None:
                 self._graph = self._capture(C)
             self._graph.launch(self._ext_stream(C))
         else:
             self._exchange_compute(C)
+        ret = out
         if out is None:
             shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
             out = q.new_empty(shape) if hasattr(q, "new_empty") else self.local.xp.empty(shape, dtype=q.dtype)
+            ret = _swap12(out) if self.layout == "bhsd" else out
+        elif self.layout == "bhsd":
+            out = _swap12(out)
+        if self.p2p is not None:
+            self.p2p.pull(out, C)
+        else:
             self._unpack(out)
-            return _swap12(out) if self.layout == "bhsd" else out
-        self._unpack(_swap12(out) if self.layout == "bhsd" else out)
-        return out
+        return ret
 
     def _exchange_compute(self, C: Any) -> None:
         """Everything between pack and unpack, issued on the caller's stream ``C``."""
@@ -373,7 +393,7 @@ class SPAttention:
         # (GPU). On the host backend every call completes in program order, which this order
         # keeps valid: pulls and signals are issued before the waits and computes needing them.
         A, Bs = (self._streams[0].ptr, self._streams[1].ptr) if self.gpu else (None, None)
-        if U > 1:
+        if U > 1 and self.p2p is None:
             self.ulysses.issue(C)
         rt.barrier_all(C, tag=tag)
         self._record("start", C)
@@ -413,6 +433,8 @@ class SPAttention:
             self._record("pushed", A)
             self._wait(C, "pushed")
         rt.barrier_all(C, tag=tag + 1)
+        if self.p2p is not None:  # the pull reads the members' results (and poisons itself)
+            return
         if U > 1:
             self.ulysses_back.issue(C)
             rt.barrier(self.Ut, C, tag=tag + 2)

@@ -48,6 +48,35 @@ def test_put_get_offsets(mesh):
     all_ok(run_ranks(_put_get, mesh[0] * mesh[1], machines=mesh[0]))
 
 
+# -- peer views: load/store into mapped peers' heaps -----------------------------------------
+def _peer_views(rt):
+    n, me = rt.world_size, rt.rank
+    x = rt.alloc((n, 3, 5), "float32")
+    b = rt.alloc((4, 6), "bfloat16")
+    x.local[...] = np.nan
+    rt.barrier_all()
+    for p in range(n):
+        assert rt.mapped(p)
+        x[me].peer(p)[...] = _fill(me, (3, 5), p)  # a store into rank p's row `me`
+        assert x[me].peer_ptr(p) == rt.backend.peer_address(x[me].offset, p)
+    b.local[...] = me + 1  # bfloat16 windows are their bits (uint16) in numpy, as .local
+    rt.barrier_all()
+    for src in range(n):
+        np.testing.assert_array_equal(x.local[src], _fill(src, (3, 5), me))
+    peer = (me + 1) % n
+    assert b.peer(peer).dtype == b.local.dtype and (b.peer(peer) == peer + 1).all()
+    for bad in (-1, n):
+        with pytest.raises(ValueError, match="out of range"):
+            x.peer(bad)
+    rt.barrier_all()
+    return True
+
+
+@pytest.mark.parametrize("mesh", [(1, 3), (2, 2)])
+def test_peer_views(mesh):
+    all_ok(run_ranks(_peer_views, mesh[0] * mesh[1], machines=mesh[0]))
+
+
 # -- scatter_push / gather_pull (all-to-all) -------------------------------------------------
 def _alltoall(rt, rounds):
     n, me = rt.world_size, rt.rank

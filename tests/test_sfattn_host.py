@@ -156,6 +156,57 @@ def test_bfloat16_layers_on_the_host_backend():
             assert err < 1e-2, (key, err)  # bf16 rounding of inputs and output; was ~1 (bits read as ints)
 
 
+def _p2p_vs_put(rt):
+    """Every plan with a Ulysses stage, once with the exchange by stores into the members' mapped
+    arenas (sfattn.p2p) and once by puts: the same bits; bf16 torch inputs, BHSD, a given out."""
+    import torch
+
+    H, S, D = 8, 19, 8
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, S, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    ref, _ = attention_ref(*(x.to(torch.bfloat16).double().numpy() for x in (q, k, v)), D ** -0.5)
+    seen = {}
+    for algo in ALGORITHMS:
+        try:
+            plan = make_plan(rt.mesh, H, S, D, algo)
+        except PlanError:
+            continue
+        if plan.U < 2:
+            continue
+        # Ulysses inside a machine: p2p by default; a team across machines must use puts
+        inside = all(rt.mesh.same_machine(rt.rank, p) for p in plan.team("u", rt.rank))
+        outs = []
+        for p2p in (None, False):
+            layer = SPAttention(rt, plan, 2, "bfloat16", layout="bhsd", p2p=p2p)
+            assert (layer.p2p is not None) == (inside and p2p is None), (algo, p2p)
+            lo, L = sum(layer.lens[:rt.rank]), layer.shard_len()
+            sh = [x[:, lo:lo + L].to(torch.bfloat16).transpose(1, 2) for x in (q, k, v)]
+            out = torch.full((2, H, L, D), float("nan"), dtype=torch.bfloat16)
+            for _ in range(2):  # buffers reused
+                assert layer(*sh, out=out) is out
+            outs.append(out.clone())
+            err = float(np.abs(out.transpose(1, 2).double().numpy() - ref[:, lo:lo + L]).max() / np.abs(ref).max())
+            assert err < 1e-2, (algo, p2p, err)
+            layer.close()
+        assert torch.equal(outs[0], outs[1]), algo
+        if not inside:
+            used = rt.heap_used
+            with pytest.raises(ValueError, match="p2p=True"):
+                SPAttention(rt, plan, 2, "bfloat16", p2p=True)
+            assert rt.heap_used == used
+        seen[algo] = inside
+    return seen
+
+
+@pytest.mark.parametrize("mesh", [(1, 4), (2, 2)], ids=lambda m: f"{m[0]}x{m[1]}")
+def test_p2p_exchange_equals_the_put_exchange(mesh):
+    pytest.importorskip("torch")
+    seen = all_ok(run_ranks(_p2p_vs_put, mesh[0] * mesh[1], machines=mesh[0], heap="8MiB", deadline=120))[0]
+    assert any(seen.values())  # some plan took the p2p exchange
+    if mesh[0] > 1:
+        assert not seen["ulysses"]  # Ulysses over all 4 ranks spans the 2 machines: puts
+
+
 def _allowed(mesh, H, algo) -> bool:
     try:
         make_plan(Mesh(*mesh), H, 64, 8, algo)

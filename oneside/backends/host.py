@@ -192,6 +192,15 @@ class HostBackend:
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         return self._arrays[self.rank][HEADER + offset: HEADER + offset + n].view(dtype).reshape(shape)
 
+    def peer_address(self, offset: int, pe: int) -> int:
+        """Address of ``offset`` in rank ``pe``'s arena as this process sees it (every arena is
+        mapped here)."""
+        return self.bases[pe] + offset
+
+    def peer_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype, pe: int):
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return self._arrays[pe][HEADER + offset: HEADER + offset + n].view(dtype).reshape(shape)
+
     @staticmethod
     def upload(local: np.ndarray, values: np.ndarray) -> None:
         local[...] = values

@@ -328,6 +328,24 @@ class NvshmemBackend:
         mem = cp.cuda.UnownedMemory(self.heap_base + offset, max(n, 1), self, self.device)
         return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
 
+    @property
+    def failure_word(self) -> int:
+        """Device address of the word that is non-zero once a stream-ordered wait of this rank
+        failed (kernels that must not pass on results of a broken collective read it)."""
+        return int(self._flag.data.ptr)
+
+    def peer_address(self, offset: int, pe: int) -> int:
+        """Address of ``offset`` in rank ``pe``'s heap as this GPU addresses it (``nvshmem_ptr``:
+        same GPU or an NVLink/P2P peer), or 0 where it can only be reached by put/get."""
+        base = self.peer_base[pe]
+        return base + offset if base else 0
+
+    def peer_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype, pe: int):
+        cp = self.cp
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        mem = cp.cuda.UnownedMemory(self.peer_address(offset, pe), max(n, 1), self, self.device)
+        return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+
     @staticmethod
     def torch_tensor(local):
         import torch

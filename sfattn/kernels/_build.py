@@ -16,7 +16,7 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu", "attn_sm90ws.cu",
-           "attn_merge.cu")
+           "attn_merge.cu", "heads_copy.cu")
 
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
@@ -48,7 +48,8 @@ MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One compiled kernel: ``impl`` in {'fa2', 'sm90ws', 'merge'}, head dim, dtype, arch.
+    """One compiled kernel: ``impl`` in {'fa2', 'sm90ws', 'merge', 'heads'}, head dim, dtype, arch
+    ('heads': the head-group copy of sequence-parallel exchanges, any dtype: head_dim 0, 'any').
 
     fa2: portable mma.sync; sm90ws: Hopper wgmma, warp-specialised (producer warpgroup + 2
     ping-ponging consumer warpgroups).
@@ -114,21 +115,22 @@ class KernelConfig:
     @property
     def source(self) -> str:
         return {"fa2": "attn_fa2.cu", "sm90ws": "attn_sm90ws.cu",
-                "merge": "attn_merge.cu"}[self.impl]
+                "merge": "attn_merge.cu", "heads": "heads_copy.cu"}[self.impl]
 
     @property
     def func_name(self) -> str:
         return {"fa2": "sf_attn_fa2", "sm90ws": "sf_attn_sm90ws",
-                "merge": "sf_merge"}[self.impl]
+                "merge": "sf_merge", "heads": "sf_heads_copy"}[self.impl]
 
     @property
     def threads(self) -> int:
-        return {"fa2": 32 * FA2_NW, "sm90ws": 128 * (self.consumers + 1), "merge": 256}[self.impl]
+        return {"fa2": 32 * FA2_NW, "sm90ws": 128 * (self.consumers + 1), "merge": 256,
+                "heads": 256}[self.impl]
 
     @property
     def block_m(self) -> int:
         """Q rows per thread block."""
-        return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "merge": 0}[self.impl]
+        return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "merge": 0, "heads": 0}[self.impl]
 
     @property
     def smem_bytes(self) -> int:
@@ -143,6 +145,8 @@ class KernelConfig:
     def defines(self) -> list[str]:
         if self.impl == "merge":
             return [f"-DMERGE_T={MERGE_TYPES[self.dtype]}"]
+        if self.impl == "heads":
+            return []
         o = dict(self.opts)
         common = [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
                   f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}",
@@ -176,6 +180,7 @@ def all_configs(archs: tuple[str, ...] = ("sm_90a", "sm_80")) -> list[KernelConf
                     cfgs.append(KernelConfig(impl, d, dt, arch))
         for dt in MERGE_TYPES:
             cfgs.append(KernelConfig("merge", 0, dt, arch))
+        cfgs.append(KernelConfig("heads", 0, "any", arch))
     return cfgs
 
 

@@ -85,7 +85,7 @@ class _Kernel:
 
 def _parse_impl(impl: str) -> tuple[str, int, tuple]:
     """'fa2' | 'sm90ws' | 'sm90ws<BN>' | 'sm90ws:BN=160,PP=0,...' -> (base, bn, opts)."""
-    if impl in ("fa2", "sm90ws", "merge"):
+    if impl in ("fa2", "sm90ws", "merge", "heads"):
         return impl, 0, ()
     if impl.startswith("sm90ws") and impl[6:].isdigit():
         return "sm90ws", int(impl[6:]), ()
@@ -302,6 +302,43 @@ class AttnLaunch:
                                                           else 0)
             p[3] = flags  # the driver copies the parameters at launch: reuse is safe
             drv.launchKernel(k.fptr, gx, gy, gz, k.threads, 1, 1, k.smem, sp, argp, 0)
+
+
+class HeadsCopy:
+    """A prepared launch of the head-group copy (heads_copy.cu): pieces ``(src, src_strides, dst,
+    dst_strides)`` of addresses and ``(b, s, h)`` byte strides, each a ``[B, L, Hg]`` grid of
+    rows of ``row_bytes``; either side may be a peer's mapped symmetric heap. ``flag``: the
+    address of a failure word; when it is non-zero at run time the destinations get 0xFF bytes.
+    Addresses, strides and ``row_bytes`` must be multiples of 16 (ValueError otherwise)."""
+
+    MAXP = 48
+
+    def __init__(self, pieces: Sequence[tuple[int, Sequence[int], int, Sequence[int]]], B: int, L: int,
+                 Hg: int, row_bytes: int, device: int, flag: int = 0):
+        if not 0 < len(pieces) <= self.MAXP:
+            raise ValueError(f"pieces: expected 1..{self.MAXP}, got {len(pieces)}")
+        if row_bytes <= 0 or row_bytes % 16:
+            raise ValueError(f"row_bytes={row_bytes}: expected a positive multiple of 16")
+        p = np.zeros(6 + 8 * self.MAXP, dtype=np.int64)
+        p[:6] = (B, L, Hg, row_bytes // 16, flag, len(pieces))
+        for i, (src, ss, dst, ds) in enumerate(pieces):
+            vals = (src, dst, *ss, *ds)
+            if len(vals) != 8 or any(int(x) % 16 for x in vals):
+                raise ValueError(f"pieces[{i}]: addresses and (b, s, h) byte strides must be multiples "
+                                 f"of 16, got src={src:#x} {tuple(ss)}, dst={dst:#x} {tuple(ds)}")
+            p[6 + 8 * i:14 + 8 * i] = vals
+        self._p = p
+        self._argv = (ctypes.c_void_p * 1)(p.ctypes.data)
+        self._argp = ctypes.addressof(self._argv)
+        self.kernel = get_kernel("heads", 0, "any", device)
+        n = B * L * Hg * (row_bytes // 16)
+        self.grid = (min(max(1, -(-n // (256 * 4))), 4096), len(pieces)) if n else (0, 0)
+
+    def __call__(self, stream: int) -> None:
+        if self.grid[0]:
+            k = self.kernel
+            _cupy().cuda.driver.launchKernel(k.fptr, self.grid[0], self.grid[1], 1, k.threads, 1, 1, 0,
+                                             stream, self._argp, 0)
 
 
 def empty_state(B: int, S: int, H: int, D: int, like: Any) -> AttnState:

@@ -1,0 +1,172 @@
+"""The Ulysses exchange by loads and stores into the team's mapped heaps (inside one machine).
+
+When every member of a layer's Ulysses team is on this rank's machine and its heap is mapped
+here (the same GPU or NVLink/P2P peers on GPUs; always on the host backend), a call needs neither
+the copy into the send buffer nor the put, nor the reverse put and the copy out of the result
+buffer:
+
+* ``push``: one kernel reads this rank's Q/K/V head groups where the caller keeps them (any
+  strides) and stores each straight into the receive buffer of the member that computes it;
+* ``pull``: after the layer's last barrier, one kernel reads this rank's output rows from each
+  member's result buffer straight into the caller's output (NaN if a wait of this rank failed).
+
+The layer's two barriers order them: a member's receive buffer is rewritten by the next call's
+push only after the member's computation passed this call's last barrier, and its result buffer
+only after every rank's pull (the next call's first barrier).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from oneside.heap import storage_dtype
+
+
+def _addr(x: Any) -> tuple[int, tuple[int, ...], int]:
+    """(address, byte strides, itemsize) of a torch tensor or CuPy array."""
+    if hasattr(x, "data_ptr"):
+        es = x.element_size()
+        return x.data_ptr(), tuple(s * es for s in x.stride()), es
+    return x.data.ptr, tuple(x.strides), x.itemsize
+
+
+class UlyssesP2P:
+    """Push and pull of one :class:`~sfattn.layer.SPAttention`'s Ulysses pieces (see the module)."""
+
+    def __init__(self, layer: Any):
+        rt, plan = layer.rt, layer.plan
+        self.layer, self.gpu = layer, rt.backend.is_gpu
+        U, T, u = plan.U, plan.T, layer.u
+        self.L = layer.shard_len()
+        members = [layer.Ut[j] for j in range(U)]
+        # (piece (j, g) of the caller's heads) <-> member j's buffer slot [g, u]
+        self._slots = [(j, g, members[j]) for j in range(U) for g in range(T)]
+        self._recv = {x: [layer.RU[x][g, u] for j, g, _ in self._slots] for x in "qkv"}
+        self._res = [layer.RO[g, u] for j, g, _ in self._slots]
+        if self.gpu:
+            D, Ht, Sl, B = plan.head_dim, layer.Ht, layer.Sl, layer.batch
+            self._es = np.dtype(storage_dtype(layer.dtype)).itemsize
+            es = self._es
+            self._heap_strides = (Sl * Ht * D * es, Ht * D * es, D * es)  # [B, Sl, Ht, D] contiguous
+            self._recv_addr = {x: [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._recv[x], self._slots)]
+                               for x in "qkv"}
+            self._res_addr = [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._res, self._slots)]
+            self._flag = rt.backend.failure_word
+            self._grid = (B, self.L, Ht, D * es)
+            self._launches: dict = {}
+        else:
+            self._views: dict = {}
+
+    @staticmethod
+    def possible(layer: Any) -> bool:
+        """This rank's side of the condition: every Ulysses member on my machine and mapped, rows
+        the copy kernel can move (16-byte multiples)."""
+        rt, plan = layer.rt, layer.plan
+        if plan.U < 2:
+            return False
+        me = rt.rank
+        ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut)
+        if rt.backend.is_gpu:
+            ok = ok and plan.head_dim * np.dtype(storage_dtype(layer.dtype)).itemsize % 16 == 0
+        return ok
+
+    # -- GPU: one copy kernel per direction, prepared per set of caller buffers ---------------
+    def _prepared(self, key: tuple, build: Any) -> list:
+        got = self._launches.get(key)
+        if got is None:
+            if len(self._launches) >= 16:  # callers cycle through a few buffers: keep the latest
+                self._launches.clear()
+            got = self._launches[key] = build()
+        return got
+
+    def _launch(self, pieces: list, poison: bool) -> list:
+        from .kernels.flash import HeadsCopy
+
+        B, L, Ht, row = self._grid
+        dev, step = self.layer.rt.backend.device, HeadsCopy.MAXP
+        return [HeadsCopy(pieces[i:i + step], B, L, Ht, row, dev, flag=self._flag if poison else 0)
+                for i in range(0, len(pieces), step)]
+
+    def _aligned(self, x: Any) -> Any:
+        """x itself when the copy kernel can read it, else a contiguous copy (rare: odd offsets)."""
+        ptr, st, es = _addr(x)
+        if ptr % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]):
+            return x
+        return x.clone() if hasattr(x, "clone") else x.copy()
+
+    def push(self, q: Any, k: Any, v: Any, stream: Any) -> None:
+        """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
+        if not self.gpu:
+            return self._push_host(q, k, v)
+        xs = [self._aligned(x) for x in (q, k, v)]
+        addrs = [_addr(x) for x in xs]
+        key = ("push", *((a, s) for a, s, _ in addrs))
+
+        def build() -> list:
+            Ht = self.layer.Ht
+            T = self.layer.plan.T
+            pieces = []
+            for name, (a, st, _) in zip("qkv", addrs):
+                for (j, g, _), dst in zip(self._slots, self._recv_addr[name]):
+                    pieces.append((a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides))
+            return self._launch(pieces, poison=False)
+        for launch in self._prepared(key, build):
+            launch(stream)
+
+    def pull(self, out: Any, stream: Any) -> None:
+        """My output rows of every member's head groups into ``out`` (a BSHD view)."""
+        if not self.gpu:
+            return self._pull_host(out)
+        a, st, es = _addr(out)
+        direct = a % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3])
+        dst = out if direct else (out.clone() if hasattr(out, "clone") else out.copy())
+        a, st, _ = _addr(dst)
+
+        def build() -> list:
+            Ht, T = self.layer.Ht, self.layer.plan.T
+            return self._launch([(src, self._heap_strides, a + (j * T + g) * Ht * st[2], st[:3])
+                                 for (j, g, _), src in zip(self._slots, self._res_addr)], poison=True)
+        for launch in self._prepared(("pull", a, st), build):
+            launch(stream)
+        if not direct:
+            if hasattr(out, "copy_"):
+                out.copy_(dst)
+            else:
+                out[...] = dst
+
+    # -- host backend: the same moves as array copies into the peers' mapped arenas -----------
+    def _peer_view(self, buf: Any, pe: int, like: Any) -> Any:
+        key = (id(buf), pe, hasattr(like, "permute"))
+        view = self._views.get(key)
+        if view is None:
+            view = buf.peer(pe)
+            if hasattr(like, "permute"):
+                import torch
+
+                view = torch.from_numpy(view)
+                if self.layer.dtype == "bfloat16":
+                    view = view.view(torch.bfloat16)
+            view = self._views[key] = view[:, :self.L]
+        return view
+
+    def _push_host(self, q: Any, k: Any, v: Any) -> None:
+        for name, x in zip("qkv", (q, k, v)):
+            pieces = self.layer._by_piece(x)
+            for (j, g, pe), buf in zip(self._slots, self._recv[name]):
+                dst = self._peer_view(buf, pe, x)
+                if hasattr(dst, "copy_"):
+                    dst.copy_(pieces[j, g])
+                else:
+                    dst[...] = pieces[j, g]
+
+    def _pull_host(self, out: Any) -> None:
+        Ht, T = self.layer.Ht, self.layer.plan.T
+        for (j, g, pe), buf in zip(self._slots, self._res):
+            h0 = (j * T + g) * Ht
+            src = self._peer_view(buf, pe, out)
+            if hasattr(out, "copy_"):
+                out[:, :, h0:h0 + Ht].copy_(src)
+            else:
+                out[:, :, h0:h0 + Ht] = src
+
