@@ -104,6 +104,8 @@ class Runtime:
         self._gen_off = self._check_off + self.world_size * AGREE_WORDS * 8
         self._gen_next: dict[int, int] = {}     # signal offset -> generation word index
         self._counts: dict[int, int] = {}       # signal offset -> rounds waited (host bookkeeping)
+        self._gen_free: list[int] = []          # generation words of freed signal arrays, reusable
+        self._gen_count = 0                     # generation words handed out so far
         self._abort_off = self._gen_off + (BARRIER_SLOTS + GEN_WORDS) * 8  # a failed peer's rank + 1
         reserved = self._abort_off + 8
         reserved = -(-reserved // 4096) * 4096
@@ -228,6 +230,14 @@ class Runtime:
         self._sym(a, "a")
         if a.offset != a.alloc_offset:
             raise ValueError("free(a): a is a view; free the array that alloc() returned")
+        # signal arrays inside it lose their round count: a later array at the same offset
+        # starts from round 0 (its words are zeroed by its owner), not from this one's rounds
+        stale = [o for o in self._gen_next if a.offset <= o < a.offset + a.nbytes]
+        if stale:
+            self.backend.reset_words([self._gen_off + 8 * (BARRIER_SLOTS + self._gen_next[o]) for o in stale])
+            for o in stale:
+                self._gen_free.append(self._gen_next.pop(o))
+                self._counts.pop(o, None)
         self._allocator.free(a.alloc_offset)
 
     def exchange(self, what: str, values: Sequence[int]) -> np.ndarray:
@@ -417,9 +427,13 @@ class Runtime:
             raise ValueError(f"skip={skip}: expected -1 or an index below {s.size}")
         gen = self._gen_next.get(s.offset)
         if gen is None:
-            if len(self._gen_next) >= GEN_WORDS:
-                raise OnesideError(f"signal_wait_next: more than {GEN_WORDS} distinct signal arrays waited on")
-            gen = self._gen_next[s.offset] = len(self._gen_next)
+            if self._gen_free:
+                gen = self._gen_free.pop()
+            elif self._gen_count < GEN_WORDS:
+                gen, self._gen_count = self._gen_count, self._gen_count + 1
+            else:
+                raise OnesideError(f"signal_wait_next: more than {GEN_WORDS} distinct live signal arrays waited on")
+            self._gen_next[s.offset] = gen
         count = self._counts.get(s.offset, 0) + 1
         self._counts[s.offset] = count
         self.backend.wait_next(s.offset, s.size, skip, self._gen_off + 8 * (BARRIER_SLOTS + gen), count,

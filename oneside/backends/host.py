@@ -315,6 +315,12 @@ class HostBackend:
     def quiet(self, stream: Any = None) -> None:
         pass  # every transfer is complete when it returns
 
+    def reset_words(self, offsets: Sequence[int]) -> None:
+        """Zero these uint64 words of my arena (every call touching them has completed: the host
+        backend's calls complete before they return)."""
+        for off in offsets:
+            ctypes.c_uint64.from_address(self.bases[self.rank] + off).value = 0
+
     def wait_next(self, offset: int, n: int, skip: int, gen_offset: int, count: int, stream: Any = None,
                   timeout: float | None = None) -> None:
         """Wait until every word at ``offset`` (n of them, but ``skip``) is >= ``count``."""

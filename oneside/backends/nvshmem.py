@@ -610,6 +610,15 @@ class NvshmemBackend:
                                     self._flag_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
                        stream=self._cupy_stream(handle))
 
+    def reset_words(self, offsets: Sequence[int]) -> None:
+        """Zero these uint64 words of my heap once every queued GPU work (waits that advance
+        them, on any stream) has finished."""
+        rtm = self.cp.cuda.runtime
+        rtm.deviceSynchronize()
+        for off in offsets:
+            rtm.memset(self.heap_base + off, 0, 8)
+        rtm.deviceSynchronize()
+
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
                 stream: Any = None, timeout: float | None = None, tag: int = 0) -> None:
         """Quiet, add ``1 + tag << 32`` to my word at every member (native call), wait for the next
