@@ -194,3 +194,15 @@ def test_tma_maps_are_packed_after_the_block_tables(fake_device, monkeypatch):
     assert strides == [3 * 128 * 2, 128 * 2, 16]  # batch of size 1: nominal stride
     with pytest.raises(ValueError, match="multiples of 16"):
         _tma.box_geometry(TensorDesc(0, (2, 8, 3, 64), (8 * 3 * 64 + 4, 3 * 64, 64, 1), "bf16", 0), bn)
+
+
+def test_heads_copy_refuses_unaligned_pieces_before_any_launch():
+    from sfattn.kernels.flash import HeadsCopy
+
+    ok = (0x1000, (4096, 512, 256), 0x2000, (8192, 512, 256))
+    with pytest.raises(ValueError, match="pieces\\[1\\]: addresses"):
+        HeadsCopy([ok, (0x1008, (4096, 512, 256), 0x2000, (8192, 512, 256))], 1, 4, 2, 256, 0)
+    with pytest.raises(ValueError, match="row_bytes=72"):
+        HeadsCopy([ok], 1, 4, 2, 72, 0)
+    with pytest.raises(ValueError, match="pieces: expected 1..48"):
+        HeadsCopy([ok] * 49, 1, 4, 2, 256, 0)

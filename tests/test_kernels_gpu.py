@@ -325,3 +325,34 @@ def test_cluster_multicast_equals_single_blocks(qlens):
     (o1, l1, a1), (o2, l2, a2) = res.values()
     assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(a1, a2)
     assert rel(o2, ref_attn(q, k, v, 0.09)[0]) < TOL
+
+
+def test_heads_copy_moves_strided_head_groups_and_poisons_on_failure():
+    """The p2p exchange's copy kernel: head groups of a strided [B, L, H, D] view into
+    contiguous [B, Lp, Hg, D] pieces and back; a non-zero failure word writes NaN instead."""
+    from sfattn.kernels.flash import HeadsCopy
+
+    B, L, Lp, H, D, G = 2, 37, 40, 12, 128, 3  # G groups of H / G heads; padded piece rows Lp
+    Hg = H // G
+    big = torch.randn(B, L + 5, H + 4, D, device="cuda", generator=_gen(1)).to(torch.bfloat16)
+    x = big[:, 3:3 + L, 2:2 + H]  # strided view: odd row offset, 2 heads of padding each side
+    pieces = torch.full((G, B, Lp, Hg, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    es = 2
+    xs, ps = [s * es for s in x.stride()], [s * es for s in pieces[0].stride()]
+    HeadsCopy([(x.data_ptr() + g * Hg * xs[2], xs[:3], pieces[g].data_ptr(), ps[:3]) for g in range(G)],
+              B, L, Hg, D * es, 0)(torch.cuda.current_stream().cuda_stream)
+    for g in range(G):
+        assert torch.equal(pieces[g, :, :L], x[:, :, g * Hg:(g + 1) * Hg])
+    assert torch.isnan(pieces[:, :, L:].float()).all()  # rows past L untouched
+    back = torch.empty(B, L, H, D, device="cuda", dtype=torch.bfloat16)
+    bs = [s * es for s in back.stride()]
+    flag = torch.zeros(1, device="cuda", dtype=torch.int64)
+    pull = HeadsCopy([(pieces[g].data_ptr(), ps[:3], back.data_ptr() + g * Hg * bs[2], bs[:3]) for g in range(G)],
+                     B, L, Hg, D * es, 0, flag=flag.data_ptr())
+    pull(torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(back, x)
+    flag.fill_(1)
+    pull(torch.cuda.current_stream().cuda_stream)
+    assert torch.isnan(back.float()).all()
+    with pytest.raises(ValueError, match="multiples of 16"):
+        HeadsCopy([(x.data_ptr() + 2, xs[:3], pieces[0].data_ptr(), ps[:3])], B, L, Hg, D * es, 0)
