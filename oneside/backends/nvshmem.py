@@ -88,10 +88,30 @@ __device__ void record(u64 *flag, u64 *rec, u64 code, u64 where, u64 idx, u64 ex
     }
 }
 
+__device__ void wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
+                          u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns);
+
 // Wait until every word (but `skip`) completes round `gen + inc`: its low half reaches the
 // round count, and where it equals it its high half (sum of call-site tags) must match.
 extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
                                              u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns) {
+    wait_next(words, n, skip, gen, inc, flag, rec, abort_word, timeout_ns);
+}
+
+// A barrier over members whose heaps are all mapped into this GPU, as one launch: add `inc` to
+// my word (index `me`) of every member's row by system-scope atomics through the mapped
+// addresses `rows`, then the tagged wait of oneside_wait_next on my own row.
+extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, const u64 *words, int n, int me,
+                                                  u64 *gen, u64 inc, u64 *flag, u64 *rec,
+                                                  const u64 *abort_word, u64 timeout_ns) {
+    __threadfence_system();  // this stream's earlier writes before the arrivals
+    for (int j = 0; j < n; ++j)
+        if (j != me) atomicAdd_system(reinterpret_cast<u64 *>(rows[j]) + me, inc);
+    wait_next(words, n, me, gen, inc, flag, rec, abort_word, timeout_ns);
+}
+
+__device__ void wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
+                          u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns) {
     const u64 g = *gen + inc;  // the round to wait for lives on the GPU (graph-safe)
     *gen = g;
     const volatile u64 *e = flag;
@@ -226,11 +246,15 @@ class NvshmemBackend:
         self.peer_base = [int(self.lib.os_ptr(self.heap_base, pe)) for pe in range(self.world_size)]
         self._internal = cupy.cuda.Stream(non_blocking=True)
         self._ext_streams: dict[int, Any] = {}
-        self._members: dict[tuple[int, ...], tuple[np.ndarray, bool]] = {}
+        self._members: dict[tuple, tuple[np.ndarray, bool, Any]] = {}  # (team, row) -> ranks, crosses, mapped rows
         self._copy = cupy.RawKernel(_COPY_KERNEL, "oneside_copy_batch")
         waits = cupy.RawModule(code=_WAIT_KERNEL)
         self._wait = waits.get_function("oneside_wait")
         self._wait_gen = waits.get_function("oneside_wait_next")
+        self._barrier_mapped = waits.get_function("oneside_barrier_mapped")
+        # barriers over teams mapped into this GPU: one kernel (ONESIDE_MAPPED_BARRIER=0: NVSHMEM
+        # signals + the wait kernel, as for teams across machines)
+        self.mapped_barrier = os.environ.get("ONESIDE_MAPPED_BARRIER", "1") != "0"
         self._delay = waits.get_function("oneside_delay")
         self._poison = waits.get_function("oneside_poison")
         # the waits' error record: pinned, mapped host memory (read by the host without a sync)
@@ -624,16 +648,28 @@ class NvshmemBackend:
         """Quiet, add ``1 + tag << 32`` to my word at every member (native call), wait for the next
         round of every member's word (kernel; the round count and the sum of call-site tags live
         on the GPU, so graphs replay it; a member with another sum at this round is a mismatch)."""
-        key = tuple(members)
+        key = (tuple(members), row_offset)
         if key not in self._members:
             mine = self.rank // self.per_machine
-            self._members[key] = (np.asarray(members, np.int32), any(p // self.per_machine != mine for p in members))
-        m, crosses = self._members[key]
+            crosses = any(p // self.per_machine != mine for p in members)
+            mapped = self.mapped_barrier and not crosses and all(self.peer_base[p] for p in members)
+            rows = self.cp.asarray([self.peer_base[p] + row_offset for p in members], self.cp.uint64) \
+                if mapped else None
+            self._members[key] = (np.asarray(members, np.int32), crosses, rows)
+        m, crosses, rows = self._members[key]
         h = self.stream_handle(stream)
         row = self.heap_base + row_offset
+        inc = 1 + (tag << 32)
+        if rows is not None:  # every member mapped, on this machine: quiet, then one kernel
+            cp = self.cp
+            self.lib.os_quiet(h)
+            self._barrier_mapped((1,), (1,), (rows, cp.uint64(row), cp.int32(len(m)), cp.int32(my_index),
+                                              cp.uint64(self.heap_base + gen_offset), cp.uint64(inc), self._flag_ptr,
+                                              self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
+                                 stream=self._cupy_stream(h))
+            return
         if crosses and self.link is not None:  # the barrier's messages cross an emulated link
             self._hold(int(self.link[1] * 1e9), h)
-        inc = 1 + (tag << 32)
         self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, inc, h)
         self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, inc, h, timeout)
 
