@@ -91,8 +91,9 @@ class SPAttention:
         # GPUs: the exchange + compute part of a call (every transfer, barrier, wait and kernel
         # between pack and unpack: ~20 launches) is captured once, on the second call, and
         # replayed as one graph launch (not while the caller captures a graph itself)
-        # (default: plans inside one machine, T == 1; a 2 x 2 torus run on one GPU under MPS gave a
-        # non-finite output with graphs on, cause not yet known: multi-machine plans stay eager).
+        # (default: plans inside one machine, T == 1; multi-machine plans stay eager until a 2 x 2
+        # run with graphs forced on passes - the non-finite output once blamed on graphs was a
+        # stale signal round count in oneside, fixed, see docs/perf.md).
         # Only the fused kernel: the torch/FA3 paths allocate temporaries through torch's caching
         # allocator, which would hand their memory out again while the graph still writes it.
         if cuda_graph is None:
