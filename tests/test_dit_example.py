@@ -113,9 +113,11 @@ def test_summary_keys_only_from_the_runs_that_define_them(tmp_path):
     dit_sp.write_summary(full, res, str(path))
     assert json.loads(path.read_text()) == {"other": 1, "e2e_flux4096_2gpu_speedup": 1.912,
                                             "e2e_flux4096_over_usp": 1.05, "e2e_card": "NVIDIA H200"}
-    dit_sp.write_summary(dit_sp.parse_args(["--model", "flux", "--size", "1024", "--compile"]),
-                         dict(res, shared_gpu=True), str(path))
-    assert json.loads(path.read_text())["e2e_flux1024_2ranks_1gpu_over_1rank"] == 1.03
+    dit_sp.write_summary(dit_sp.parse_args(["--model", "flux", "--size", "1024", "--compile", "--compile-mode",
+                                            "reduce-overhead"]),
+                         dict(res, shared_gpu=True, compile="inductor reduce-overhead"), str(path))
+    got = json.loads(path.read_text())
+    assert got["e2e_flux1024_2ranks_1gpu_over_1rank"] == 1.03 and got["e2e_flux1024_compile"] == "inductor reduce-overhead"
 
 
 def test_example_rejects_bad_arguments(capsys):
