@@ -98,15 +98,20 @@ extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, 
     wait_next(words, n, skip, gen, inc, flag, rec, abort_word, timeout_ns);
 }
 
-// A barrier over members whose heaps are all mapped into this GPU, as one launch: add `inc` to
-// my word (index `me`) of every member's row by system-scope atomics through the mapped
-// addresses `rows`, then the tagged wait of oneside_wait_next on my own row.
-extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, const u64 *words, int n, int me,
+// A barrier over members whose heaps are all mapped into this GPU, as one launch: raise my word
+// (index `me`) in every member's row by `inc` through the mapped addresses `rows`, then the
+// tagged wait of oneside_wait_next on my own row. Only I write word `me` of any row, so the
+// arrival is a plain store of my running sum (kept in word `me` of my own row, which no one
+// else touches), not an atomic: peer atomics need NVLink, plain stores work over PCIe P2P too.
+extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, u64 *words, int n, int me,
                                                   u64 *gen, u64 inc, u64 *flag, u64 *rec,
                                                   const u64 *abort_word, u64 timeout_ns) {
+    const u64 sent = words[me] + inc;
+    words[me] = sent;
     __threadfence_system();  // this stream's earlier writes before the arrivals
     for (int j = 0; j < n; ++j)
-        if (j != me) atomicAdd_system(reinterpret_cast<u64 *>(rows[j]) + me, inc);
+        if (j != me) *(reinterpret_cast<volatile u64 *>(rows[j]) + me) = sent;
+    __threadfence_system();
     wait_next(words, n, me, gen, inc, flag, rec, abort_word, timeout_ns);
 }
 
@@ -252,8 +257,8 @@ class NvshmemBackend:
         self._wait = waits.get_function("oneside_wait")
         self._wait_gen = waits.get_function("oneside_wait_next")
         self._barrier_mapped = waits.get_function("oneside_barrier_mapped")
-        # barriers over teams mapped into this GPU: one kernel (ONESIDE_MAPPED_BARRIER=0: NVSHMEM
-        # signals + the wait kernel, as for teams across machines)
+        # barriers over teams mapped into this GPU: one kernel of plain stores and the wait
+        # (ONESIDE_MAPPED_BARRIER=0: NVSHMEM signals + the wait kernel, as across machines)
         self.mapped_barrier = os.environ.get("ONESIDE_MAPPED_BARRIER", "1") != "0"
         self._delay = waits.get_function("oneside_delay")
         self._poison = waits.get_function("oneside_poison")
