@@ -46,8 +46,7 @@ class UlyssesP2P:
         self._res = [layer.RO[g, u] for j, g, _ in self._slots]
         if self.gpu:
             D, Ht, Sl, B = plan.head_dim, layer.Ht, layer.Sl, layer.batch
-            self._es = np.dtype(storage_dtype(layer.dtype)).itemsize
-            es = self._es
+            es = np.dtype(storage_dtype(layer.dtype)).itemsize
             self._heap_strides = (Sl * Ht * D * es, Ht * D * es, D * es)  # [B, Sl, Ht, D] contiguous
             self._recv_addr = {x: [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._recv[x], self._slots)]
                                for x in "qkv"}
