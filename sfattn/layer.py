@@ -52,8 +52,9 @@ class SPAttention:
     compute as one CUDA graph (halves the host's issue time); default: for plans inside one
     machine (T == 1).
     ``p2p``: the Ulysses exchange by loads and stores into the team's mapped heaps
-    (:mod:`sfattn.p2p`: no send buffer, no puts); default: where every rank's Ulysses team is
-    on its machine and mapped (the same GPU or NVLink/P2P peers); ``True`` raises where it is not.
+    (:mod:`sfattn.p2p`: no send buffer, no puts; without Ulysses one copy kernel each way into
+    and out of this rank's buffers); default: where every rank's Ulysses team is on its machine
+    and mapped (the same GPU or NVLink/P2P peers); ``True`` raises where it is not.
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",

@@ -10,6 +10,9 @@ buffer:
 * ``pull``: after the layer's last barrier, one kernel reads this rank's output rows from each
   member's result buffer straight into the caller's output (NaN if a wait of this rank failed).
 
+Without Ulysses (U = 1: Ring, or Torus over one GPU per machine) the team is this rank alone:
+push and pull are then the copies into and out of its own buffers, one launch each.
+
 The layer's two barriers order them: a member's receive buffer is rewritten by the next call's
 push only after the member's computation passed this call's last barrier, and its result buffer
 only after every rank's pull (the next call's first barrier).
@@ -62,8 +65,6 @@ class UlyssesP2P:
         """This rank's side of the condition: every Ulysses member on my machine and mapped, rows
         the copy kernel can move (16-byte multiples)."""
         rt, plan = layer.rt, layer.plan
-        if plan.U < 2:
-            return False
         me = rt.rank
         ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut)
         if rt.backend.is_gpu:
