@@ -88,40 +88,36 @@ class UlyssesP2P:
         return [HeadsCopy(pieces[i:i + step], B, L, Ht, row, dev, flag=self._flag if poison else 0)
                 for i in range(0, len(pieces), step)]
 
-    def _aligned(self, x: Any) -> Any:
-        """x itself when the copy kernel can read it, else a contiguous copy (rare: odd offsets)."""
+    @staticmethod
+    def _readable(x: Any) -> tuple[Any, int, tuple[int, ...], bool]:
+        """``(array, address, byte strides, is x)``: x itself where the copy kernel can address
+        it (16-byte aligned rows, head dim contiguous), else a contiguous copy (rare: odd offsets)."""
         ptr, st, es = _addr(x)
         if ptr % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]):
-            return x
-        return x.clone() if hasattr(x, "clone") else x.copy()
+            return x, ptr, st, True
+        c = x.clone() if hasattr(x, "clone") else x.copy()
+        return (c, *_addr(c)[:2], False)
 
     def push(self, q: Any, k: Any, v: Any, stream: Any) -> None:
         """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
         if not self.gpu:
             return self._push_host(q, k, v)
-        xs = [self._aligned(x) for x in (q, k, v)]
-        addrs = [_addr(x) for x in xs]
-        key = ("push", *((a, s) for a, s, _ in addrs))
+        readable = [self._readable(x) for x in (q, k, v)]  # copies stay referenced past the launch
+        addrs = [(a, st) for _, a, st, _ in readable]
 
         def build() -> list:
-            Ht = self.layer.Ht
-            T = self.layer.plan.T
-            pieces = []
-            for name, (a, st, _) in zip("qkv", addrs):
-                for (j, g, _), dst in zip(self._slots, self._recv_addr[name]):
-                    pieces.append((a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides))
-            return self._launch(pieces, poison=False)
-        for launch in self._prepared(key, build):
+            Ht, T = self.layer.Ht, self.layer.plan.T
+            return self._launch([(a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides)
+                                 for name, (a, st) in zip("qkv", addrs)
+                                 for (j, g, _), dst in zip(self._slots, self._recv_addr[name])], poison=False)
+        for launch in self._prepared(("push", *addrs), build):
             launch(stream)
 
     def pull(self, out: Any, stream: Any) -> None:
         """My output rows of every member's head groups into ``out`` (a BSHD view)."""
         if not self.gpu:
             return self._pull_host(out)
-        a, st, es = _addr(out)
-        direct = a % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3])
-        dst = out if direct else (out.clone() if hasattr(out, "clone") else out.copy())
-        a, st, _ = _addr(dst)
+        dst, a, st, direct = self._readable(out)
 
         def build() -> list:
             Ht, T = self.layer.Ht, self.layer.plan.T

@@ -189,8 +189,7 @@ class HostBackend:
 
     # -- memory -----------------------------------------------------------------------
     def local_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype):
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        return self._arrays[self.rank][HEADER + offset: HEADER + offset + n].view(dtype).reshape(shape)
+        return self.peer_array(offset, shape, dtype, self.rank)
 
     def peer_address(self, offset: int, pe: int) -> int:
         """Address of ``offset`` in rank ``pe``'s arena as this process sees it (every arena is

@@ -351,11 +351,14 @@ class NvshmemBackend:
             time.sleep(0.001)
 
     # -- memory -----------------------------------------------------------------------
-    def local_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+    def _array(self, addr: int, shape: tuple[int, ...], dtype: np.dtype):
+        """A CuPy array over device memory at ``addr`` (no copy; this backend keeps it alive)."""
         cp = self.cp
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        mem = cp.cuda.UnownedMemory(self.heap_base + offset, max(n, 1), self, self.device)
-        return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+        return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(addr, max(n, 1), self, self.device), 0))
+
+    def local_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        return self._array(self.heap_base + offset, shape, dtype)
 
     @property
     def failure_word(self) -> int:
@@ -370,10 +373,7 @@ class NvshmemBackend:
         return base + offset if base else 0
 
     def peer_array(self, offset: int, shape: tuple[int, ...], dtype: np.dtype, pe: int):
-        cp = self.cp
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        mem = cp.cuda.UnownedMemory(self.peer_address(offset, pe), max(n, 1), self, self.device)
-        return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(mem, 0))
+        return self._array(self.peer_address(offset, pe), shape, dtype)
 
     @staticmethod
     def torch_tensor(local):
