@@ -26,7 +26,10 @@ def test_all_configurations_compile_without_spills(tmp_path):
                                    for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", d, "fp16", "sm_90a", opts=(("TMA", 0),)) for d in (64, 128)] + \
         [_build.KernelConfig("sm90ws", 64, dt, "sm_90a", opts=(("NC", 2),)) for dt in ("bf16", "fp16")] + \
-        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 2),)) for dt in ("bf16", "fp16")]
+        [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 2),)) for dt in ("bf16", "fp16")] + \
+        [_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=o) for d in (64, 128)
+         for o in ((("KST", 2), ("VST", 2)), (("PERSIST", 1),))] + \
+        [_build.KernelConfig("sm90fp8", 64, "bf16", "sm_90a", opts=(("NC", 3),))]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -35,7 +38,7 @@ def test_all_configurations_compile_without_spills(tmp_path):
         log = res.stdout + res.stderr
         if cfg.impl != "merge":
             assert "0 bytes spill stores" in log, f"{cfg} spills registers:\n{log}"
-        if cfg.impl == "sm90ws":
+        if cfg.impl in ("sm90ws", "sm90fp8"):
             # the compiler must not serialise the wgmma pipeline behind our back
             assert "C7510" not in log and "C7515" not in log and "C7508" not in log, log
 
@@ -49,6 +52,22 @@ def test_sm90ws_kernel_uses_wgmma_and_tma(tmp_path):
     cfg = _build.KernelConfig("sm90ws", 128, "bf16", "sm_90a", opts=(("TMA", 0),))
     text = _build.compile_kernel(cfg, tmp_path / "k0.ptx", fmt="ptx").read_text()
     assert "cp.async.bulk.tensor" not in text and "cp.async.cg.shared.global" in text
+
+
+@needs_nvcc
+def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
+    """The FP8 kernel: int8 Q.K into int32, e4m3 P.V from registers, P converted by cvt.e4m3x2, its
+    parameter struct as large as the host packs (SfParams, maps, side arrays)."""
+    for d in (64, 128):
+        cfg = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a")
+        text = _build.compile_kernel(cfg, tmp_path / f"f{d}.ptx", fmt="ptx").read_text()
+        assert f"wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in text
+        assert f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in text
+        assert "cvt.rn.satfinite.e4m3x2.f32" in text and "ex2.approx.ftz.f32" in text
+        assert ".param .align 64 .b8 sf_attn_sm90fp8_param_0[%d]" % (8 * cfg.param_slots) in text
+        assert cfg.smem_bytes == 128 * d + 2 * 3 * 128 * d + 1024 if d == 128 else True
+    with pytest.raises(ValueError, match="NC"):
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
 
 
 @needs_nvcc
@@ -194,6 +213,62 @@ def test_tma_maps_are_packed_after_the_block_tables(fake_device, monkeypatch):
     assert strides == [3 * 128 * 2, 128 * 2, 16]  # batch of size 1: nominal stride
     with pytest.raises(ValueError, match="multiples of 16"):
         _tma.box_geometry(TensorDesc(0, (2, 8, 3, 64), (8 * 3 * 64 + 4, 3 * 64, 64, 1), "bf16", 0), bn)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D):
+    """The FP8 kernel's parameters: int8 Q/K maps with D-byte rows (128- or 64-byte swizzle), the
+    transposed V map (128 keys x D channels), then (pointer, batch, head stride) of every block's
+    scales and key mean after the tensor maps; empty blocks dropped, side arrays follow them."""
+    flash = fake_device
+    from sfattn.kernels import TensorDesc, _tma
+    from sfattn.kernels.flash_fp8 import _SIDE0, Fp8Launch
+    from sfattn.quant import Fp8KV, Fp8Q
+    calls = []
+
+    def fake_encode(mp, dtype, rank, ptr, dims, strides, box, elem, il, sw, l2, oob):
+        ctypes = __import__("ctypes")
+        calls.append((ptr, dtype, list(ctypes.cast(dims, ctypes.POINTER(ctypes.c_uint64))[:4]),
+                      list(ctypes.cast(strides, ctypes.POINTER(ctypes.c_uint64))[:3]),
+                      list(ctypes.cast(box, ctypes.POINTER(ctypes.c_uint32))[:4]), sw))
+        return 0
+    monkeypatch.setattr(_tma, "_encoder", lambda: fake_encode)
+    monkeypatch.setattr(_tma, "_cache", {})
+    B, H = 2, 3
+
+    def t(ptr, shape, dt):
+        st, acc = [], 1
+        for n in reversed(shape):
+            st.append(acc)
+            acc *= n
+        return TensorDesc(ptr, tuple(shape), tuple(reversed(st)), dt, 0)
+
+    def kv(ptr, S):
+        sp = -(-S // 32) * 32
+        return Fp8KV(t(ptr, (B, S, H, D), "int8"), t(ptr + 1 << 16, (B, H, -(-S // 128)), "fp32"),
+                     t(ptr + 2 << 16, (B, H, D), "fp32"), t(ptr + 3 << 16, (B, H, D, sp), "e4m3"),
+                     t(ptr + 4 << 16, (B, H), "fp32"))
+    q = Fp8Q(t(1 << 24, (B, 300, H, D), "int8"), t(2 << 24, (B, H, 3), "fp32"))
+    kvs = [kv(3 << 24, 1000), kv(4 << 24, 0), kv(5 << 24, 77)]
+    out = t(6 << 24, (B, 300, H, D), "bf16")
+    launch = Fp8Launch([q], kvs, None, 0.25, out=[out], init=True, finalize=True)
+    (p, _argv, _argp, grid, *_), = launch._launches
+    cfg = launch.kernel.cfg
+    assert cfg.impl == "sm90fp8" and len(p) == cfg.param_slots == _SIDE0 + _build.SIDE_SLOTS
+    assert grid == (-(-300 // cfg.block_m) * H, 1, B) and (p[0], p[1]) == (1, 2)
+    side = lambda k, j: list(p[_SIDE0 + 3 * k * _build.MAXQ + 3 * j:][:3])  # noqa: E731
+    assert side(0, 0) == [2 << 24, H * 3, 3]                     # Q scale
+    assert side(1, 1) == [(5 << 24) + 1 << 16, H, 1]             # K scales of the third block
+    assert side(2, 0) == [(3 << 24) + 2 << 16, H * D, D]         # mu
+    assert side(3, 1) == [(5 << 24) + 4 << 16, H, 1]             # V scale
+    by_ptr = {c[0]: c for c in calls}
+    sw = 3 if D == 128 else 2
+    assert by_ptr[1 << 24][1:] == (0, [D, 300, H, B], [H * D, D, 300 * H * D], [D, cfg.block_m, 1, 1], sw)
+    assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, 128, 1, 1], sw)
+    assert by_ptr[(5 << 24) + 3 << 16][1:] == (0, [96, D, H, B], [96, D * 96, H * D * 96], [128, D, 1, 1], 3)
+    with pytest.raises(ValueError, match=r"kv_blocks\[0\].vt"):
+        Fp8Launch([q], [Fp8KV(kvs[0].k, kvs[0].kscale, kvs[0].mu, t(9 << 24, (B, H, D, 992), "e4m3"),
+                              kvs[0].vscale)], None, 0.25, out=[out], init=True, finalize=True)
 
 
 def test_heads_copy_refuses_unaligned_pieces_before_any_launch():

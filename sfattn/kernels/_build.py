@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "sm90_common.cuh", "attn_fa2.cu", "attn_sm90ws.cu",
-           "attn_merge.cu", "heads_copy.cu")
+SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "wgmma_fp8_ops.cuh", "sm90_common.cuh", "attn_fa2.cu",
+           "attn_sm90ws.cu", "attn_sm90fp8.cu", "attn_merge.cu", "heads_copy.cu")
 
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
@@ -38,21 +38,31 @@ WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2",
 # sm90ws per head dim: blocks per cluster
 WS_CLUSTER = {64: 1, 128: 1}
 MAXQ, MAXKV = 16, 16
+# sm90fp8 (the FP8 kernel): 128-key tiles (the K scale blocks), consumer warpgroups and ring slots
+# per head dim; knobs as for sm90ws where they exist there
+FP8_TILES = {64: (2, 4, 4), 128: (2, 3, 3)}  # head dim -> (consumers, K slots, V slots)
+FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST")
+# int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
+# qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
 # then (TMA kernels) the tensor maps tk[MAXKV], tv[MAXKV], tq[MAXQ] of MAP_SLOTS each
 HDR_SLOTS, Q_SLOTS, KV_SLOTS, MAP_SLOTS = 16, 11, 9, 16
 TABLE_SLOTS = HDR_SLOTS + MAXQ * Q_SLOTS + MAXKV * KV_SLOTS
+MAPS_SLOTS = (2 * MAXKV + MAXQ) * MAP_SLOTS
+SIDE_SLOTS = 3 * (MAXQ + 3 * MAXKV)
 
 MERGE_TYPES = {"fp32": "float", "fp16": "__half", "bf16": "__nv_bfloat16"}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One compiled kernel: ``impl`` in {'fa2', 'sm90ws', 'merge', 'heads'}, head dim, dtype, arch
-    ('heads': the head-group copy of sequence-parallel exchanges, any dtype: head_dim 0, 'any').
+    """One compiled kernel: ``impl`` in {'fa2', 'sm90ws', 'sm90fp8', 'merge', 'heads'}, head dim,
+    dtype, arch ('heads': the head-group copy of sequence-parallel exchanges, any dtype: head_dim 0,
+    'any').
 
     fa2: portable mma.sync; sm90ws: Hopper wgmma, warp-specialised (producer warpgroup + 2
-    ping-ponging consumer warpgroups).
+    ping-ponging consumer warpgroups); sm90fp8: the same design for int8 Q.K and e4m3 P.V
+    (``dtype`` is the output's).
     """
 
     impl: str
@@ -64,18 +74,19 @@ class KernelConfig:
 
     @property
     def tma(self) -> bool:
-        """sm90ws loads K/V with the TMA copy engine (tensor maps in the parameters)."""
-        return self.impl == "sm90ws" and bool(int(dict(self.opts).get("TMA", 1)))
+        """sm90ws / sm90fp8 load with the TMA copy engine (tensor maps in the parameters)."""
+        return self.impl == "sm90fp8" or (self.impl == "sm90ws" and bool(int(dict(self.opts).get("TMA", 1))))
 
     @property
     def persistent(self) -> bool:
-        """sm90ws with TMA launched with one block per SM looping over the tiles (PERSIST=1)."""
+        """TMA kernels launched with one block per SM looping over the tiles (PERSIST=1)."""
         return self.tma and bool(int(dict(self.opts).get("PERSIST", 0)))
 
     @property
     def param_slots(self) -> int:
-        """Size of the kernel's parameter struct in int64 slots (SfParams in attn_common.cuh)."""
-        return TABLE_SLOTS + ((2 * MAXKV + MAXQ) * MAP_SLOTS if self.tma else 0)
+        """Size of the kernel's parameter struct in int64 slots (SfParams in attn_common.cuh, then
+        for sm90fp8 its side arrays)."""
+        return TABLE_SLOTS + (MAPS_SLOTS if self.tma else 0) + (SIDE_SLOTS if self.impl == "sm90fp8" else 0)
 
     @property
     def cluster(self) -> int:
@@ -92,7 +103,12 @@ class KernelConfig:
 
     @property
     def consumers(self) -> int:
-        """sm90ws: consumer warpgroups of 64 Q rows (2 or 3)."""
+        """sm90ws / sm90fp8: consumer warpgroups of 64 Q rows (2 or 3)."""
+        if self.impl == "sm90fp8":
+            nc = int(dict(self.opts).get("NC", FP8_TILES[self.head_dim][0]))
+            if nc not in WS_CONSUMER_REGS:
+                raise ValueError(f"sm90fp8 NC (consumer warpgroups) must be 2 or 3, got {nc}")
+            return nc
         if self.impl != "sm90ws":
             return 0
         # the cp.async producer (TMA=0) keeps 2: with 3 its consumers spill at 160 registers
@@ -114,29 +130,39 @@ class KernelConfig:
 
     @property
     def source(self) -> str:
-        return {"fa2": "attn_fa2.cu", "sm90ws": "attn_sm90ws.cu",
+        return {"fa2": "attn_fa2.cu", "sm90ws": "attn_sm90ws.cu", "sm90fp8": "attn_sm90fp8.cu",
                 "merge": "attn_merge.cu", "heads": "heads_copy.cu"}[self.impl]
 
     @property
     def func_name(self) -> str:
-        return {"fa2": "sf_attn_fa2", "sm90ws": "sf_attn_sm90ws",
+        return {"fa2": "sf_attn_fa2", "sm90ws": "sf_attn_sm90ws", "sm90fp8": "sf_attn_sm90fp8",
                 "merge": "sf_merge", "heads": "sf_heads_copy"}[self.impl]
 
     @property
     def threads(self) -> int:
-        return {"fa2": 32 * FA2_NW, "sm90ws": 128 * (self.consumers + 1), "merge": 256,
-                "heads": 256}[self.impl]
+        return {"fa2": 32 * FA2_NW, "sm90ws": 128 * (self.consumers + 1),
+                "sm90fp8": 128 * (self.consumers + 1), "merge": 256, "heads": 256}[self.impl]
 
     @property
     def block_m(self) -> int:
         """Q rows per thread block."""
-        return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "merge": 0, "heads": 0}[self.impl]
+        return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "sm90fp8": 64 * self.consumers,
+                "merge": 0, "heads": 0}[self.impl]
+
+    def fp8_slots(self) -> tuple[int, int]:
+        """sm90fp8: (K ring slots, V ring slots)."""
+        o = dict(self.opts)
+        _, kst, vst = FP8_TILES[self.head_dim]
+        return int(o.get("KST", kst)), int(o.get("VST", vst))
 
     @property
     def smem_bytes(self) -> int:
         d = self.head_dim
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
+        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T slots of 128 keys
+            kst, vst = self.fp8_slots()
+            return self.block_m * d + (kst + vst) * 128 * d + 1024
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
             return (self.block_m * d + (kst + vst) * bn * d) * 2 + 1024
@@ -153,6 +179,12 @@ class KernelConfig:
                   f"-DSF_EX2_FTZ={o.get('EX2', 1)}", f"-DSF_RESCALE_THR={o.get('RT', 8)}"]
         if self.impl == "fa2":
             return [*common, f"-DFA2_NW={FA2_NW}", f"-DFA2_BN={FA2_BN}"]
+        if self.impl == "sm90fp8":
+            kst, vst = self.fp8_slots()
+            nc = self.consumers
+            common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
+            return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
+                    f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
@@ -173,7 +205,7 @@ def all_configs(archs: tuple[str, ...] = ("sm_90a", "sm_80")) -> list[KernelConf
     """Every configuration the package may compile: sm90 kernels for sm_90a, fa2 for each arch."""
     cfgs = []
     for arch in archs:
-        impls = ("sm90ws", "fa2") if arch == "sm_90a" else ("fa2",)
+        impls = ("sm90ws", "sm90fp8", "fa2") if arch == "sm_90a" else ("fa2",)
         for impl in impls:
             for d in (64, 128):
                 for dt in ("bf16", "fp16"):

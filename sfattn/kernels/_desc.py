@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "int8": 1, "e4m3": 1}
 _TORCH = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32",
-          "torch.float64": "fp64"}
+          "torch.float64": "fp64", "torch.int8": "int8", "torch.float8_e4m3fn": "e4m3"}
 _NP = {"float16": "fp16", "float32": "fp32", "float64": "fp64", "bfloat16": "bf16"}
 _TYPESTR = {"<f2": "fp16", "<f4": "fp32", "<f8": "fp64"}
 
@@ -19,7 +19,7 @@ _TYPESTR = {"<f2": "fp16", "<f4": "fp32", "<f8": "fp64"}
 @dataclass(frozen=True)
 class TensorDesc:
     """A strided GPU array: ``ptr`` (int), ``shape``, ``strides`` (elements), ``dtype``
-    ('bf16' | 'fp16' | 'fp32'), ``device`` (CUDA ordinal)."""
+    ('bf16' | 'fp16' | 'fp32' | 'int8' | 'e4m3'), ``device`` (CUDA ordinal)."""
 
     ptr: int
     shape: tuple

@@ -85,8 +85,17 @@ class _Kernel:
 
 def _parse_impl(impl: str) -> tuple[str, int, tuple]:
     """'fa2' | 'sm90ws' | 'sm90ws<BN>' | 'sm90ws:BN=160,PP=0,...' -> (base, bn, opts)."""
-    if impl in ("fa2", "sm90ws", "merge", "heads"):
+    if impl in ("fa2", "sm90ws", "sm90fp8", "merge", "heads"):
         return impl, 0, ()
+    if impl.startswith("sm90fp8:"):
+        try:
+            kv = dict(item.split("=") for item in impl[8:].split(",") if item)
+            if not set(kv) - set(_build.FP8_KNOBS):
+                return "sm90fp8", 0, tuple(sorted((k, int(v)) for k, v in kv.items()))
+        except ValueError:
+            pass
+        raise ValueError(f"impl {impl!r}: expected 'sm90fp8' or 'sm90fp8:NAME=int,...' with NAME in "
+                         f"{', '.join(_build.FP8_KNOBS)}")
     if impl.startswith("sm90ws") and impl[6:].isdigit():
         return "sm90ws", int(impl[6:]), ()
     if impl.startswith("sm90ws:"):
@@ -112,7 +121,7 @@ def get_kernel(impl: str, head_dim: int, dtype: str, dev: int) -> _Kernel:
             if k is None:
                 cc = _device_cc(dev)
                 base, bn, opts = _parse_impl(impl)
-                if base == "sm90ws":
+                if base in ("sm90ws", "sm90fp8"):
                     if cc != 90:
                         raise ValueError(f"impl={impl!r} needs a Hopper GPU (sm_90), device {dev} is "
                                          f"sm_{cc}")
@@ -218,20 +227,30 @@ class AttnLaunch:
         self.has_state = st is not None
         self._build(qd, kd, vd, st, od, ld, float(scale))
 
+    def _kv_maps(self, j: int, k: TensorDesc, v: TensorDesc, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """TMA maps of K/V block ``j`` (its index in the caller's list)."""
+        return _tma.tensor_map(k, rows), _tma.tensor_map(v, rows)
+
+    def _q_map(self, i: int, q: TensorDesc, rows: int) -> np.ndarray:
+        return _tma.tensor_map(q, rows)
+
+    def _pack_side(self, p: np.ndarray, qidx: list[int], kvidx: list[int]) -> None:
+        """Fill kernel-specific parameters after the block tables (none for the bf16 kernels)."""
+
     def _build(self, qd, kd, vd, st, od, ld, scale) -> None:
         bm = self.kernel.block_m
-        qs = []  # (row0, desc, out desc) of non-empty q blocks
+        qs = []  # (row0, desc, out desc, index) of non-empty q blocks
         row = 0
         for i, q in enumerate(qd):
             if q.shape[1] > 0:
-                qs.append((row, q, od[i] if od is not None else None))
+                qs.append((row, q, od[i] if od is not None else None, i))
             row += q.shape[1]
-        kvs = [(k, v) for k, v in zip(kd, vd) if k.shape[1] > 0]
+        kvs = [(k, v, i) for i, (k, v) in enumerate(zip(kd, vd)) if k.shape[1] > 0]
         qgroups = [qs[i:i + MAXQ] for i in range(0, len(qs), MAXQ)]
         kvgroups = [kvs[i:i + MAXKV] for i in range(0, len(kvs), MAXKV)] or [[]]
         self._launches = []  # (params, argv, argv address, grid, first kv group, last kv group)
         cfg = self.kernel.cfg
-        rows = cfg.ws_tiles()[0] if cfg.tma else 0
+        rows = (128 if cfg.impl == "sm90fp8" else cfg.ws_tiles()[0]) if cfg.tma else 0
         for qg in qgroups:
             for gi, kg in enumerate(kvgroups):
                 p = np.zeros(cfg.param_slots, dtype=np.int64)
@@ -245,7 +264,7 @@ class AttnLaunch:
                     p[8] = ld.ptr
                     p[14:16] = (ld.strides[0], ld.strides[1])
                 tiles = 0
-                for j, (row0, q, o) in enumerate(qg):
+                for j, (row0, q, o, _i) in enumerate(qg):
                     base = _HDR + j * _QF
                     n = q.shape[1]
                     p[base:base + _QF] = (
@@ -253,20 +272,20 @@ class AttnLaunch:
                         q.strides[2], *(o.strides[:3] if o is not None else (0, 0, 0)), n, tiles,
                         row0)
                     tiles += -(-n // bm)
-                for j, (k, v) in enumerate(kg):
+                for j, (k, v, i) in enumerate(kg):
                     base = _HDR + MAXQ * _QF + j * _KVF
                     p[base:base + _KVF] = (k.ptr, v.ptr, k.strides[0], k.strides[1], k.strides[2],
                                            v.strides[0], v.strides[1], v.strides[2], k.shape[1])
                     if rows:  # tensor maps tk[j], tv[j] after the block tables
                         tk = _NSLOTS + j * _build.MAP_SLOTS
                         tv = _NSLOTS + (MAXKV + j) * _build.MAP_SLOTS
-                        p[tk:tk + _build.MAP_SLOTS] = _tma.tensor_map(k, rows)
-                        p[tv:tv + _build.MAP_SLOTS] = _tma.tensor_map(v, rows)
+                        p[tk:tk + _build.MAP_SLOTS], p[tv:tv + _build.MAP_SLOTS] = self._kv_maps(i, k, v, rows)
                 if rows:  # then tq[j]: Q tiles of bm rows
-                    for j, (_row0, q, _o) in enumerate(qg):
+                    for j, (_row0, q, _o, i) in enumerate(qg):
                         tq = _NSLOTS + (2 * MAXKV + j) * _build.MAP_SLOTS
-                        p[tq:tq + _build.MAP_SLOTS] = _tma.tensor_map(q, bm)
-                if cfg.impl == "sm90ws":  # work items (Q tile, head) on grid.x, batch on grid.z
+                        p[tq:tq + _build.MAP_SLOTS] = self._q_map(i, q, bm)
+                self._pack_side(p, [x[3] for x in qg], [x[2] for x in kg])
+                if cfg.impl in ("sm90ws", "sm90fp8"):  # work items (Q tile, head) on grid.x, batch on grid.z
                     cl = cfg.cluster  # clusters take pairs of Q tiles of one head: pad to even
                     work = (-(-tiles // cl) * cl) * self.H
                     gx = min(work, max(1, self.kernel.sms // max(1, self.B))) if cfg.persistent \

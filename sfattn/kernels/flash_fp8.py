@@ -1,0 +1,177 @@
+"""Launcher of the FP8 fused multi-block attention kernel (attn_sm90fp8.cu, Hopper).
+
+Operands are the quantised blocks of :mod:`sfattn.quant` (:class:`~sfattn.quant.Fp8Q`,
+:class:`~sfattn.quant.Fp8KV`, CUDA torch tensors); the running state, ``out`` and ``lse`` are those
+of :func:`sfattn.kernels.attn_blocks`, so FP8 calls chain with each other exactly like bf16 ones::
+
+    attn_blocks_fp8([quantize_q(q)], [quantize_kv(k, v)], None, scale, init=True, finalize=True,
+                    out=[o])
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..quant import BLOCK, Fp8KV, Fp8Q
+from ..reference import AttnState
+from . import _build, _tma
+from ._desc import TensorDesc, as_desc
+from .flash import HEAD_DIMS, AttnLaunch, _check_io, get_kernel
+
+__all__ = ["Fp8Launch", "attn_blocks_fp8"]
+
+_SIDE0 = _build.TABLE_SLOTS + _build.MAPS_SLOTS
+
+
+def _side(x: Any, name: str, shape: tuple, dev: int) -> TensorDesc:
+    d = as_desc(x, name)
+    if d.dtype != "fp32":
+        raise TypeError(f"{name} has dtype {d.dtype}, expected float32")
+    if d.shape != shape:
+        raise ValueError(f"{name} has shape {d.shape}, expected {shape}")
+    if d.shape[-1] > 1 and d.strides[-1] != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, strides are {d.strides}")
+    if d.device != dev:
+        raise ValueError(f"{name} is on device {d.device}, the blocks on device {dev}")
+    return d
+
+
+class Fp8Launch(AttnLaunch):
+    """A prepared FP8 attention call (see :class:`~sfattn.kernels.AttnLaunch`): ``q_blocks`` a list
+    of :class:`Fp8Q`, ``kv_blocks`` a list of :class:`Fp8KV`; ``out`` bf16 or fp16."""
+
+    def __init__(self, q_blocks: Sequence[Fp8Q], kv_blocks: Sequence[Fp8KV], state: AttnState | None,
+                 scale: float, *, out: Sequence[Any] | None = None, lse: Any | None = None,
+                 impl: str | None = None, finalize: bool = False, init: bool = False):
+        if not isinstance(q_blocks, (list, tuple)) or not q_blocks or \
+                not all(isinstance(x, Fp8Q) for x in q_blocks):
+            raise TypeError("q_blocks must be a non-empty list of sfattn.quant.Fp8Q")
+        if not isinstance(kv_blocks, (list, tuple)) or not all(isinstance(x, Fp8KV) for x in kv_blocks):
+            raise TypeError("kv_blocks must be a list of sfattn.quant.Fp8KV")
+        if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        qd = [as_desc(x.data, f"q_blocks[{i}].data") for i, x in enumerate(q_blocks)]
+        B, _, H, D = qd[0].shape
+        if D not in HEAD_DIMS:
+            raise ValueError(f"head_dim {D} is not supported by the FP8 kernel (supported: {HEAD_DIMS})")
+        dev = qd[0].device
+        for i, d in enumerate(qd):
+            if d.ndim != 4 or (d.shape[0], d.shape[2], d.shape[3]) != (B, H, D):
+                raise ValueError(f"q_blocks[{i}].data has shape {d.shape}, expected [B={B}, S, H={H}, D={D}]")
+            _check_io(d, f"q_blocks[{i}].data", "int8", 16)
+        kd, vd = [], []
+        for i, kv in enumerate(kv_blocks):
+            k, vt = as_desc(kv.k, f"kv_blocks[{i}].k"), as_desc(kv.vt, f"kv_blocks[{i}].vt")
+            if k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
+                raise ValueError(f"kv_blocks[{i}].k has shape {k.shape}, expected [B={B}, S, H={H}, D={D}]")
+            _check_io(k, f"kv_blocks[{i}].k", "int8", 16)
+            sp = -(-k.shape[1] // 32) * 32
+            if vt.ndim != 4 or vt.shape[:3] != (B, H, D) or vt.shape[3] < sp or vt.shape[3] % 32:
+                raise ValueError(f"kv_blocks[{i}].vt has shape {vt.shape}, expected [B={B}, H={H}, D={D}, "
+                                 f"Sp] with Sp >= {sp} a multiple of 32")
+            _check_io(vt, f"kv_blocks[{i}].vt", "e4m3", 16)
+            kd.append(k)
+            vd.append(vt)
+        devs = {d.device for d in [*qd, *kd, *vd]}
+        if len(devs) > 1:
+            raise ValueError(f"all blocks must be on one device, got devices {sorted(devs)}")
+        self._qs = [_side(x.scale, f"q_blocks[{i}].scale", (B, H, -(-qd[i].shape[1] // BLOCK)), dev)
+                    for i, x in enumerate(q_blocks)]
+        self._ks = [_side(x.kscale, f"kv_blocks[{i}].kscale", (B, H, -(-kd[i].shape[1] // BLOCK)), dev)
+                    for i, x in enumerate(kv_blocks)]
+        self._mu = [_side(x.mu, f"kv_blocks[{i}].mu", (B, H, D), dev) for i, x in enumerate(kv_blocks)]
+        self._vs = [_side(x.vscale, f"kv_blocks[{i}].vscale", (B, H), dev) for i, x in enumerate(kv_blocks)]
+        S = sum(d.shape[1] for d in qd)
+        st = None
+        if state is not None:
+            st = AttnState(as_desc(state.acc, "state.acc"), as_desc(state.m, "state.m"),
+                           as_desc(state.l, "state.l"))
+            if st.acc.shape != (B, S, H, D) or st.m.shape != (B, H, S) or st.l.shape != (B, H, S):
+                raise ValueError(f"state must be acc [B, S, H, D] = {(B, S, H, D)} and m, l [B, H, S]; got "
+                                 f"{st.acc.shape}, {st.m.shape}, {st.l.shape}")
+            _check_io(st.acc, "state.acc", "fp32", 2)
+            for nm in ("m", "l"):
+                _check_io(getattr(st, nm), f"state.{nm}", "fp32", 1)
+            if st.m.strides != st.l.strides:
+                raise ValueError(f"state.m and state.l must have the same strides ({st.m.strides} vs "
+                                 f"{st.l.strides})")
+        elif not (init and finalize):
+            raise ValueError("state may be None only with init=True and finalize=True")
+        od = None
+        if out is not None:
+            if len(out) != len(qd):
+                raise ValueError(f"out must hold one array per q block ({len(qd)}), got {len(out)}")
+            od = [as_desc(x, f"out[{i}]") for i, x in enumerate(out)]
+            for i, (o, q) in enumerate(zip(od, qd)):
+                if o.shape != q.shape:
+                    raise ValueError(f"out[{i}] has shape {o.shape}, expected {q.shape}")
+                if o.dtype not in ("bf16", "fp16"):
+                    raise TypeError(f"out[{i}] has dtype {o.dtype}, expected bf16 or fp16")
+                _check_io(o, f"out[{i}]", od[0].dtype, 2)
+        elif finalize:
+            raise ValueError("finalize=True needs out")
+        ld = None if lse is None else as_desc(lse, "lse")
+        if ld is not None:
+            if ld.shape != (B, H, S):
+                raise ValueError(f"lse has shape {ld.shape}, expected {(B, H, S)}")
+            _check_io(ld, "lse", "fp32", 1)
+        self.device, self.torch_inputs = dev, True
+        self.B, self.S, self.H, self.D = B, S, H, D
+        self.dtype = od[0].dtype if od else "bf16"
+        self.impl = impl or "sm90fp8"
+        self.kernel = get_kernel(self.impl, D, self.dtype, dev)
+        if self.kernel.cfg.impl != "sm90fp8":
+            raise ValueError(f"impl={self.impl!r} is not the FP8 kernel ('sm90fp8[:knobs]')")
+        self.has_state = st is not None
+        self._build(qd, kd, vd, st, od, ld, float(scale))
+
+    def _kv_maps(self, j, k, v, rows):
+        B, S, H, D = k.shape
+        tk = _tma.byte_map(k.ptr, [D, S, H, B], [k.strides[1], k.strides[2], k.strides[0]], [D, rows, 1, 1])
+        _, _, _, sp = v.shape
+        tv = _tma.byte_map(v.ptr, [sp, D, H, B], [v.strides[2], v.strides[1], v.strides[0]], [128, D, 1, 1])
+        return tk, tv
+
+    def _q_map(self, i, q, rows):
+        B, S, H, D = q.shape
+        return _tma.byte_map(q.ptr, [D, S, H, B], [q.strides[1], q.strides[2], q.strides[0]], [D, rows, 1, 1])
+
+    def _pack_side(self, p, qidx, kvidx):
+        mq, mkv = _build.MAXQ, _build.MAXKV
+        for arrays, base, idx in ((self._qs, _SIDE0, qidx), (self._ks, _SIDE0 + 3 * mq, kvidx),
+                                  (self._mu, _SIDE0 + 3 * (mq + mkv), kvidx),
+                                  (self._vs, _SIDE0 + 3 * (mq + 2 * mkv), kvidx)):
+            for j, i in enumerate(idx):
+                d = arrays[i]
+                p[base + 3 * j:base + 3 * j + 3] = (d.ptr, d.strides[0], d.strides[1])
+
+
+_cache: dict = {}
+_CACHE_MAX = 256
+
+
+def attn_blocks_fp8(q_blocks: Sequence[Fp8Q], kv_blocks: Sequence[Fp8KV], state: AttnState | None,
+                    scale: float, *, init: bool = False, finalize: bool = False,
+                    out: Sequence[Any] | None = None, lse: Any | None = None, stream: Any = None,
+                    impl: str | None = None) -> None:
+    """FP8 version of :func:`sfattn.kernels.attn_blocks` (same state, flags and outputs)."""
+    if not finalize:
+        out = lse = None
+    ptr = lambda t: None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()))  # noqa: E731
+    try:
+        key = (tuple((ptr(x.data), ptr(x.scale)) for x in q_blocks),
+               tuple((ptr(x.k), ptr(x.kscale), ptr(x.mu), ptr(x.vt), ptr(x.vscale)) for x in kv_blocks),
+               None if state is None else (ptr(state.acc), ptr(state.m), ptr(state.l)),
+               None if out is None else tuple(map(ptr, out)), ptr(lse), float(scale), impl, init, finalize)
+    except (TypeError, AttributeError):
+        key = None
+    launch = _cache.get(key) if key is not None else None
+    if launch is None:
+        launch = Fp8Launch(q_blocks, kv_blocks, state, scale, out=out, lse=lse, impl=impl,
+                           finalize=finalize, init=init)
+        if key is not None:
+            if len(_cache) >= _CACHE_MAX:
+                _cache.pop(next(iter(_cache)))
+            _cache[key] = launch
+    launch(init=init, finalize=finalize, stream=stream)
