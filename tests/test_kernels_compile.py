@@ -61,7 +61,7 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
     for d in (64, 128):
         cfg = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a")
         text = _build.compile_kernel(cfg, tmp_path / f"f{d}.ptx", fmt="ptx").read_text()
-        assert f"wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in text
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in text
         assert f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in text
         assert "cvt.rn.satfinite.e4m3x2.f32" in text and "ex2.approx.ftz.f32" in text
         assert ".param .align 64 .b8 sf_attn_sm90fp8_param_0[%d]" % (8 * cfg.param_slots) in text
@@ -220,7 +220,6 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     """The FP8 kernel's parameters: int8 Q/K maps with D-byte rows (128- or 64-byte swizzle), the
     transposed V map (128 keys x D channels), then (pointer, batch, head stride) of every block's
     scales and key mean after the tensor maps; empty blocks dropped, side arrays follow them."""
-    flash = fake_device
     from sfattn.kernels import TensorDesc, _tma
     from sfattn.kernels.flash_fp8 import _SIDE0, Fp8Launch
     from sfattn.quant import Fp8KV, Fp8Q
