@@ -318,17 +318,18 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #pragma unroll
           for (int e = 0; e < 4; ++e) o[j][e] *= 1.f / o_unit;
       }
-      const float qscale = reinterpret_cast<const float*>(pp.qs[qi].ptr)[
-          b * pp.qs[qi].sb + h * pp.qs[qi].sh + (qrow0 + c * 64) / F8_QBLK];
+      const int qr = qrow0 + c * 64;  // a 64-row group lies inside one 128-row scale block
+      const float qscale = qr < (int)qb.len ? reinterpret_cast<const float*>(pp.qs[qi].ptr)[
+          b * pp.qs[qi].sb + h * pp.qs[qi].sh + qr / F8_QBLK] : 0.f;
       const float cq = qscale * sl2;
       int ckb = 0, cn0 = 0;
       float log2_ps = 0.f, inv_ps = 1.f;
       const float* kscale = nullptr;
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
         const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
-        const float ps = 448.f * vsb / vmax;
-        log2_ps = ps > 0.f ? __log2f(ps) : 0.f;
-        inv_ps = ps > 0.f ? 1.f / ps : 0.f;
+        const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;  // scales are > 0 (quant.py)
+        log2_ps = __log2f(ps);
+        inv_ps = 1.f / ps;
         kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
