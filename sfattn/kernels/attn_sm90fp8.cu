@@ -50,6 +50,10 @@
 #if SF_RESCALE_THR != 0
 #error "the FP8 kernel quantises P in [0, 1]: no rescale slack"
 #endif
+#ifndef WS_DB
+#define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
+                 // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
+#endif
 #define WS_BM (64 * WS_NC)
 #define WS_NT (128 * (WS_NC + 1))
 #define F8_QROW SF_D  // bytes per Q/K row in shared memory (= the swizzle span)
@@ -165,11 +169,14 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
 #pragma unroll
   for (int j = 0; j < NS; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float f = __uint_as_float(s[j][e] + F8_MAGIC);  // 1.5 * 2^23 + x, exactly
-      if (nvalid < WS_BN && 8 * j + 2 * t + (e & 1) >= nvalid) f = -INFINITY;
-      s[j][e] = __float_as_uint(f);
-    }
+    for (int e = 0; e < 4; ++e) s[j][e] += F8_MAGIC;  // the float 1.5 * 2^23 + x, exactly
+  if (nvalid < WS_BN) {  // the last tile of a block: keys past its end
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = __float_as_uint(-INFINITY);
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -291,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     const uint32_t qdesc_base = sQ + c * 64 * F8_QROW;
     const int my_bar = 1 + c, next_bar = 1 + (c + 1) % WS_NC;
     const bool arrives = lane == 0;
-    uint32_t pa[BN / 32][4];
+    uint32_t pa0[BN / 32][4], pa1[BN / 32][4];
     uint32_t s[NS][4];
     float o[NJ][4], mr[2], lr[2], alpha[2], bq[2];
     int ct = 0;
@@ -323,7 +330,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
           b * pp.qs[qi].sb + h * pp.qs[qi].sh + qr / F8_QBLK] : 0.f;
       const float cq = qscale * sl2;
       int ckb = 0, cn0 = 0;
-      float log2_ps = 0.f, inv_ps = 1.f;
+      float log2_ps = 0.f, inv_ps = 1.f, ks_next = 0.f;
       const float* kscale = nullptr;
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
         const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
@@ -331,6 +338,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         log2_ps = __log2f(ps);
         inv_ps = 1.f / ps;
         kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
+        ks_next = kscale[0];
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
 
@@ -344,7 +352,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
                   f8_desc(kbase + kk * 32, SBO_QK, F8_LAYOUT), kk > 0);
         wg_commit();
       };
-      auto issue_pv = [&]() {  // O += P_{ct-1} V_{ct-1}
+      auto issue_pv = [&](const uint32_t (&pa)[BN / 32][4]) {  // O += P_{ct-1} V_{ct-1}
         const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
 #pragma unroll
         for (int kk = 0; kk < BN / 32; ++kk)
@@ -360,26 +368,51 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       auto softmax = [&]() {
         reg_fence_u<NS>(s);
         const int nvalid = (int)p.kv[ckb].len - cn0;
-        const float ck = cq * kscale[cn0 / BN];
+        const float ck = cq * ks_next;  // loaded a tile ahead: no global load in front of exp2
         f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha);
+        reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
       auto rescale_o = [&]() {
         reg_fence<NJ>(o);
         if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
         reg_fence<NJ>(o);
       };
-      auto pack_next = [&]() {
+      auto pack = [&](uint32_t (&pa)[BN / 32][4]) {
 #pragma unroll
         for (int kk = 0; kk < BN / 32; ++kk) f8_pack_a<NS>(s, kk, pa[kk]);
-        reg_fence<NJ>(o);
         reg_fence_u<BN / 32>(pa);
+      };
+      auto advance = [&]() {
+        reg_fence<NJ>(o);
         cn0 += BN;
         if (cn0 >= (int)p.kv[ckb].len) {
           ++ckb;
           cn0 = 0;
           if (ckb < nkv) enter_block();
+        } else {
+          ks_next = kscale[cn0 / BN];
         }
         ++ct;
+      };
+      // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
+      auto step = [&](const uint32_t (&pin)[BN / 32][4], uint32_t (&pout)[BN / 32][4]) {
+        wait_k();
+        named_sync(my_bar);
+        wg_fence();
+        issue_s();
+        rescale_o();  // under the S GEMM, then V_{t-1}
+        wait_v_prev();
+        wg_fence();
+        issue_pv(pin);
+        named_arrive(next_bar);
+        wg_wait<1>();
+        release_k();
+        softmax();
+        if (WS_DB) pack(pout);
+        wg_wait<0>();
+        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        if (!WS_DB) pack(pout);
+        advance();
       };
 
       if (nkv > 0) {
@@ -394,29 +427,25 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         wg_wait<0>();
         release_k();
         softmax();
-        pack_next();
+        pack(pa0);
+        advance();
+        bool in1 = false;  // the last P is in pa1
         while (ckb < nkv) {
-          wait_k();
-          named_sync(my_bar);
-          wg_fence();
-          issue_s();
-          rescale_o();  // under the S GEMM, then V_{t-1}
-          wait_v_prev();
-          wg_fence();
-          issue_pv();
-          named_arrive(next_bar);
-          wg_wait<1>();
-          release_k();
-          softmax();
-          wg_wait<0>();
-          if (arrives) mbar_arrive(vempty((ct - 1) % VST));
-          pack_next();
+          if (WS_DB) {
+            step(pa0, pa1);
+            in1 = true;
+            if (ckb >= nkv) break;
+            step(pa1, pa0);
+            in1 = false;
+          } else {
+            step(pa0, pa0);
+          }
         }
         wait_v_prev();
         rescale_o();
         named_sync(my_bar);
         wg_fence();
-        issue_pv();
+        if (in1) issue_pv(pa1); else issue_pv(pa0);
         named_arrive(next_bar);
         wg_wait<0>();
         if (arrives) mbar_arrive(vempty((ct - 1) % VST));
