@@ -41,6 +41,9 @@ def test_all_configurations_compile_without_spills(tmp_path):
         if cfg.impl in ("sm90ws", "sm90fp8"):
             # the compiler must not serialise the wgmma pipeline behind our back
             assert "C7510" not in log and "C7515" not in log and "C7508" not in log, log
+            assert "C7520" not in log, log
+        if cfg.impl == "sm90fp8":  # no compiler-injected warpgroup.arrive either
+            assert "C7519" not in log, log
 
 
 @needs_nvcc

@@ -41,7 +41,7 @@ MAXQ, MAXKV = 16, 16
 # sm90fp8 (the FP8 kernel): 128-key tiles (the K scale blocks), consumer warpgroups and ring slots
 # per head dim; knobs as for sm90ws where they exist there
 FP8_TILES = {64: (2, 4, 4), 128: (2, 3, 3)}  # head dim -> (consumers, K slots, V slots)
-FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB")
+FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB", "PX")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -184,7 +184,7 @@ class KernelConfig:
             nc = self.consumers
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
-                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_DB={o.get('DB', 1)}"]
+                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_DB={o.get('DB', 1)}", f"-DWS_PX={o.get('PX', 0)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
