@@ -1,4 +1,5 @@
-"""One attention forward for Nsight Compute: our kernel (``--impl``) or FlashAttention-3 (``fa3``).
+"""One attention forward for Nsight Compute: our kernel (``--impl``, bf16 or ``sm90fp8[:knobs]`` on
+quantised operands) or FlashAttention-3 (``fa3``, ``fa3fp8``: e4m3 casts).
 
 Three warm-up calls, then the profiled call inside a CUDA profiler range, so that
 ``ncu --profile-from-start off`` sees exactly one launch of the kernel of interest::
@@ -31,12 +32,23 @@ def main() -> None:
     q, k, v = (torch.randn((B, S, H, D), generator=g, device="cuda").to(torch.bfloat16)
                for _ in range(3))
     scale = 1 / math.sqrt(D)
-    if args.impl == "fa3":
+    if args.impl in ("fa3", "fa3fp8"):
         from fa3_fwd_interface import flash_attn_func
+        if args.impl == "fa3fp8":
+            q, k, v = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
 
         def call():
             with torch.no_grad():
                 flash_attn_func(q, k, v, softmax_scale=scale)
+    elif args.impl.startswith("sm90fp8"):
+        from sfattn.kernels.flash_fp8 import Fp8Launch
+        from sfattn.quant import quantize_kv, quantize_q
+        out = torch.empty_like(q)
+        launch = Fp8Launch([quantize_q(q)], [quantize_kv(k, v)], None, scale, out=[out], impl=args.impl,
+                           init=True, finalize=True)
+
+        def call():
+            launch(init=True, finalize=True)
     else:
         from sfattn import kernels as K
         out = torch.empty_like(q)
