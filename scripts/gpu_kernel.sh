@@ -27,7 +27,7 @@ ncu = [x.rsplit(":", 1)[0] for x in os.environ.get("NCU", "").split()]
 extra = ("sm90ws128", "sm90ws:TMA=0", "sm90ws:NC=3", "sm90ws:NC=3,PERSIST=1", "sm90ws:PERSIST=1",
          "sm90ws:EX2=0,RT=0", *os.environ.get("KERNEL_IMPLS", "").split(), *bench, *ncu)
 for impl in dict.fromkeys(extra):
-    if impl in ("fa3", "sm90ws", "fa2"):
+    if impl in ("fa3", "fa3fp8", "sm90ws", "fa2"):
         continue
     base, bn, opts = _parse_impl(impl)
     for d in (64, 128):
