@@ -20,7 +20,7 @@ from sfattn import kernels as K  # noqa: E402
 from sfattn.kernels.flash_fp8 import Fp8Launch, attn_blocks_fp8  # noqa: E402
 from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q  # noqa: E402
 
-IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2"]
+IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB=0", "sm90fp8:PX=2"]
 
 
 def _g(seed):

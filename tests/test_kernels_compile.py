@@ -29,7 +29,8 @@ def test_all_configurations_compile_without_spills(tmp_path):
         [_build.KernelConfig("sm90ws", 128, dt, "sm_90a", opts=(("CL", 2),)) for dt in ("bf16", "fp16")] + \
         [_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=o) for d in (64, 128)
          for o in ((("KST", 2), ("VST", 2)), (("PERSIST", 1),))] + \
-        [_build.KernelConfig("sm90fp8", 64, "bf16", "sm_90a", opts=(("NC", 3),))]
+        [_build.KernelConfig("sm90fp8", 64, "bf16", "sm_90a", opts=(("NC", 2), ("DB", 0))),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),))]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -68,7 +69,7 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
         assert f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in text
         assert "cvt.rn.satfinite.e4m3x2.f32" in text and "ex2.approx.ftz.f32" in text
         assert ".param .align 64 .b8 sf_attn_sm90fp8_param_0[%d]" % (8 * cfg.param_slots) in text
-        assert cfg.smem_bytes == 128 * d + 2 * 3 * 128 * d + 1024 if d == 128 else True
+        assert cfg.smem_bytes == cfg.block_m * d + sum(cfg.fp8_slots()) * 128 * d + 1024
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
 
@@ -113,6 +114,7 @@ def test_cache_reuses_the_cubin(tmp_path, monkeypatch):
 class _FakeKernel:
     def __init__(self, cfg, dev):
         self.cfg, self.threads, self.smem, self.block_m = cfg, cfg.threads, cfg.smem_bytes, cfg.block_m
+        self.sms = 132
 
 
 @pytest.fixture
@@ -208,8 +210,11 @@ def test_tma_maps_are_packed_after_the_block_tables(fake_device, monkeypatch):
     by_ptr = {c[2]: c for c in calls}
     assert len(by_ptr) == 4  # k0 is shared by K and V: encoded once (cache)
     assert by_ptr[4096][5] == [64, 128, 1, 1]  # Q: 128-row tiles
-    # (Q tiles x heads, 1, batch); clusters of two blocks pad each head's tiles to even
-    assert launch._launches[0][3] == (cfg.cluster * 3, 1, 1)
+    # (Q tiles x heads, 1, batch), capped at one block per SM when persistent (the default)
+    assert cfg.persistent and launch._launches[0][3] == (min(3, 132), 1, 1)
+    cl2 = flash.AttnLaunch([q], [k0], [k0], None, 1.0, out=[q], init=True, finalize=True,
+                           impl="sm90ws:CL=2").kernel.cfg
+    assert cl2.cluster == 2 and not cl2.persistent
     dtype, rank, _, dims, strides, box, sw = by_ptr[2 << 20]
     assert (dtype, rank, sw) == (9, 4, 3)
     assert dims == [128, 17, 3, 1] and box == [64, bn, 1, 1]
