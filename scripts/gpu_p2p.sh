@@ -7,6 +7,7 @@
 #               barrier (fixed_2.json) and without it (ONESIDE_MAPPED_BARRIER=0: fixed_2_nvshmem.json);
 #               at 4 ranks (fixed_4.json)
 #   e2e         examples/dit_sp.py Flux 1024^2 compiled, 1 rank vs 2 ranks sharing the GPU
+#               (E2E_ARGS: more arguments, e.g. "--compile-mode reduce-overhead"; E2E_TIMEOUT seconds)
 # P2P_STEPS picks steps (default all). Results: $OUT/*.json, $OUT/summary_gpu.json, logs.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 STEP_SHOW='PASSED|passed|Error|error|assert'
@@ -28,8 +29,9 @@ if want fixed; then
     --reps ${FIXED_REPS:-21} --json "$OUT/fixed_4.json"
 fi
 if want e2e; then
-  step e2e 330 python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py --model flux --size 1024 \
-    --ranks-per-gpu 2 --peers --compile --steps ${E2E_STEPS:-8} --json "$OUT/e2e_flux1024.json" --summary "$OUT/summary_gpu.json"
+  step e2e ${E2E_TIMEOUT:-330} python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py --model flux --size 1024 \
+    --ranks-per-gpu 2 --peers --compile --steps ${E2E_STEPS:-8} ${E2E_ARGS:-} --json "$OUT/e2e_flux1024.json" \
+    --summary "$OUT/summary_gpu.json"
 fi
 echo quit | nvidia-cuda-mps-control 2>/dev/null || true
 for f in fixed_2 fixed_2_nvshmem fixed_4; do echo "== $f"; grep -A3 "ranks on" "$OUT/$f.log" 2>/dev/null; done
