@@ -1,7 +1,9 @@
-"""The FP8 attention contract, in float64 (numpy): what ``precision="fp8"`` will compute.
+"""The FP8 format study, in float64 (numpy): which operand formats and scales give which accuracy.
 
-Ground truth for the FP8 path of the fused kernel and the FP8 transfers (the FP8 issue); CI
-checks its accuracy here, the GPU kernel will be checked against it.
+The kernel that was built from it (``sfattn/kernels/attn_sm90fp8.cu``) and the float64 emulation
+of exactly what that kernel computes live in :mod:`sfattn.quant` (docs/fp8.md lists where the two
+differ: one ``mu`` per K/V block, one V scale per block). This module keeps the study's
+configurable reference (``qk=``, ``pv=``, ``smooth=``) and the benchmark's input generator.
 
 Per layer call, on the rank that owns the tokens, before the Ulysses ScatterPush (every
 quantity below travels with its data, so Ulysses, Torus and Ring move FP8 bytes):
