@@ -91,19 +91,38 @@ def _int8_blocks(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float() / s).clamp_(-127, 127).to(torch.int8)
 
 
-def quantize_q(q: torch.Tensor) -> Fp8Q:
-    """``q`` ``[B, S, H, D]`` (any float dtype, any device) -> :class:`Fp8Q`."""
+def _fused(*xs: torch.Tensor) -> bool:
+    """CUDA bf16/fp16 inputs go through the fused quantisers (sfattn/kernels/quant.cu)."""
+    if not xs[0].is_cuda:
+        return False
+    try:
+        from .kernels.flash_fp8 import cuda_quantizable
+    except ImportError:  # pragma: no cover - no CuPy
+        return False
+    return cuda_quantizable(*xs)
+
+
+def quantize_q(q: torch.Tensor, *, fused: bool | None = None) -> Fp8Q:
+    """``q`` ``[B, S, H, D]`` (any float dtype, any device) -> :class:`Fp8Q`. ``fused``: the CUDA
+    kernels (default where they apply: CUDA bf16/fp16) or these torch operations."""
     _check(q, "q")
+    if _fused(q) if fused is None else fused:
+        from .kernels.flash_fp8 import quantize_q_cuda
+        return quantize_q_cuda(q)
     scale = _block_scales(q, 127.0)
     return Fp8Q(_int8_blocks(q, scale), scale)
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor) -> Fp8KV:
-    """``k``, ``v`` ``[B, S, H, D]`` of one block -> :class:`Fp8KV` (smoothed K, transposed V)."""
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) -> Fp8KV:
+    """``k``, ``v`` ``[B, S, H, D]`` of one block -> :class:`Fp8KV` (smoothed K, transposed V).
+    ``fused`` as for :func:`quantize_q`."""
     _check(k, "k")
     _check(v, "v")
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if _fused(k, v) if fused is None else fused:
+        from .kernels.flash_fp8 import quantize_kv_cuda
+        return quantize_kv_cuda(k, v)
     B, S, H, D = k.shape
     mu = k.float().mean(dim=1)                                   # [B, H, D]
     kc = k.float() - mu[:, None]

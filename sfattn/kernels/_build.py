@@ -16,7 +16,7 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SOURCES = ("attn_common.cuh", "wgmma_ops.cuh", "wgmma_fp8_ops.cuh", "sm90_common.cuh", "attn_fa2.cu",
-           "attn_sm90ws.cu", "attn_sm90fp8.cu", "attn_merge.cu", "heads_copy.cu")
+           "attn_sm90ws.cu", "attn_sm90fp8.cu", "attn_merge.cu", "heads_copy.cu", "quant.cu")
 
 # tile shapes (rows of Q per block, keys per K/V tile, threads) of each implementation
 FA2_NW, FA2_BN = 8, 64
@@ -135,23 +135,23 @@ class KernelConfig:
     @property
     def source(self) -> str:
         return {"fa2": "attn_fa2.cu", "sm90ws": "attn_sm90ws.cu", "sm90fp8": "attn_sm90fp8.cu",
-                "merge": "attn_merge.cu", "heads": "heads_copy.cu"}[self.impl]
+                "merge": "attn_merge.cu", "heads": "heads_copy.cu", "quant": "quant.cu"}[self.impl]
 
     @property
     def func_name(self) -> str:
         return {"fa2": "sf_attn_fa2", "sm90ws": "sf_attn_sm90ws", "sm90fp8": "sf_attn_sm90fp8",
-                "merge": "sf_merge", "heads": "sf_heads_copy"}[self.impl]
+                "merge": "sf_merge", "heads": "sf_heads_copy", "quant": "sf_quant_i8"}[self.impl]
 
     @property
     def threads(self) -> int:
         return {"fa2": 32 * FA2_NW, "sm90ws": 128 * (self.consumers + 1),
-                "sm90fp8": 128 * (self.consumers + 1), "merge": 256, "heads": 256}[self.impl]
+                "sm90fp8": 128 * (self.consumers + 1), "merge": 256, "heads": 256, "quant": 128}[self.impl]
 
     @property
     def block_m(self) -> int:
         """Q rows per thread block."""
         return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "sm90fp8": 64 * self.consumers,
-                "merge": 0, "heads": 0}[self.impl]
+                "merge": 0, "heads": 0, "quant": 0}[self.impl]
 
     def fp8_slots(self) -> tuple[int, int]:
         """sm90fp8: (K ring slots, V ring slots)."""
@@ -177,6 +177,8 @@ class KernelConfig:
             return [f"-DMERGE_T={MERGE_TYPES[self.dtype]}"]
         if self.impl == "heads":
             return []
+        if self.impl == "quant":  # the FP8 quantisers (quant.cu) of bf16 or fp16 inputs
+            return [f"-DQT={MERGE_TYPES[self.dtype]}"]
         o = dict(self.opts)
         common = [f"-DSF_D={self.head_dim}", f"-DSF_FP16={int(self.dtype == 'fp16')}",
                   f"-DSF_MAXQ={MAXQ}", f"-DSF_MAXKV={MAXKV}",
@@ -217,6 +219,8 @@ def all_configs(archs: tuple[str, ...] = ("sm_90a", "sm_80")) -> list[KernelConf
         for dt in MERGE_TYPES:
             cfgs.append(KernelConfig("merge", 0, dt, arch))
         cfgs.append(KernelConfig("heads", 0, "any", arch))
+        if arch == "sm_90a":
+            cfgs += [KernelConfig("quant", 0, dt, arch) for dt in ("bf16", "fp16")]
     return cfgs
 
 

@@ -85,7 +85,7 @@ class _Kernel:
 
 def _parse_impl(impl: str) -> tuple[str, int, tuple]:
     """'fa2' | 'sm90ws' | 'sm90ws<BN>' | 'sm90ws:BN=160,PP=0,...' -> (base, bn, opts)."""
-    if impl in ("fa2", "sm90ws", "sm90fp8", "merge", "heads"):
+    if impl in ("fa2", "sm90ws", "sm90fp8", "merge", "heads", "quant"):
         return impl, 0, ()
     if impl.startswith("sm90fp8:"):
         try:
@@ -221,8 +221,8 @@ class AttnLaunch:
         self.torch_inputs = qd[0].is_torch
         self.B, self.S, self.H, self.D, self.dtype = B, S, H, D, dtype
         self.impl = impl or default_impl(self.device)
-        if _parse_impl(self.impl)[0] == "merge":
-            raise ValueError("impl='merge' is not an attention kernel")
+        if _parse_impl(self.impl)[0] in ("merge", "heads", "quant"):
+            raise ValueError(f"impl={self.impl!r} is not an attention kernel")
         self.kernel = get_kernel(self.impl, D, dtype, self.device)
         self.has_state = st is not None
         self._build(qd, kd, vd, st, od, ld, float(scale))

@@ -9,6 +9,7 @@ of :func:`sfattn.kernels.attn_blocks`, so FP8 calls chain with each other exactl
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,9 +18,9 @@ from ..quant import BLOCK, Fp8KV, Fp8Q
 from ..reference import AttnState
 from . import _build, _tma
 from ._desc import TensorDesc, as_desc
-from .flash import HEAD_DIMS, AttnLaunch, _check_io, get_kernel
+from .flash import HEAD_DIMS, AttnLaunch, _check_io, _cupy, get_kernel
 
-__all__ = ["Fp8Launch", "attn_blocks_fp8"]
+__all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda"]
 
 _SIDE0 = _build.TABLE_SLOTS + _build.MAPS_SLOTS
 
@@ -175,3 +176,73 @@ def attn_blocks_fp8(q_blocks: Sequence[Fp8Q], kv_blocks: Sequence[Fp8KV], state:
                 _cache.pop(next(iter(_cache)))
             _cache[key] = launch
     launch(init=init, finalize=finalize, stream=stream)
+
+
+# ------------------------------------------------------------------ quantisers (quant.cu)
+_SPLIT_ROWS = 256  # rows per partial sum / maximum (fixed: the results do not depend on timing)
+_QDT = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def cuda_quantizable(*xs: Any) -> bool:
+    """True when the fused quantisers take these tensors: CUDA bf16/fp16, contiguous head dim, a
+    head dim that is a multiple of 4 and at most 256."""
+    return all(getattr(x, "is_cuda", False) and str(x.dtype) in _QDT and x.dim() == 4 and
+               x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and x.shape[-1] <= 256 for x in xs)
+
+
+def _run(name: str, x: Any, grid: tuple, block: int, *args: Any) -> None:
+    """Launch kernel ``name`` of quant.cu for input ``x`` (its first argument, a QIn) and ``args``
+    (ctypes values), on torch's current stream."""
+    import torch
+    kern = get_kernel("quant", 0, _QDT[str(x.dtype)], x.device.index or 0)
+    fn = _cupy().cuda.driver.moduleGetFunction(kern.module, name)
+    B, S, H, D = x.shape
+    qin = (ctypes.c_int64 * 8)(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, S, H, D)
+    vals = [qin, *args]
+    argv = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    _cupy().cuda.driver.launchKernel(fn, *grid, block, 1, 1, 0, stream, ctypes.addressof(argv), 0)
+
+
+def _ptr(t: Any) -> ctypes.c_void_p:
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _i8_blocks(x: Any, musum: Any, splits: int, mu: Any) -> tuple[Any, Any]:
+    import torch
+    B, S, H, D = x.shape
+    nb = -(-S // BLOCK)
+    out = torch.empty((B, S, H, D), dtype=torch.int8, device=x.device)
+    scale = torch.empty((B, H, nb), dtype=torch.float32, device=x.device)
+    if nb:
+        _run("sf_quant_i8", x, (nb, H, B), BLOCK, _ptr(musum), ctypes.c_int(splits), _ptr(mu), _ptr(out),
+             *(ctypes.c_int64(v) for v in out.stride()[:3]), _ptr(scale),
+             ctypes.c_int64(scale.stride(0)), ctypes.c_int64(scale.stride(1)))
+    return out, scale
+
+
+def quantize_q_cuda(q: Any) -> Fp8Q:
+    """:func:`sfattn.quant.quantize_q` for CUDA bf16/fp16 tensors: one kernel."""
+    return Fp8Q(*_i8_blocks(q, None, 0, None))
+
+
+def quantize_kv_cuda(k: Any, v: Any) -> Fp8KV:
+    """:func:`sfattn.quant.quantize_kv` for CUDA bf16/fp16 tensors: four kernels (partial sums of
+    K, partial maxima of V, K - mu to int8, V to transposed e4m3)."""
+    import torch
+    B, S, H, D = k.shape
+    splits = max(1, -(-S // _SPLIT_ROWS))
+    part = torch.empty((splits, B, H, D), dtype=torch.float32, device=k.device)
+    mu = torch.empty((B, H, D), dtype=torch.float32, device=k.device)
+    _run("sf_colsum", k, (splits, H, B), D, _ptr(part), ctypes.c_int(_SPLIT_ROWS))
+    k8, kscale = _i8_blocks(k, part, splits, mu)
+    vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
+    _run("sf_absmax_v", v, (splits, H, B), 128, _ptr(vpart), ctypes.c_int(_SPLIT_ROWS))
+    sp = -(-S // 32) * 32
+    vt = torch.empty((B, H, D, sp), dtype=torch.uint8, device=k.device)
+    vscale = torch.empty((B, H), dtype=torch.float32, device=k.device)
+    if sp:
+        _run("sf_quant_vt", v, (sp // 32, H, B), D, _ptr(vpart), ctypes.c_int(splits), _ptr(vt),
+             *(ctypes.c_int64(x) for x in vt.stride()[:3]), _ptr(vscale),
+             ctypes.c_int64(vscale.stride(0)), ctypes.c_int64(vscale.stride(1)))
+    return Fp8KV(k8, kscale, mu, vt.view(torch.float8_e4m3fn), vscale)
