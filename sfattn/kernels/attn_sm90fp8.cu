@@ -57,7 +57,8 @@
 #define WS_BM (64 * WS_NC)
 #define WS_NT (128 * (WS_NC + 1))
 #define F8_QROW SF_D  // bytes per Q/K row in shared memory (= the swizzle span)
-#define F8_LAYOUT (SF_D == 128 ? 1 : 2)  // descriptor layout: 128- or 64-byte swizzle
+#define F8_LAYOUT (SF_D == 128 ? 1 : 2)  // descriptor layout: 128- or 64-byte swizzle (leading
+                                          // byte offset 16: unused by swizzled K-major operands)
 #define F8_QBLK 128  // rows per Q scale block
 #define WGMMA_S SF_CAT(sf_wgmma_s8_n, WS_BN)
 #define WGMMA_O SF_CAT(sf_wgmma_e4m3_rs_n, SF_D)
@@ -75,44 +76,6 @@ struct F8Params {
   F8Side vs[SF_MAXKV];  // fp32: V scale of the block
 };
 
-__device__ __forceinline__ uint64_t f8_desc(uint32_t saddr, uint32_t sbo, uint32_t layout) {
-  uint64_t d = (uint64_t)((saddr & 0x3FFFF) >> 4);
-  d |= (uint64_t)1 << 16;  // leading byte offset: unused by swizzled K-major operands
-  d |= (uint64_t)((sbo >> 4) & 0x3FFF) << 32;
-  d |= (uint64_t)layout << 62;
-  return d;
-}
-__device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(a), "r"(parity) : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t a) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const SfTmap* map, int c0, int c1,
-                                            int c2, int c3, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void tma_prefetch_map(const SfTmap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
 __device__ __forceinline__ void named_sync(int id) {
   asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -365,15 +328,15 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         const uint32_t kbase = sK + (ct % KST) * KTILE;
 #pragma unroll
         for (int kk = 0; kk < D / 32; ++kk)
-          WGMMA_S(s, f8_desc(qdesc_base + kk * 32, SBO_QK, F8_LAYOUT),
-                  f8_desc(kbase + kk * 32, SBO_QK, F8_LAYOUT), kk > 0);
+          WGMMA_S(s, sf_desc(qdesc_base + kk * 32, 16, SBO_QK, F8_LAYOUT),
+                  sf_desc(kbase + kk * 32, 16, SBO_QK, F8_LAYOUT), kk > 0);
         wg_commit();
       };
       auto issue_pv = [&](const uint32_t (&pa)[BN / 32][4]) {  // O += P_{ct-1} V_{ct-1}
         const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
 #pragma unroll
         for (int kk = 0; kk < BN / 32; ++kk)
-          WGMMA_O(o, pa[kk], f8_desc(vbase + kk * 32, SBO_V, 1), 1);
+          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 32, 16, SBO_V, 1), 1);
         wg_commit();
       };
       auto release_k = [&]() {

@@ -70,37 +70,6 @@
 #define WGMMA_S SF_CAT(sf_wgmma_ss_n, WS_BN)
 #define WGMMA_O SF_CAT(sf_wgmma_rs_n, SF_D)
 
-__device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(a), "r"(parity) : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t a) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a)
-               : "memory");
-}
-// arrival that also raises the barrier's expected transaction count by `bytes`
-__device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes)
-               : "memory");
-}
-// TMA: copy the box at coordinates (c0, c1, c2, c3) of the tensor map into shared memory at dst;
-// completion is signalled on the mbarrier as transaction bytes
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const SfTmap* map, int c0, int c1,
-                                            int c2, int c3, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
 // the same, multicast: the box lands at offset dst of every block in cta_mask (of the cluster),
 // each completing transaction bytes on its own mbarrier at offset bar
 __device__ __forceinline__ void tma_load_4d_mc(uint32_t dst, const SfTmap* map, int c0, int c1,
@@ -136,9 +105,6 @@ __device__ __forceinline__ void release_slot(uint32_t a) {
 #if WS_CL == 2
   mbar_arrive_cluster(a, cluster_rank() ^ 1);
 #endif
-}
-__device__ __forceinline__ void tma_prefetch_map(const SfTmap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 // arrives on the mbarrier once all prior cp.async of this thread have completed
 __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
