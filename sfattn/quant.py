@@ -91,22 +91,24 @@ def _int8_blocks(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float() / s).clamp_(-127, 127).to(torch.int8)
 
 
-def _fused(*xs: torch.Tensor) -> bool:
-    """CUDA bf16/fp16 inputs go through the fused quantisers (sfattn/kernels/quant.cu)."""
-    if not xs[0].is_cuda:
-        return False
-    try:
+def _fused(fused: bool | None, *xs: torch.Tensor) -> bool:
+    """Whether the fused quantisers (sfattn/kernels/quant.cu) run: by default for CUDA bf16/fp16
+    inputs; ``fused=True`` for other inputs is an error."""
+    able = xs[0].is_cuda
+    if able:
         from .kernels.flash_fp8 import cuda_quantizable
-    except ImportError:  # pragma: no cover - no CuPy
-        return False
-    return cuda_quantizable(*xs)
+        able = cuda_quantizable(*xs)
+    if fused and not able:
+        raise ValueError("fused=True: the fused quantisers take CUDA bf16/fp16 [B, S, H, D] tensors with a "
+                         f"contiguous head dim (a multiple of 4, <= 256); got {xs[0].dtype} on {xs[0].device}")
+    return able if fused is None else bool(fused)
 
 
 def quantize_q(q: torch.Tensor, *, fused: bool | None = None) -> Fp8Q:
     """``q`` ``[B, S, H, D]`` (any float dtype, any device) -> :class:`Fp8Q`. ``fused``: the CUDA
     kernels (default where they apply: CUDA bf16/fp16) or these torch operations."""
     _check(q, "q")
-    if _fused(q) if fused is None else fused:
+    if _fused(fused, q):
         from .kernels.flash_fp8 import quantize_q_cuda
         return quantize_q_cuda(q)
     scale = _block_scales(q, 127.0)
@@ -120,7 +122,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) 
     _check(v, "v")
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if _fused(k, v) if fused is None else fused:
+    if _fused(fused, k, v):
         from .kernels.flash_fp8 import quantize_kv_cuda
         return quantize_kv_cuda(k, v)
     B, S, H, D = k.shape

@@ -62,6 +62,8 @@ def test_quantize_kv_smooths_k_and_transposes_v_in_fragment_order():
         quantize_kv(k, v[:, :5])
     with pytest.raises(TypeError, match="floating point"):
         quantize_q(torch.zeros(1, 4, 1, 64, dtype=torch.int8))
+    with pytest.raises(ValueError, match="fused=True"):
+        quantize_kv(k, v, fused=True)                          # CPU tensors: torch operations only
 
 
 @pytest.mark.parametrize("kind", ["gauss", "outlier"])
