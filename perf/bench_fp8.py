@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import interleaved_medians
+from common import interleaved_medians, update_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 16384, 24, 128), (1, 37376, 12, 128), (1, 16384, 24, 64), (1, 4096, 24, 128)]
@@ -195,8 +195,6 @@ def write_docs(data: dict) -> None:
                      + f" | {f(r.get('quant_ms'), '%.2f')} | {e('gauss')} | {e('outlier')} |")
     lines += ["", "![fp8](perf/fp8.png)", ""]
     (docs / "perf-fp8.md").write_text("\n".join(lines))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import update_summary
     keys = summary_keys(rows)
     update_summary({**keys, "fp8_card": data["device"], "fp8_date": data["date"]})
     print(f"wrote {docs / 'perf-fp8.md'}: {json.dumps(keys)}")

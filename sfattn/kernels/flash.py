@@ -166,6 +166,21 @@ def _check_io(d: TensorDesc, name: str, dtype: str | None, align: int) -> None:
                          f"multiples of {align} elements (ptr {d.ptr:#x}, strides {d.strides})")
 
 
+def _state_descs(state: AttnState | None) -> AttnState | None:
+    """The state as descriptors, its dtypes, alignment and row strides checked (shapes: the caller)."""
+    if state is None:
+        return None
+    st = AttnState(as_desc(state.acc, "state.acc"), as_desc(state.m, "state.m"),
+                   as_desc(state.l, "state.l"))
+    _check_io(st.acc, "state.acc", "fp32", 2)
+    for nm in ("m", "l"):
+        _check_io(getattr(st, nm), f"state.{nm}", "fp32", 1)
+    if st.m.strides != st.l.strides:
+        raise ValueError(f"state.m and state.l must have the same strides "
+                         f"({st.m.strides} vs {st.l.strides})")
+    return st
+
+
 class AttnLaunch:
     """A prepared ``attn_blocks`` call: descriptors packed once, relaunch with :meth:`__call__`.
 
@@ -182,10 +197,7 @@ class AttnLaunch:
             if isinstance(k_blocks, (list, tuple)) else k_blocks
         vd = [as_desc(x, f"v_blocks[{i}]") for i, x in enumerate(v_blocks)] \
             if isinstance(v_blocks, (list, tuple)) else v_blocks
-        st = None
-        if state is not None:
-            st = AttnState(as_desc(state.acc, "state.acc"), as_desc(state.m, "state.m"),
-                           as_desc(state.l, "state.l"))
+        st = _state_descs(state)
         od = None if out is None else [as_desc(x, f"out[{i}]") for i, x in enumerate(out)]
         ld = None if lse is None else as_desc(lse, "lse")
         # finalize/init only matter for the argument check here; every call passes its own flags
@@ -205,13 +217,6 @@ class AttnLaunch:
         if od is not None:
             for i, d in enumerate(od):
                 _check_io(d, f"out[{i}]", dtype, 2)
-        if st is not None:
-            _check_io(st.acc, "state.acc", "fp32", 2)
-            for nm in ("m", "l"):
-                _check_io(getattr(st, nm), f"state.{nm}", "fp32", 1)
-            if st.m.strides != st.l.strides:
-                raise ValueError(f"state.m and state.l must have the same strides "
-                                 f"({st.m.strides} vs {st.l.strides})")
         if ld is not None:
             _check_io(ld, "lse", "fp32", 1)
         devs = {d.device for d in [*qd, *kd, *vd] if d.device >= 0}

@@ -18,7 +18,7 @@ from ..quant import BLOCK, Fp8KV, Fp8Q
 from ..reference import AttnState
 from . import _build, _tma
 from ._desc import TensorDesc, as_desc
-from .flash import HEAD_DIMS, AttnLaunch, _check_io, _cupy, get_kernel
+from .flash import HEAD_DIMS, AttnLaunch, _check_io, _cupy, _state_descs, get_kernel
 
 __all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda"]
 
@@ -84,19 +84,11 @@ class Fp8Launch(AttnLaunch):
         self._mu = [_side(x.mu, f"kv_blocks[{i}].mu", (B, H, D), dev) for i, x in enumerate(kv_blocks)]
         self._vs = [_side(x.vscale, f"kv_blocks[{i}].vscale", (B, H), dev) for i, x in enumerate(kv_blocks)]
         S = sum(d.shape[1] for d in qd)
-        st = None
-        if state is not None:
-            st = AttnState(as_desc(state.acc, "state.acc"), as_desc(state.m, "state.m"),
-                           as_desc(state.l, "state.l"))
+        st = _state_descs(state)
+        if st is not None:
             if st.acc.shape != (B, S, H, D) or st.m.shape != (B, H, S) or st.l.shape != (B, H, S):
                 raise ValueError(f"state must be acc [B, S, H, D] = {(B, S, H, D)} and m, l [B, H, S]; got "
                                  f"{st.acc.shape}, {st.m.shape}, {st.l.shape}")
-            _check_io(st.acc, "state.acc", "fp32", 2)
-            for nm in ("m", "l"):
-                _check_io(getattr(st, nm), f"state.{nm}", "fp32", 1)
-            if st.m.strides != st.l.strides:
-                raise ValueError(f"state.m and state.l must have the same strides ({st.m.strides} vs "
-                                 f"{st.l.strides})")
         elif not (init and finalize):
             raise ValueError("state may be None only with init=True and finalize=True")
         od = None
@@ -190,12 +182,24 @@ def cuda_quantizable(*xs: Any) -> bool:
                x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and x.shape[-1] <= 256 for x in xs)
 
 
+_functions: dict = {}
+
+
+def _function(name: str, dtype: str, dev: int) -> Any:
+    """Handle of kernel ``name`` in quant.cu, looked up once per (name, dtype, device)."""
+    key = (name, dtype, dev)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = _cupy().cuda.driver.moduleGetFunction(
+            get_kernel("quant", 0, dtype, dev).module, name)
+    return fn
+
+
 def _run(name: str, x: Any, grid: tuple, block: int, *args: Any) -> None:
     """Launch kernel ``name`` of quant.cu for input ``x`` (its first argument, a QIn) and ``args``
     (ctypes values), on torch's current stream."""
     import torch
-    kern = get_kernel("quant", 0, _QDT[str(x.dtype)], x.device.index or 0)
-    fn = _cupy().cuda.driver.moduleGetFunction(kern.module, name)
+    fn = _function(name, _QDT[str(x.dtype)], x.device.index or 0)
     B, S, H, D = x.shape
     qin = (ctypes.c_int64 * 8)(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, S, H, D)
     vals = [qin, *args]
