@@ -23,11 +23,24 @@ import operator
 from typing import Any, Sequence
 
 
+import numpy as np
+
 import oneside
 
 from .local import FA3Attention, GpuAttention, HostAttention, TorchAttention
 from .p2p import UlyssesP2P
 from .plan import Plan
+
+
+def _as_torch(x: Any, rt: oneside.Runtime) -> Any:
+    """A torch view of a caller's array (torch as is; CuPy and numpy without a copy)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return torch.as_tensor(x, device=f"cuda:{rt.backend.device}")
 
 
 def _swap12(x: Any) -> Any:
@@ -55,12 +68,18 @@ class SPAttention:
     (:mod:`sfattn.p2p`: no send buffer, no puts; without Ulysses one copy kernel each way into
     and out of this rank's buffers); default: where every rank's Ulysses team is on its machine
     and mapped (the same GPU or NVLink/P2P peers); ``True`` raises where it is not.
+    ``precision``: None (compute in ``dtype``) or ``'fp8'``: each rank quantises its own rows once
+    per call, before the exchange (:mod:`sfattn.quant`: Q and smoothed K as int8 with a scale per
+    128-row block, V as e4m3 transposed), every transfer moves those bytes and their scales, and
+    the FP8 kernel computes (the float64 emulation of that kernel on the host backend); the
+    output keeps ``dtype``. Needs ``local='kernel'``; uses the put exchange (not ``p2p``); on GPUs
+    bf16/fp16 layers, head dim 64 or 128, Hopper. docs/fp8.md gives its accuracy.
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
                  scale: float | None = None, layout: str = "bshd", local: str = "kernel",
                  lens: Sequence[int] | None = None, cuda_graph: bool | None = None,
-                 p2p: bool | None = None):
+                 p2p: bool | None = None, precision: str | None = None):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
@@ -69,6 +88,9 @@ class SPAttention:
             raise ValueError(f"batch={batch}: expected >= 1")
         if layout not in ("bshd", "bhsd"):
             raise ValueError(f"layout={layout!r}: expected 'bshd' or 'bhsd'")
+        if precision not in (None, "fp8"):
+            raise ValueError(f"precision={precision!r}: expected None (the layer's dtype) or 'fp8'")
+        self.fp8 = precision == "fp8"
         W, S = rt.world_size, plan.seq_len
         self.lens = self.split(S, W) if lens is None else self._check_lens(lens, S, W)
         self.layout = layout
@@ -80,6 +102,7 @@ class SPAttention:
                "head_dim": plan.head_dim, "T": plan.T, "U": plan.U, "R": plan.R,
                "order": ",".join(f"{lv}{n}" for lv, n in plan.order), "batch": batch,
                "dtype": self.dtype, "scale": self.scale, "layout": layout, "local": local,
+               "precision": precision or self.dtype,
                "lens": ",".join(map(str, self.lens))}
         rt.agree("SPAttention", sig)
         # call-site tags of the per-call barriers: this layer's identity, advanced per call, so a
@@ -89,6 +112,8 @@ class SPAttention:
         # one rank on a GPU: nothing to exchange, the local kernel reads the caller's tensors and
         # writes the output (no heap round trip); off after the first call the kernel refuses
         self._direct = rt.world_size == 1 and rt.backend.is_gpu
+        if self.fp8:
+            self._check_fp8(local, p2p)
         # GPUs: the exchange + compute part of a call (every transfer, barrier, wait and kernel
         # between pack and unpack: ~20 launches) is captured once, on the second call, and
         # replayed as one graph launch (not while the caller captures a graph itself)
@@ -124,7 +149,7 @@ class SPAttention:
                              f"backend), 'torch' (torch SDPA with log-sum-exp, merged) or 'fa3' "
                              f"(FlashAttention-3 with log-sum-exp, merged; Hopper, bf16)")
         # every rank takes the same exchange: p2p only where it is possible on every rank
-        able = bool(rt.exchange("SPAttention.p2p", [int(UlyssesP2P.possible(self))])[:, 0].all())
+        able = bool(rt.exchange("SPAttention.p2p", [int(UlyssesP2P.possible(self))])[:, 0].all()) and not self.fp8
         if p2p and not able:
             raise ValueError("p2p=True: some rank's Ulysses team is not on its machine or not mapped "
                              "into it (or the head dim's rows are not 16-byte multiples)")
@@ -132,6 +157,12 @@ class SPAttention:
         B = batch
         piece = (B, Sl, Ht, D)
         self._bufs: list[oneside.SymArray] = []
+        # each of Q, K, V travels as one or more parts (FP8: data and its scales), every part
+        # with the same leading axes in every buffer; part names: "q", "k", "v" or (FP8) "q", "qs",
+        # "k", "ks", "mu", "vt", "vs"
+        parts = self._parts(B, Sl, Ht, D, self.dtype, self.fp8)
+        self.parts = {x: [n for n, _, _ in parts[x]] for x in "qkv"}
+        every = [spec for x in "qkv" for spec in parts[x]]
 
         def a(shape: tuple, dtype: str = self.dtype) -> oneside.SymArray:
             self._bufs.append(rt.alloc(shape, dtype))
@@ -139,11 +170,10 @@ class SPAttention:
 
         try:
             # Ulysses send [dest u, torus group g]; after Ulysses [g, source u]
-            self.SU = {x: a((U, T, *piece)) for x in "qkv"}
-            self.RU = {x: a((T, U, *piece)) for x in "qkv"}
-            self.TQ = a((T, U, *piece))            # Q chunks pulled from torus peers, by source
-            self.TK, self.TV = a((T, U, *piece)), a((T, U, *piece))
-            self.RK, self.RV = a((R, T, U, *piece)), a((R, T, U, *piece))  # ring peers' K/V, by peer, chunk
+            self.SU = {n: a((U, T, *sh), dt) for n, sh, dt in every}
+            self.RU = {n: a((T, U, *sh), dt) for n, sh, dt in every}
+            self.TP = {n: a((T, U, *sh), dt) for n, sh, dt in every}  # Q/K/V chunks pulled from torus peers
+            self.RP = {n: a((R, T, U, *sh), dt) for n, sh, dt in parts["k"] + parts["v"]}  # ring peers' K/V
             self.TO = a((T, U, *piece))            # outputs of other machines' rows, before Push O
             self.RO = a((T, U, *piece))            # my chunk's outputs, by torus group
             self.FO = a((U, T, *piece))            # after reverse Ulysses: [ulysses group, torus group]
@@ -152,6 +182,11 @@ class SPAttention:
             self.close()
             raise
         self.ready.local[...] = 0
+        if self.fp8:  # scales of blocks past a shard's rows stay 0: padded Q rows read as zeros
+            for bufs in (self.SU, self.RU, self.TP, self.RP):
+                for buf in bufs.values():
+                    buf.local[...] = 0
+            rt.sync()
         self.states = [self.local.state(B, U * Sl, Ht, D) for _ in range(T)]
         self.gpu = rt.backend.is_gpu
         if self.gpu:  # two communication streams beside the caller's compute stream
@@ -190,15 +225,55 @@ class SPAttention:
         return lens
 
     @staticmethod
-    def heap_bytes(plan: Plan, batch: int, dtype: Any = "bfloat16", lens: Sequence[int] | None = None) -> int:
+    def heap_bytes(plan: Plan, batch: int, dtype: Any = "bfloat16", lens: Sequence[int] | None = None,
+                   precision: str | None = None) -> int:
         """Symmetric-heap bytes an SPAttention of these shapes allocates: size ``oneside.init``'s
         ``heap_size`` with it (plus room for anything else on the heap and ~1 MiB reserved)."""
         from oneside.heap import ALIGN, itemsize
 
+        dtype = oneside.heap.dtype_name(dtype)
         rows = max(lens) if lens is not None else -(-plan.seq_len // plan.world_size)
-        local = batch * rows * plan.heads * plan.head_dim
-        chunk = -(-local * itemsize(oneside.heap.dtype_name(dtype)) // ALIGN) * ALIGN
-        return (12 + 2 * plan.R) * chunk + ALIGN  # 12 buffers of one shard, K/V of R ring peers, signals
+        T, U, R = plan.T, plan.U, plan.R
+        Ht = plan.heads // (U * T)
+        parts = SPAttention._parts(batch, rows, Ht, plan.head_dim, dtype, precision == "fp8")
+
+        def al(shape: tuple, dt: str) -> int:
+            return -(-math.prod(shape) * itemsize(dt) // ALIGN) * ALIGN
+
+        n = sum(3 * al((T, U, *sh), dt) for x in "qkv" for _, sh, dt in parts[x])     # SU, RU, TP
+        n += sum(al((R, T, U, *sh), dt) for x in "kv" for _, sh, dt in parts[x])      # RP
+        n += 3 * al((T, U, batch, rows, Ht, plan.head_dim), dtype)                    # TO, RO, FO
+        return n + ALIGN  # signals
+
+    @staticmethod
+    def _parts(B: int, Sl: int, Ht: int, D: int, dtype: str, fp8: bool) -> dict[str, list[tuple]]:
+        """``(name, shape, dtype)`` of the parts of one piece of Q, K and V (module docstring of
+        :mod:`sfattn.quant` for the FP8 ones: per 128-row block scales, K's mean, V transposed with
+        its keys rounded up to 32)."""
+        piece = (B, Sl, Ht, D)
+        if not fp8:
+            return {x: [(x, piece, dtype)] for x in "qkv"}
+        nb = -(-Sl // 128)
+        return {"q": [("q", piece, "int8"), ("qs", (B, Ht, nb), "float32")],
+                "k": [("k", piece, "int8"), ("ks", (B, Ht, nb), "float32"), ("mu", (B, Ht, D), "float32")],
+                "v": [("vt", (B, Ht, D, -(-Sl // 32) * 32), "uint8"), ("vs", (B, Ht), "float32")]}
+
+    def _check_fp8(self, local: str, p2p: bool | None) -> None:
+        if local != "kernel":
+            raise ValueError(f"precision='fp8' needs local='kernel' (the FP8 kernel), got local={local!r}")
+        if p2p:
+            raise ValueError("precision='fp8' uses the put exchange: p2p=True is not supported with it")
+        if self.rt.backend.is_gpu:
+            from .kernels.flash import HEAD_DIMS
+
+            if self.dtype not in ("bfloat16", "float16"):
+                raise ValueError(f"precision='fp8': the FP8 kernel writes bfloat16 or float16 outputs, the "
+                                 f"layer's dtype is {self.dtype!r}")
+            if self.plan.head_dim not in HEAD_DIMS:
+                raise ValueError(f"precision='fp8': head_dim {self.plan.head_dim} is not supported by the FP8 "
+                                 f"kernel (supported: {HEAD_DIMS})")
+        elif not self.dtype.startswith(("float", "bfloat")):
+            raise ValueError(f"precision='fp8' quantises floating-point inputs, the layer's dtype is {self.dtype!r}")
 
     # -- plan-time preparation ----------------------------------------------------------
     def shard_len(self, rank: int | None = None) -> int:
@@ -213,22 +288,26 @@ class SPAttention:
         T, U, R = plan.T, plan.U, plan.R
         t, u, r = self.t, self.u, self.r
         # 1. Ulysses: piece (j, g) of my send buffer -> member j's RU[g, u]
+        P = self.parts
+        names, kv_names = P["q"] + P["k"] + P["v"], P["k"] + P["v"]
         if U > 1:
-            self.ulysses = rt.batch("put", [(self.SU[x][j, g], self.Ut[j], self.RU[x][g, u])
-                                            for x in "qkv" for j in range(U) for g in range(T)])
+            self.ulysses = rt.batch("put", [(self.SU[n][j, g], self.Ut[j], self.RU[n][g, u])
+                                            for n in names for j in range(U) for g in range(T)])
             self.ulysses_back = rt.batch("put", [(self.RO[g, i], self.Ut[i], self.FO[u, g])
                                                  for i in range(U) for g in range(T)])
         # 2. Torus pulls, in schedule order: Q chunks (stages 1..T-1), then K/V chunks
         src = [(t - i) % T for i in range(T)]
-        self.q_pulls = [rt.batch("get", [(self.TQ[p], self.Tt[p], self.RU["q"][t])]) for p in src[1:]]
-        self.kv_pulls = [rt.batch("get", [(self.TK[p], self.Tt[p], self.RU["k"][t]),
-                                          (self.TV[p], self.Tt[p], self.RU["v"][t])]) for p in src[1:]]
+        self.q_pulls = [rt.batch("get", [(self.TP[n][p], self.Tt[p], self.RU[n][t]) for n in P["q"]])
+                        for p in src[1:]]
+        self.kv_pulls = [rt.batch("get", [(self.TP[n][p], self.Tt[p], self.RU[n][t]) for n in kv_names])
+                         for p in src[1:]]
         # Ring: each peer's stationary chunk, and its copies of the other chunks (one batch per
         # peer, so compute can start on the first peer's K/V while the others still arrive)
         peers = [(r + j) % R for j in range(1, R)]
         self.ring_peers = peers
-        self.ring_pulls = {(p, rr): rt.batch("get", [(self.RK[rr, p], self.Rt[rr], self.RU["k"][t] if p == t else self.TK[p]),
-                                                    (self.RV[rr, p], self.Rt[rr], self.RU["v"][t] if p == t else self.TV[p])])
+        self.ring_pulls = {(p, rr): rt.batch("get", [(self.RP[n][rr, p], self.Rt[rr],
+                                                      self.RU[n][t] if p == t else self.TP[n][p])
+                                                     for n in kv_names])
                            for p in src for rr in peers}
         # 3. Push O: my finished rows of chunk p -> member p's RO[t]
         self.push_o = {p: rt.batch("put", [(self.TO[p], self.Tt[p], self.RO[t])]) for p in src[1:]}
@@ -239,18 +318,29 @@ class SPAttention:
         L = self.local
         lane = {p: (i % 2 if T > 1 else 0) for i, p in enumerate(src)}
 
+        def block(x: str, bufs: dict, at: tuple, n: int | None = None) -> Any:
+            """Tensor x's piece ``bufs[part][at]`` (first n rows): the array, or (FP8) its parts."""
+            def get(buf: oneside.SymArray) -> oneside.SymArray:
+                for i in at:
+                    buf = buf[i]
+                return buf
+            if self.fp8:
+                return {nm: get(bufs[nm]) for nm in P[x]}, n
+            return get(bufs[x]) if n is None else (get(bufs[x]), n)
+
         def q_blocks(p: int):
-            buf = self.RU["q"][t] if p == t else self.TQ[p]
-            return [buf[i] for i in range(U)]
+            bufs = self.RU if p == t else self.TP
+            return [block("q", bufs, (t if p == t else p, i)) for i in range(U)]
 
         def kv_blocks(p: int, rr: int):
             """K/V blocks of chunk p as held by ring member rr, and the event that brings them."""
             if rr == r:
-                kb, vb, ev = (self.RU["k"][t], self.RU["v"][t], None) if p == t else (self.TK[p], self.TV[p], ("kv", p))
+                bufs, at, ev = (self.RU, (t,), None) if p == t else (self.TP, (p,), ("kv", p))
             else:
-                kb, vb, ev = self.RK[rr, p], self.RV[rr, p], ("ring", p, rr)
+                bufs, at, ev = self.RP, (rr, p), ("ring", p, rr)
             ns = [self._kv_len(p, i, rr) for i in range(U)]
-            return [(kb[i], n) for i, n in enumerate(ns)], [(vb[i], n) for i, n in enumerate(ns)], ev
+            return ([block("k", bufs, (*at, i), n) for i, n in enumerate(ns)],
+                    [block("v", bufs, (*at, i), n) for i, n in enumerate(ns)], ev)
 
         def out_blocks(p: int):
             buf = self.RO[t] if p == t else self.TO[p]
@@ -288,7 +378,7 @@ class SPAttention:
             steps = [(k, rt.chaos.wrap(a) if k == "run" else a, s) for k, a, s in steps]
         self.steps = steps
         # the SymArray views used per call
-        self._send_views = {x: self.SU[x] if U > 1 else self.RU[x] for x in "qkv"}
+        self._send_views = {n: self.SU[n] if U > 1 else self.RU[n] for n in names}
         self._src = src
 
     # -- per call ------------------------------------------------------------------------
@@ -325,6 +415,26 @@ class SPAttention:
             dst.copy_(self._by_piece(x))
         else:
             dst[...] = self._by_piece(x)
+
+    def _pack_fp8(self, q: Any, k: Any, v: Any) -> None:
+        """FP8: quantise this rank's rows (:mod:`sfattn.quant`; the fused CUDA quantisers on GPUs) and
+        copy every part's head groups into the send buffers (one strided copy per part)."""
+        import torch
+
+        from .quant import quantize_kv, quantize_q
+
+        U, T, Ht = self.plan.U, self.plan.T, self.Ht
+        qt, kt, vt = (_as_torch(x, self.rt) for x in (q, k, v))
+        fq, fkv = quantize_q(qt), quantize_kv(kt, vt)
+        for name, x, h in (("q", fq.data, 2), ("qs", fq.scale, 1), ("k", fkv.k, 2), ("ks", fkv.kscale, 1),
+                           ("mu", fkv.mu, 1), ("vt", fkv.vt.view(torch.uint8), 1), ("vs", fkv.vscale, 1)):
+            key = ("fp8", name)
+            dst = self._row_views.get(key)
+            if dst is None:  # the send buffer as [U, T, *part]: made once
+                buf = self._send_views[name]
+                dst = self._row_views[key] = buf.torch().reshape(U, T, *buf.shape[2:])
+            src = x.unflatten(h, (U, T, Ht)).movedim((h, h + 1), (0, 1))
+            dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
 
     def _unpack(self, out: Any) -> None:
         """The reverse: [U, T, B, Sl, Ht, D] (FO after the reverse Ulysses, or RO when there is
@@ -364,6 +474,8 @@ class SPAttention:
         C = rt.backend.stream_handle(None) if self.gpu else None
         if self.p2p is not None:
             self.p2p.push(q, k, v, C)
+        elif self.fp8:
+            self._pack_fp8(q, k, v)
         else:
             for x, a in (("q", q), ("k", k), ("v", v)):
                 self._pack(a, self._send_views[x])
@@ -478,7 +590,7 @@ class SPAttention:
         else:
             o = _swap12(out) if self.layout == "bhsd" else out
         try:
-            self.local.direct(q, k, v, o, self.scale, self.rt.backend.stream_handle(None))
+            self.local.direct(q, k, v, o, self.scale, self.rt.backend.stream_handle(None), fp8=self.fp8)
         except ValueError:
             self._direct = False
             return None

@@ -34,6 +34,55 @@ def _f64_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+_FP8_DTYPES = {"int8": "int8", "uint8": "e4m3", "float32": "fp32"}  # heap dtype -> kernel's
+
+
+def _strides(shape: Sequence[int]) -> tuple:
+    """Element strides of a contiguous array of ``shape``."""
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.insert(0, acc)
+        acc *= n
+    return tuple(strides)
+
+
+def is_fp8(block: Any) -> bool:
+    """Whether a block is an FP8 block of the layer: ``(parts, rows)`` with ``parts`` a dict of
+    symmetric arrays (``q``/``qs``, ``k``/``ks``/``mu`` or ``vt``/``vs``; see ``SPAttention``)."""
+    return isinstance(_rows(block)[0], dict)
+
+
+def fp8_blocks(q: Sequence[Any], k: Sequence[Any], v: Sequence[Any], cut: Callable[[Any, tuple], Any]
+               ) -> tuple[list, list]:
+    """The layer's FP8 blocks as :class:`~sfattn.quant.Fp8Q` / :class:`~sfattn.quant.Fp8KV` of
+    ``cut(symmetric array, shape)`` views (each part cut to the block's rows: data ``[B, n, Ht, D]``,
+    scales ``[B, Ht, ceil(n / 128)]``, V transposed ``[B, Ht, D, ceil(n / 32) * 32]``)."""
+    from .quant import BLOCK, Fp8KV, Fp8Q
+
+    def rows(block: Any, name: str) -> tuple[dict, int]:
+        parts, n = _rows(block)
+        return parts, parts[name].shape[1] if n is None else n
+
+    def data(a: Any, n: int) -> Any:
+        return cut(a, (a.shape[0], n, *a.shape[2:]))
+
+    def scales(a: Any, n: int) -> Any:
+        return cut(a, (*a.shape[:2], -(-n // BLOCK)))
+
+    qs = []
+    for b in q:
+        parts, n = rows(b, "q")
+        qs.append(Fp8Q(data(parts["q"], n), scales(parts["qs"], n)))
+    kvs = []
+    for kb, vb in zip(k, v):
+        kp, n = rows(kb, "k")
+        vp = _rows(vb)[0]
+        vt = vp["vt"]
+        kvs.append(Fp8KV(data(kp["k"], n), scales(kp["ks"], n), cut(kp["mu"], kp["mu"].shape),
+                         cut(vt, (*vt.shape[:3], -(-n // 32) * 32)), cut(vp["vs"], vp["vs"].shape)))
+    return qs, kvs
+
+
 class HostAttention:
     """numpy reference kernels (CPU, float64 math; bfloat16 heaps converted on the way)."""
 
@@ -54,6 +103,8 @@ class HostAttention:
 
     def prepare(self, q: Sequence[Any], k: Sequence[Any], v: Sequence[Any], state: AttnState, scale: float,
                 init: bool, finalize: bool, out: Sequence[Any] | None = None) -> Callable[[Any], None]:
+        if is_fp8(q[0]):
+            return self._prepare_fp8(q, k, v, state, scale, init, finalize, out)
         bf16 = self._bf16(q[0])
         q, k, v = ([self.view(b) for b in x] for x in (q, k, v))
         out = None if out is None else [self.view(b) for b in out]
@@ -69,6 +120,23 @@ class HostAttention:
             for b, o in zip(out or (), of or ()):
                 b[...] = _f64_to_bf16(o)
         return run_bf16
+
+    def _prepare_fp8(self, q, k, v, state, scale, init, finalize, out):
+        """FP8 blocks: the float64 emulation of the FP8 kernel (:mod:`sfattn.quant`), per launch."""
+        from .quant import attn_blocks_fp8_emulated
+
+        qs, kvs = fp8_blocks(q, k, v, lambda a, shape: a.local[tuple(slice(0, n) for n in shape)])
+        bf16 = None if out is None else self._bf16(out[0])
+        outs = None if out is None else [self.view(b) for b in out]
+
+        def run(stream: Any = None) -> None:
+            o = attn_blocks_fp8_emulated(qs, kvs, state, scale, init=init, finalize=finalize)
+            r0 = 0
+            for x, ob in zip(qs, outs if finalize else ()):
+                n = x.data.shape[1]
+                ob[...] = _f64_to_bf16(o[:, r0:r0 + n]) if bf16 else o[:, r0:r0 + n]
+                r0 += n
+        return run
 
 
 class GpuAttention:
@@ -90,30 +158,52 @@ class GpuAttention:
         a, n = _rows(block)
         if not hasattr(a, "rt"):
             return as_desc(a)
-        strides, acc = [], 1
-        for s in reversed(a.shape):
-            strides.insert(0, acc)
-            acc *= s
         shape = tuple(a.shape) if n is None else (a.shape[0], n, *a.shape[2:])
-        return TensorDesc(a.ptr, shape, tuple(strides), _KERNEL_DTYPES[a.dtype], self.device)
+        return TensorDesc(a.ptr, shape, _strides(a.shape), _KERNEL_DTYPES[a.dtype], self.device)
+
+    def _cut(self, a: Any, shape: tuple) -> Any:
+        """A kernel descriptor of the first ``shape`` elements of symmetric array ``a`` (FP8 parts)."""
+        from .kernels import TensorDesc
+
+        return TensorDesc(a.ptr, tuple(shape), _strides(a.shape), _FP8_DTYPES[a.dtype], self.device)
 
     def prepare(self, q, k, v, state, scale, init, finalize, out=None):
         from .kernels import AttnLaunch
 
-        launch = AttnLaunch([self.desc(x) for x in q], [self.desc(x) for x in k], [self.desc(x) for x in v],
-                            state, scale, out=None if out is None else [self.desc(x) for x in out],
-                            init=init, finalize=finalize)
+        if is_fp8(q[0]):
+            from .kernels.flash_fp8 import Fp8Launch
+
+            qs, kvs = fp8_blocks(q, k, v, self._cut)
+            launch = Fp8Launch(qs, kvs, state, scale, out=None if out is None else [self.desc(x) for x in out],
+                               init=init, finalize=finalize)
+        else:
+            launch = AttnLaunch([self.desc(x) for x in q], [self.desc(x) for x in k], [self.desc(x) for x in v],
+                                state, scale, out=None if out is None else [self.desc(x) for x in out],
+                                init=init, finalize=finalize)
 
         def run(stream: Any = None) -> None:
             launch(init=init, finalize=finalize, stream=stream)
         return run
 
     @staticmethod
-    def direct(q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any) -> None:
-        """Plain attention of the caller's BSHD tensors into ``out`` (one rank: no heap, no state).
-        Raises ValueError where the kernel cannot read them (head dim, alignment, strides)."""
+    def direct(q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False) -> None:
+        """Plain attention of the caller's BSHD tensors into ``out`` (one rank: no heap, no state;
+        ``fp8``: quantised first, the FP8 kernel). Raises ValueError where the kernel cannot read
+        them (head dim, alignment, strides)."""
         from .kernels import attn_blocks
 
+        if fp8:
+            import torch
+
+            from .kernels.flash_fp8 import attn_blocks_fp8
+            from .quant import quantize_kv, quantize_q
+
+            dev = q.device if isinstance(q, torch.Tensor) else torch.device("cuda", q.device.id)  # or CuPy
+            q, k, v, out = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=dev)
+                            for x in (q, k, v, out))
+            attn_blocks_fp8([quantize_q(q)], [quantize_kv(k, v)], None, scale, init=True, finalize=True,
+                            out=[out], stream=stream)
+            return
         attn_blocks([q], [k], [v], None, scale, init=True, finalize=True, out=[out], stream=stream)
 
 

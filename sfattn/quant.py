@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "V_PERM", "Fp8Q", "Fp8KV", "quantize_q", "quantize_kv", "attention_fp8_emulated"]
+from .reference import AttnState
+
+__all__ = ["BLOCK", "V_PERM", "Fp8Q", "Fp8KV", "quantize_q", "quantize_kv", "attention_fp8_emulated",
+           "attn_blocks_fp8_emulated"]
 
 BLOCK = 128          # rows / keys per scale block (the kernel's K/V tile)
 E4M3_MAX = 448.0
@@ -126,7 +129,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) 
         from .kernels.flash_fp8 import quantize_kv_cuda
         return quantize_kv_cuda(k, v)
     B, S, H, D = k.shape
-    mu = k.float().mean(dim=1)                                   # [B, H, D]
+    mu = k.float().mean(dim=1) if S else k.new_zeros((B, H, D), dtype=torch.float32)   # [B, H, D]
     kc = k.float() - mu[:, None]
     kscale = _block_scales(kc, 127.0)
     sp = -(-S // 32) * 32
@@ -134,7 +137,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) 
     perm = torch.as_tensor(V_PERM, device=v.device)
     vp = vp.view(B, sp // 32, 32, H, D)[:, :, perm]              # group g, column a <- key 32g + perm[a]
     vt = vp.permute(0, 3, 4, 1, 2).reshape(B, H, D, sp)
-    amax = vt.abs().amax(dim=(2, 3))
+    amax = vt.abs().amax(dim=(2, 3)) if sp else vt.new_zeros((B, H))
     vscale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).contiguous()
     vt8 = (vt / vscale[:, :, None, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return Fp8KV(_int8_blocks(kc, kscale), kscale, mu.contiguous(), vt8.contiguous(), vscale)
@@ -145,27 +148,44 @@ def _e4m3(x: np.ndarray) -> np.ndarray:
     return t.to(torch.float8_e4m3fn).to(torch.float64).numpy()
 
 
-def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: float | None = None
-                           ) -> np.ndarray:
-    """float64 ``[B, S_q, H, D]``: what the FP8 kernel computes for Q blocks ``qs`` (concatenated)
-    against K/V blocks ``kvs``: 128-key tiles in order, logits ``q_d . (k_d + mu)``, the running max
-    raised every tile, P rounded to e4m3 after scaling by ``448 vscale / max(vscale)``, the row
-    sum of unrounded P, P.V with the dequantised V."""
-    q = np.concatenate([x.data.cpu().double().numpy() * _rows(x.scale, x.data.shape[1]) for x in qs], axis=1)
+_E4M3_OF_BYTE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64).numpy()
+
+
+def _f64(x: Any) -> np.ndarray:
+    """float64 numpy copy of an operand: a torch tensor (any device; float8 e4m3 decoded) or a numpy
+    array (``uint8`` holds e4m3 bytes, as the host backend's heap stores them)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()
+    x = np.asarray(x)
+    return _E4M3_OF_BYTE[x] if x.dtype == np.uint8 else x.astype(np.float64)
+
+
+def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: AttnState | None,
+                             scale: float, *, init: bool = False, finalize: bool = False,
+                             out: Sequence[Any] | None = None) -> np.ndarray | None:
+    """What one FP8 kernel launch computes, in float64 (the state is float64 numpy): Q blocks ``qs``
+    (concatenated rows) against K/V blocks ``kvs`` in order, 128-key tiles, logits
+    ``q_d . (k_d + mu)``, the running max raised every tile, P rounded to e4m3 after scaling by
+    ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P, P.V with the
+    dequantised V. ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
+    (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
+    no key); returns the normalised float64 output ``[B, S_q, H, D]`` when ``finalize``."""
+    q = np.concatenate([_f64(x.data) * _rows(x.scale, x.data.shape[1]) for x in qs], axis=1)
     B, S, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     qh = q.transpose(0, 2, 1, 3)                                  # [B, H, S, D]
-    vmax = np.max([kv.vscale.cpu().double().numpy() for kv in kvs], axis=0)      # [B, H]
-    m = np.full((B, H, S), -np.inf)
-    lsum = np.zeros((B, H, S))
-    acc = np.zeros((B, H, S, D))
+    if init or state is None:
+        m, lsum, acc = np.full((B, H, S), -np.inf), np.zeros((B, H, S)), np.zeros((B, H, S, D))
+    else:
+        m, lsum = _f64(state.m), _f64(state.l)
+        acc = _f64(state.acc).transpose(0, 2, 1, 3)
+    live = [kv for kv in kvs if kv.k.shape[1] > 0]
+    vmax = np.max([_f64(kv.vscale) for kv in live], axis=0) if live else None   # [B, H]
     inv = np.argsort(V_PERM)
-    for kv in kvs:
-        n = kv.len
-        kd = (kv.k.cpu().double().numpy() * _rows(kv.kscale, n)).transpose(0, 2, 1, 3) \
-            + kv.mu.cpu().double().numpy()[:, :, None, :]
-        vs = kv.vscale.cpu().double().numpy()
-        vt = kv.vt.cpu().to(torch.float64).numpy()                # [B, H, D, Sp]
+    for kv in live:
+        n = kv.k.shape[1]
+        kd = (_f64(kv.k) * _rows(kv.kscale, n)).transpose(0, 2, 1, 3) + _f64(kv.mu)[:, :, None, :]
+        vs = _f64(kv.vscale)
+        vt = _f64(kv.vt)                                          # [B, H, D, Sp]
         sp = vt.shape[-1]
         vt = vt.reshape(B, H, D, sp // 32, 32)[..., inv].reshape(B, H, D, sp)   # keys in order
         vd = vt.transpose(0, 1, 3, 2)[:, :, :n] * vs[:, :, None, None]
@@ -174,15 +194,36 @@ def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: floa
             b = min(a + BLOCK, n)
             s = qh @ kd[:, :, a:b].transpose(0, 1, 3, 2) * scale
             m_new = np.maximum(m, s.max(axis=3))
-            alpha = np.exp(m - m_new)
+            alpha = np.where(np.isneginf(m_new), 1.0, np.exp(m - np.where(np.isneginf(m_new), 0.0, m_new)))
             p = np.exp(s - m_new[..., None])
             lsum = lsum * alpha + p.sum(axis=3)
             acc = acc * alpha[..., None] + (_e4m3(p * ps) / ps) @ vd[:, :, a:b]
             m = m_new
-    return (acc / lsum[..., None]).transpose(0, 2, 1, 3)
+    if state is not None:
+        state.acc[...] = acc.transpose(0, 2, 1, 3)
+        state.m[...] = m
+        state.l[...] = lsum
+    if not finalize:
+        return None
+    empty = lsum == 0
+    o = (acc * np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, lsum))[..., None]).transpose(0, 2, 1, 3)
+    r0 = 0
+    for x, ob in zip(qs, out or ()):
+        n = x.data.shape[1]
+        ob[...] = o[:, r0:r0 + n]
+        r0 += n
+    return o
 
 
-def _rows(scale: torch.Tensor, n: int) -> np.ndarray:
+def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: float | None = None
+                           ) -> np.ndarray:
+    """float64 ``[B, S_q, H, D]``: what the FP8 kernel computes for Q blocks ``qs`` (concatenated)
+    against K/V blocks ``kvs`` in one launch (:func:`attn_blocks_fp8_emulated`)."""
+    scale = 1.0 / math.sqrt(qs[0].data.shape[3]) if scale is None else scale
+    return attn_blocks_fp8_emulated(qs, kvs, None, scale, init=True, finalize=True)
+
+
+def _rows(scale: Any, n: int) -> np.ndarray:
     """``[B, n, H, 1]`` per-row scales from per-block ``[B, H, nblocks]``."""
-    s = scale.cpu().double().numpy().transpose(0, 2, 1)          # [B, nb, H]
+    s = _f64(scale).transpose(0, 2, 1)                            # [B, nb, H]
     return np.repeat(s, BLOCK, axis=1)[:, :n, :, None]
