@@ -8,8 +8,9 @@ heads x 64; batch 1, bf16. Each algorithm the mesh allows is timed with CUDA eve
 current stream (3 warm-up calls, median of 10), next to single-GPU torch SDPA (cuDNN) on the
 whole sequence, measured in the same run. Writes ``layer_<M>x<G>[_link<GBPS>_<US>][_rpg<K>].json``
 (``_rpgK`` when K ranks share one GPU, e.g. ``-n 4 --machines 4`` on 2 GPUs: K = 2, so such a
-result never passes for a run on real machines; ``meta.ranks_per_gpu`` says it too); then run
-``perf/report_layer.py`` for the table and the summary keys.
+result never passes for a run on real machines; ``meta.ranks_per_gpu`` says it too; ``_fp8`` with
+``--precision fp8``: the layers quantise on the owning rank and move FP8 bytes, the FP8 kernel
+computes); then run ``perf/report_layer.py`` for the table and the summary keys.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def ranks_per_gpu(world_size: int, gpus: int) -> int:
     return max(1, -(-world_size // gpus)) if gpus > 0 else 1
 
 
-def result_name(mesh: str, link: str | None, rpg: int) -> str:
-    """``layer_<mesh>[_link<GBPS>_<US>][_rpg<K>].json`` (the rpg tag only when K > 1)."""
+def result_name(mesh: str, link: str | None, rpg: int, precision: str = "bf16") -> str:
+    """``layer_<mesh>[_link<GBPS>_<US>][_rpg<K>][_fp8].json`` (the rpg tag only when K > 1)."""
     tag = f"_link{link.replace(',', '_')}" if link else ""
-    return f"layer_{mesh}{tag}" + (f"_rpg{rpg}" if rpg > 1 else "") + ".json"
+    return (f"layer_{mesh}{tag}" + (f"_rpg{rpg}" if rpg > 1 else "") + ("_fp8" if precision == "fp8" else "")
+            + ".json")
 
 
 SHAPES = {"flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128),
@@ -46,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "docs/perf"))
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--algos", default=",".join(sfattn.ALGORITHMS))
+    ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                    help="fp8: SPAttention(precision='fp8'), bf16 inputs and outputs")
     args = ap.parse_args()
     rt = oneside.init(heap_size="24GiB", timeout=300)
     me = rt.rank
@@ -76,12 +81,13 @@ def main() -> None:
             del x
         rt.barrier_all()
         rt.sync()
-        for algo in sfattn.ALGORITHMS:
+        for algo in args.algos.split(","):
             try:
                 plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
             except PlanError:
                 continue
-            layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
+            layer = sfattn.SPAttention(rt, plan, 1, "bfloat16",
+                                       precision="fp8" if args.precision == "fp8" else None)
             L = layer.shard_len()
             q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
             ms = median_ms(lambda: sfattn.attention(q, k, v, layer))
@@ -106,13 +112,14 @@ def main() -> None:
     if me == 0:
         meta = {"device": torch.cuda.get_device_name(dev), "mesh": mesh, "ranks": rt.world_size,
                 "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
-                "emulated_link": link, "emulated_put_GBps": emulated,
+                "emulated_link": link, "emulated_put_GBps": emulated, "precision": args.precision,
                 "gpus": torch.cuda.device_count(), "ranks_per_gpu": rpg, "torch": torch.__version__,
                 "command": (f"ONESIDE_EMULATE_LINK={link} " if link else "")
                 + f"python -m oneside.launch -n {rt.world_size} --machines {rt.mesh.machines} "
-                  f"--backend nvshmem perf/bench_layer.py"}
+                  f"--backend nvshmem perf/bench_layer.py --shapes {args.shapes} --algos {args.algos} "
+                  f"--precision {args.precision}"}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / result_name(mesh, link, rpg)).write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
+        (Path(args.out) / result_name(mesh, link, rpg, args.precision)).write_text(json.dumps({"meta": meta, "ms": results}, indent=1))
     oneside.finalize()
 
 

@@ -22,15 +22,19 @@ ALGOS = ["ulysses", "ring", "usp", "tas", "torus"]
 def main(paths: list[Path]) -> str:
     lines, summary, shapes = [], {}, set()
     torus_gain, torus_vs_best = [], []  # emulated-link runs: USP / Torus, min(USP, TAS) / Torus
+    torus_ms: dict = {}  # (mesh, link, rpg, precision) -> {shape: Torus ms}, for the FP8 wire key
     for path in paths:
         data = json.loads(path.read_text())
         mesh = data["meta"]["mesh"]
         link = data["meta"].get("emulated_link")
         rpg = int(data["meta"].get("ranks_per_gpu") or 1)
-        tag = mesh + (f"_link{link.replace(',', '_')}" if link else "") + (f"_rpg{rpg}" if rpg > 1 else "")
+        prec = data["meta"].get("precision", "bf16")
+        tag = mesh + (f"_link{link.replace(',', '_')}" if link else "") + (f"_rpg{rpg}" if rpg > 1 else "") \
+            + ("_fp8" if prec == "fp8" else "")
         title = f"Mesh {mesh}" + (f", emulated inter-machine link {link} (GB/s, us; a 64 MiB put measured "
                                   f"{data['meta']['emulated_put_GBps']:.1f} GB/s)" if link else "")
         title += f", {rpg} ranks per GPU (virtual machines sharing GPUs: not a real {mesh} run)" if rpg > 1 else ""
+        title += ", precision='fp8'" if prec == "fp8" else ""
         lines += [f"{title} ({data['meta']['ranks']} ranks on {data['meta']['gpus']} x {data['meta']['device']}); "
                   f"`{data['meta']['command']}`", "",
                   "| shape | " + " | ".join(ALGOS) + " | SDPA cuDNN, 1 GPU | best speed-up over 1 GPU |",
@@ -43,7 +47,9 @@ def main(paths: list[Path]) -> str:
             for a in ALGOS:
                 if a in row:
                     summary[f"layer_ms_{tag}_{shape}_{a}"] = round(row[a], 3)
-            if link and rpg == 1 and data["meta"]["mesh"] == "2x1":
+            if link and "torus" in row:
+                torus_ms.setdefault((mesh, link, rpg, prec), {})[shape] = row["torus"]
+            if link and rpg == 1 and data["meta"]["mesh"] == "2x1" and prec == "bf16":
                 torus_gain.append(row["usp"] / row["torus"])
                 torus_vs_best.append(min(row["usp"], row["tas"]) / row["torus"])
         lines.append("")
@@ -53,6 +59,16 @@ def main(paths: list[Path]) -> str:
         summary["torus_over_best_baseline_emulated_min"] = round(min(torus_vs_best), 3)
         lines.append(f"Emulated links: Torus over USP at best {max(torus_gain):.3f}x; Torus over the faster of "
                      f"USP and TAS at worst {min(torus_vs_best):.3f}x.")
+    # FP8 on the wire: Torus in bf16 over Torus in FP8 at the slowest emulated link (GB/s) measured in both
+    pairs = [(float(link.split(",")[0]), mesh, link, rpg) for (mesh, link, rpg, prec) in torus_ms if prec == "fp8"
+             and (mesh, link, rpg, "bf16") in torus_ms]
+    if pairs:
+        _, mesh, link, rpg = min(pairs)
+        bf, f8 = torus_ms[mesh, link, rpg, "bf16"], torus_ms[mesh, link, rpg, "fp8"]
+        gain = min(bf[s] / f8[s] for s in bf if s in f8)
+        summary["fp8_wire_over_bf16_emulated_slowest"] = round(gain, 3)
+        lines.append(f"FP8 on the wire (mesh {mesh}, link {link}, {rpg} ranks per GPU): Torus bf16 / fp8 at worst "
+                     f"over the shapes {gain:.3f}x.")
     update_summary(summary)
     return "\n".join(lines)
 

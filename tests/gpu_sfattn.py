@@ -5,7 +5,10 @@ sequence lengths, both head dims and layouts; bitwise identical results run to r
 unchanged over 1000 calls. Rank 0 prints one line per check; exits non-zero on failure.
 GPU_SFATTN_GRAPH=1|0 forces the layers' internal CUDA-graph replay on or off (default: the
 layer's own choice); GPU_SFATTN_ONLY="torus/torch ..." runs only these algorithm/local pairs of
-the first part (and skips the rest).
+the first part (and skips the rest), GPU_SFATTN_ONLY=fp8 only the FP8 part: every algorithm with
+``precision="fp8"`` (keys with outlier channels) within the FP8 contract's error of float64
+attention, one-launch plans (T = R = 1) equal to the emulation of the ranks' quantised shards,
+bitwise identical run to run and under the layer's CUDA graph.
 """
 from __future__ import annotations
 
@@ -25,6 +28,51 @@ def reference(q, k, v, scale):
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double())
 
 
+def fp8_checks(rt, dev, say) -> None:
+    from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q
+
+    for H, S, D, layout in [(24, 1031, 128, "bshd"), (6, 517, 64, "bhsd")]:
+        g = torch.Generator(device=dev).manual_seed(7 * S)
+        q, k, v = (torch.randn(2, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        k += 3 * torch.randn(1, 1, H, D, device=dev, dtype=torch.bfloat16, generator=g)  # outlier channels
+        for algo in sfattn.ALGORITHMS:
+            try:
+                plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
+            except PlanError:
+                continue
+            layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, precision="fp8")
+            ref = reference(q, k, v, layer.scale)
+            cuts = [0]
+            for n in layer.lens:
+                cuts.append(cuts[-1] + n)
+            lo, L = cuts[rt.rank], layer.shard_len()
+            sh = [x[:, lo:lo + L] for x in (q, k, v)]
+            if layout == "bhsd":
+                sh = [x.transpose(1, 2) for x in sh]
+            outs = [sfattn.attention(*sh, layer) for _ in range(3)]  # eager, captured, replayed
+            torch.cuda.synchronize()
+            rt.check()
+            o = outs[0].transpose(1, 2) if layout == "bhsd" else outs[0]
+            assert torch.isfinite(o).all(), (algo, "non-finite FP8 output")
+            r = ref[:, lo:lo + L]
+            err = ((o.double() - r).norm() / r.norm()).item()
+            assert err < 0.06, (algo, H, S, D, err)
+            diff = max((outs[0].float() - x.float()).abs().max().item() for x in outs[1:])
+            assert diff == 0, (algo, "FP8 layer not bitwise identical run to run", diff)
+            emu = float("nan")
+            if plan.T == 1 and plan.R == 1:  # one launch over every rank's block, in rank order
+                shards = [[x[:, a:b] for x in (q, k, v)] for a, b in zip(cuts[:-1], cuts[1:])]
+                e = attention_fp8_emulated([quantize_q(x[0]) for x in shards],
+                                           [quantize_kv(x[1], x[2]) for x in shards], layer.scale)
+                e = torch.from_numpy(e[:, lo:lo + L]).to(dev)
+                emu = ((o.double() - e).norm() / e.norm()).item()
+                assert emu < 1e-2, (algo, H, S, D, emu)
+            say(f"fp8 {algo:>7} T={plan.T} U={plan.U} R={plan.R} H={H} S={S} D={D} {layout}: rel err "
+                f"{err:.4f} vs float64, {emu:.1e} vs the emulation, run to run identical")
+            sfattn.release(layer)
+            layer.close()
+
+
 def main() -> None:
     rt = oneside.init(heap_size="6GiB", timeout=60)
     me = rt.rank
@@ -33,6 +81,12 @@ def main() -> None:
         if me == 0 else (lambda m: None)
     graph = {"1": True, "0": False}.get(os.environ.get("GPU_SFATTN_GRAPH", ""))
     only = os.environ.get("GPU_SFATTN_ONLY", "").split()
+    if only == ["fp8"]:
+        fp8_checks(rt, dev, say)
+        oneside.finalize()
+        if me == 0:
+            print("ALL SFATTN GPU CHECKS PASSED", flush=True)
+        return
     cases = [(24, 1031, 128, "bshd"), (6, 517, 64, "bhsd")]
     for H, S, D, layout in cases:
         g = torch.Generator(device=dev).manual_seed(H * S)
@@ -134,6 +188,7 @@ def main() -> None:
         say(f"p2p exchange ({plan.algorithm}): misaligned inputs and output give the aligned result")
     sfattn.release(layer)
     layer.close()
+    fp8_checks(rt, dev, say)
     # 1000 calls leave the heap as it was
     plan = sfattn.make_plan(rt.mesh, 24, 257, 64)
     layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
