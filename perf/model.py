@@ -514,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write model_calibration.json, model_predictions.json, "
                                                 "model_speedups.png here (and summary keys)")
     ap.add_argument("--markdown", action="store_true", help="print the tables of docs/model.md")
+    ap.add_argument("--check", nargs="*", metavar="LAYER_JSON", help="measured layer files: the model's error "
+                    "on them with --from-calibration's params, and refitted to them")
     ap.add_argument("--predict", metavar="ALGORITHM", help="print one prediction")
     ap.add_argument("--machines", type=int, default=2)
     ap.add_argument("--gpus", type=int, default=1)
@@ -533,6 +535,12 @@ def main(argv: list[str] | None = None) -> None:
                     "(the design) instead of the current layer's one step after all ring pulls")
     args = ap.parse_args(argv)
 
+    if args.check:
+        d = json.loads(Path(args.from_calibration or ROOT / "docs/perf/model_calibration.json").read_text())
+        p = Params(**{**d["params_fitted"], "intra": Link(**d["params_fitted"]["intra"]),
+                      "inter": Link(**d["params_fitted"]["inter"])})
+        print(json.dumps(check(load_measurements(args.check), p), indent=1))
+        return
     if args.predict:
         p = SYSTEMS[args.system]
         if args.from_calibration:
@@ -558,6 +566,17 @@ def main(argv: list[str] | None = None) -> None:
     res = run_all(args.calibrate, Path(args.out) if args.out else None)
     if args.markdown:
         print(markdown(res["calibration"], res["predictions"]))
+
+
+def check(points: list[dict], params: Params) -> dict:
+    """The model against measured points: with ``params`` as they are, and refitted to the points
+    (kernel throughputs and the fixed cost; see :func:`calibrate`)."""
+    fitted = calibrate(points, params)
+    as_is, refit = calibration_table(points, params), calibration_table(points, fitted)
+    return dict(max_rel_error=round(max(abs(r["rel_error"]) for r in as_is), 4),
+                max_rel_error_refit=round(max(abs(r["rel_error"]) for r in refit), 4),
+                refit={k: round(getattr(fitted, k), 4) for k in ("tflops_d128", "tflops_d64", "fixed_ms")},
+                table=[dict(r, refit_ms=f["model_ms"], refit_rel_error=f["rel_error"]) for r, f in zip(as_is, refit)])
 
 
 def order_summary(check: dict) -> dict:

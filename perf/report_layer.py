@@ -3,7 +3,9 @@
     python perf/report_layer.py docs/perf/layer_1x2.json docs/perf/layer_2x1.json
 
 The emulated-link keys (``torus_over_usp_emulated_best``, ``torus_over_best_baseline_emulated_min``)
-come from the 2-virtual-machine runs with one rank per GPU only; runs with several ranks per GPU
+come from the 2-virtual-machine runs with one rank per GPU only (``..._1gpu_...``: the same from 2
+virtual machines sharing one GPU, bf16; ``fp8_wire_over_bf16_emulated_slowest``: Torus bf16 / fp8
+at the slowest link run in both precisions); runs with several ranks per GPU
 (``meta.ranks_per_gpu`` > 1, e.g. 4 virtual machines on 2 GPUs) get their tables and
 ``layer_ms_*_rpgK_*`` keys, and are compared with the model by ``perf/model.py --calibrate``.
 """
@@ -22,6 +24,7 @@ ALGOS = ["ulysses", "ring", "usp", "tas", "torus"]
 def main(paths: list[Path]) -> str:
     lines, summary, shapes = [], {}, set()
     torus_gain, torus_vs_best = [], []  # emulated-link runs: USP / Torus, min(USP, TAS) / Torus
+    gain_1gpu, vs_best_1gpu = [], []  # the same from 2 virtual machines sharing one GPU (the FP8 issue's study)
     torus_ms: dict = {}  # (mesh, link, rpg, precision) -> {shape: Torus ms}, for the FP8 wire key
     for path in paths:
         data = json.loads(path.read_text())
@@ -52,6 +55,9 @@ def main(paths: list[Path]) -> str:
             if link and rpg == 1 and data["meta"]["mesh"] == "2x1" and prec == "bf16":
                 torus_gain.append(row["usp"] / row["torus"])
                 torus_vs_best.append(min(row["usp"], row["tas"]) / row["torus"])
+            if link and rpg == 2 and data["meta"]["mesh"] == "2x1" and prec == "bf16":
+                gain_1gpu.append(row["usp"] / row["torus"])
+                vs_best_1gpu.append(min(row["usp"], row["tas"]) / row["torus"])
         lines.append("")
     summary["layer_bench_shapes"] = len(shapes)
     if torus_gain:
@@ -59,6 +65,11 @@ def main(paths: list[Path]) -> str:
         summary["torus_over_best_baseline_emulated_min"] = round(min(torus_vs_best), 3)
         lines.append(f"Emulated links: Torus over USP at best {max(torus_gain):.3f}x; Torus over the faster of "
                      f"USP and TAS at worst {min(torus_vs_best):.3f}x.")
+    if gain_1gpu:
+        summary["torus_over_usp_emulated_1gpu_best"] = round(max(gain_1gpu), 3)
+        summary["torus_over_best_baseline_emulated_1gpu_min"] = round(min(vs_best_1gpu), 3)
+        lines.append(f"Emulated links, 2 virtual machines sharing one GPU, bf16: Torus over USP at best "
+                     f"{max(gain_1gpu):.3f}x; over the faster of USP and TAS at worst {min(vs_best_1gpu):.3f}x.")
     # FP8 on the wire: Torus in bf16 over Torus in FP8 at the slowest emulated link (GB/s) measured in both
     pairs = [(float(link.split(",")[0]), mesh, link, rpg) for (mesh, link, rpg, prec) in torus_ms if prec == "fp8"
              and (mesh, link, rpg, "bf16") in torus_ms]

@@ -271,3 +271,18 @@ def test_ranks_per_gpu_scales_layout_copies_exactly():
     for a in model.ALGORITHMS:  # torus has T = 4 here: its stage loop must not touch the factor
         one, two = (model.predict(a, 4, 1, "flux3072", replace(p, ranks_per_gpu=k)) for k in (1, 2))
         assert two["overhead_ms"] == pytest.approx(2 * one["overhead_ms"]), a
+
+
+def test_check_finds_its_own_predictions_exact_and_refits_a_slower_kernel():
+    truth = replace(model.H200_PAIR, overlap=True, ranks_per_gpu=2)
+    pts = []
+    for x in (40.0, 10.0):
+        p = replace(truth, inter=model.Link(x, 10.0))
+        for s in ("flux3072", "video20s"):
+            for a in ("usp", "tas", "torus"):
+                pts.append(dict(machines=2, gpus=1, shape=s, algorithm=a, inter=(x, 10.0), ranks_per_gpu=2,
+                                ms=model.predict(a, 2, 1, s, p)["total_ms"]))
+    assert model.check(pts, truth)["max_rel_error"] < 1e-9
+    slow = replace(truth, tflops_d128=truth.tflops_d128 * 1.3, tflops_d64=truth.tflops_d64 * 1.3)
+    res = model.check(pts, slow)
+    assert res["max_rel_error"] > 0.1 and res["max_rel_error_refit"] < 0.02, res
