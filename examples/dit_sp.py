@@ -26,7 +26,10 @@ ranks - diffusers' hooks split the inputs and gather the output - with the atten
   where it can run: NCCL (one rank per GPU), or gloo with equal shards (Ulysses).
 
 Rank 0 compares the first step's output and the final latents with the reference (relative max
-error; bf16/fp16 must stay under 2e-2) and prints each median step time.
+error; bf16/fp16 must stay under 2e-2) and prints each median step time. ``--precision fp8`` adds
+``sfattn-fp8`` (sfattn with FP8 attention, docs/fp8.md): its errors are reported against the
+reference and against sfattn's own final latents (``final_vs_sfattn``), and must stay under
+FP8_TOLERANCE.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from dit_models import FAMILIES, Family  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-9}
 USP_TOLERANCE_FLOAT64 = 1e-5  # yunchang accumulates attention outputs in float32
+FP8_TOLERANCE = 0.25  # sfattn-fp8, relative max error (docs/e2e.md: what it measures)
 PEERS = ("usp", "diffusers-ulysses", "diffusers-ring", "diffusers-unified")
 TINY_SIZE = {"flux": 80, "flux2": 80, "qwenimage": 80, "wan": 80, "ltx": 160}  # 5 x 5 tokens
 
@@ -130,7 +134,7 @@ def cp_config(name: str, world: int, uneven: bool) -> Any:
     """The ContextParallelConfig of a run (an "anything" mode when the shards are uneven)."""
     from diffusers import ContextParallelConfig
 
-    if name in ("sfattn", "usp", "diffusers-ulysses"):  # "anything": also heads that do not divide
+    if name in ("sfattn", "sfattn-fp8", "usp", "diffusers-ulysses"):  # "anything": also heads that do not divide
         return ContextParallelConfig(ulysses_degree=world, ulysses_anything=uneven or name != "usp")
     if name == "diffusers-ring":
         return ContextParallelConfig(ring_degree=world, ring_anything=uneven)
@@ -179,6 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed model calls before them")
     ap.add_argument("--algorithm", default=None, help="sfattn algorithm (default: the planner's choice)")
     ap.add_argument("--local", choices=("kernel", "torch", "fa3"), default="kernel", help="sfattn local attention")
+    ap.add_argument("--precision", choices=("fp8",), default=None,
+                    help="also run sfattn with precision='fp8' (sfattn-fp8): its final latents are compared with "
+                         "sfattn's in the model's dtype as well as with the 1-GPU reference")
     ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS),
                     help="baselines beside sfattn (each skipped with a note where it cannot run)")
     ap.add_argument("--usp-ulysses", type=int, default=None, help="USP's Ulysses degree (default: the largest)")
@@ -319,16 +326,18 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
         rt.barrier_all()
         rt.sync()
-        for name in ("sfattn", *a.peers):
-            why = None if name == "sfattn" else peer_problem(name, a, W, uneven, gpu, nccl)
+        fp8 = ["sfattn-fp8"] if a.precision == "fp8" else []
+        for name in ("sfattn", *fp8, *a.peers):
+            why = None if name in ("sfattn", "sfattn-fp8") else peer_problem(name, a, W, uneven, gpu, nccl)
             if why is not None:
                 res["notes"].append(f"{name} skipped: {why}")
                 continue
             model = fam.build(cfg, dtype, device)
             model.enable_parallelism(config=cp_config(name, W, uneven))
             inst = None
-            if name == "sfattn":
-                inst = sfd.enable(model, rt, algorithm=a.algorithm, local=a.local)
+            if name in ("sfattn", "sfattn-fp8"):
+                inst = sfd.enable(model, rt, algorithm=a.algorithm, local=a.local,
+                                  precision="fp8" if name == "sfattn-fp8" else None)
             elif name == "usp":
                 inst = USPAttention(model, rt, cfg["num_attention_heads"], a.usp_ulysses)
             else:
@@ -338,11 +347,15 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
             if a.compile:
                 res.setdefault("graphs", {})[name] = counters["stats"]["unique_graphs"]
             res["describe"][name] = (f"sfattn {'; '.join(inst.plans()) or 'gathered K/V (masked attention)'}"
-                                     if name == "sfattn" else
+                                     if name in ("sfattn", "sfattn-fp8") else
                                      inst.describe() if name == "usp" else
                                      f"{name} ({'cuDNN' if gpu else 'native'} SDPA)")
             if me == 0:
                 res["rel_err"][name] = {"first_step": rel_err(first, ref[1]), "final": rel_err(final, ref[0])}
+                if name == "sfattn":
+                    ours = final
+                elif name == "sfattn-fp8":
+                    res["rel_err"][name]["final_vs_sfattn"] = rel_err(final, ours)
             if inst is not None:
                 inst.close()
             del model
@@ -356,9 +369,12 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
         if name in res["ms"]:
             res[f"over_{name}"] = res["ms"][name] / res["ms"]["sfattn"]
     res["speedup"] = res["ms"]["1gpu"] / res["ms"]["sfattn"]
+    if "sfattn-fp8" in res["ms"]:
+        res["fp8_over_sfattn"] = res["ms"]["sfattn"] / res["ms"]["sfattn-fp8"]
     bad = []
     for name, errs in res["rel_err"].items():
-        tol = USP_TOLERANCE_FLOAT64 if (name != "sfattn" and dtype == torch.float64) else TOLERANCE[dtype]
+        tol = FP8_TOLERANCE if name == "sfattn-fp8" else \
+            USP_TOLERANCE_FLOAT64 if (name != "sfattn" and dtype == torch.float64) else TOLERANCE[dtype]
         if max(errs.values()) > tol:
             bad.append(f"{name}: rel err {max(errs.values()):.3g} > {tol:g}")
     res["ok"], res["failures"] = not bad, bad
@@ -379,7 +395,9 @@ def report(a: argparse.Namespace, res: dict[str, Any]) -> str:
             continue
         e = res["rel_err"][name]
         lines.append(f"  {name + ' on ' + str(res['ranks']) + ' ranks':<28} {ms:10.2f} ms/step  {t1 / ms:5.2f}x  "
-                     f"rel err first step {e['first_step']:.2e}, final {e['final']:.2e}  [{res['describe'][name]}]")
+                     f"rel err first step {e['first_step']:.2e}, final {e['final']:.2e}"
+                     + (f" (vs sfattn's {e['final_vs_sfattn']:.2e})" if "final_vs_sfattn" in e else "")
+                     + f"  [{res['describe'][name]}]")
     for name in PEERS:
         if f"over_{name}" in res:
             lines.append(f"  sfattn over {name}: {res[f'over_{name}']:.3f}x")
@@ -394,7 +412,8 @@ def report(a: argparse.Namespace, res: dict[str, Any]) -> str:
 def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
     """Summary keys from the runs that define them; says what it did. Full-width Flux 4096^2 on 2
     GPUs: e2e_flux4096_2gpu_speedup (and _over_usp); full-width Flux 1024^2, compiled, 2 ranks
-    sharing one GPU: e2e_flux1024_2ranks_1gpu_over_1rank (same compute as 1 rank: our overhead)."""
+    sharing one GPU: e2e_flux1024_2ranks_1gpu_over_1rank (same compute as 1 rank: our overhead);
+    any GPU run with --precision fp8: e2e_fp8_final_relerr_vs_bf16, e2e_fp8_over_bf16."""
     full = a.model == "flux" and not a.tiny and a.depth is None and a.heads is None
     values: dict[str, Any] = {}
     why = []
@@ -408,9 +427,16 @@ def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
     elif full and (a.height, a.width) == (1024, 1024) and res["ranks"] == 2 and res["shared_gpu"] and a.compile:
         values["e2e_flux1024_2ranks_1gpu_over_1rank"] = round(res["ms"]["sfattn"] / res["ms"]["1gpu"], 4)
         values["e2e_flux1024_compile"] = res.get("compile") or a.compile_backend
-    else:
+    elif "sfattn-fp8" not in res["ms"]:
         why.append("not full-width Flux at 4096^2 on 2 GPUs, nor compiled at 1024^2 on 2 ranks sharing a GPU")
-    if why:
+    if res["ok"] and "sfattn-fp8" in res["ms"] and res["device"] != "cpu" and not a.tiny:
+        values["e2e_fp8_final_relerr_vs_bf16"] = round(res["rel_err"]["sfattn-fp8"]["final_vs_sfattn"], 4)
+        values["e2e_fp8_over_bf16"] = round(res["fp8_over_sfattn"], 3)
+        values["e2e_fp8_setting"] = (f"{a.model} {a.height}x{a.width}, {res['ranks']} ranks"
+                                     f"{' sharing one GPU' if res['shared_gpu'] else ''}, {a.steps} steps")
+    elif "sfattn-fp8" in res["ms"] and not values:
+        why.append("the FP8 keys come from GPU runs of a full-size model")
+    if why or not values:
         return f"summary: not written ({'; '.join(why)})"
     sys.path.insert(0, str(ROOT / "perf"))
     from common import update_summary

@@ -206,9 +206,13 @@ class ContextParallelAttention:
     """
 
     def __init__(self, transformer: torch.nn.Module, rt: oneside.Runtime, algorithm: str | None = None,
-                 ulysses_degree: int | None = None, local: str = "kernel"):
+                 ulysses_degree: int | None = None, local: str = "kernel", precision: str | None = None):
         if local not in _LOCALS:
             raise ValueError(f"local={local!r}: expected one of {_LOCALS} (see sfattn.SPAttention)")
+        if precision not in (None, "fp8"):
+            raise ValueError(f"precision={precision!r}: expected None (the model's dtype) or 'fp8'")
+        if precision == "fp8" and local != "kernel":
+            raise ValueError(f"precision='fp8' needs local='kernel' (the FP8 kernel), got local={local!r}")
         pc = getattr(transformer, "_parallel_config", None)
         cp = getattr(pc, "context_parallel_config", None)
         if cp is None:
@@ -227,6 +231,7 @@ class ContextParallelAttention:
                              f"differs from oneside's rank {rt.rank}; start both over the same ranks in the "
                              f"same order")
         self.rt, self.algorithm, self.ulysses_degree, self.local = rt, algorithm, ulysses_degree, local
+        self.precision = precision
         self.transformer, self.parallel_config = transformer, pc
         self.handle = id(self)  # a plain int: what the ops carry (a constant to torch.compile)
         self._shapes, self._call = 0, 0     # run time: input shapes id, attention calls so far
@@ -279,7 +284,8 @@ class ContextParallelAttention:
         local = self.local
         if self.rt.backend.is_gpu and local != "torch" and not _kernel_fits(query, local):
             _say_once(f"head_dim {query.shape[-1]} / {query.dtype}: the fused kernel takes head dims "
-                      f"{_KERNEL_HEAD_DIMS} in bf16/fp16 (FA3: bf16); these layers use local='torch' (exact)")
+                      f"{_KERNEL_HEAD_DIMS} in bf16/fp16 (FA3: bf16); these layers use local='torch' (exact"
+                      f"{', not FP8' if self.precision else ''})")
             local = "torch"
         return torch.ops.sfattn.cp_attention(query, key, value, self._token, self.handle,
                                              0.0 if scale is None else float(scale), local)
@@ -394,7 +400,8 @@ class ContextParallelAttention:
         plan = make_plan(self.rt.mesh, H, sum(lens), D, self.algorithm, self.ulysses_degree)
 
         def build() -> SPAttention:
-            return SPAttention(self.rt, plan, B, dtype, scale=scale or None, local=local, lens=lens)
+            return SPAttention(self.rt, plan, B, dtype, scale=scale or None, local=local, lens=lens,
+                               precision=self.precision if local == "kernel" else None)
         try:
             return build()
         except oneside.HeapExhaustedError:
@@ -459,7 +466,8 @@ class ContextParallelAttention:
     def plans(self) -> list[str]:
         """One line per layer built so far: tokens, shard lengths and the plan."""
         return [f"{sum(k[0])} tokens {list(k[0])} x {k[2]}h x {k[3]}: {layer.plan.algorithm} "
-                f"T={layer.plan.T} U={layer.plan.U} R={layer.plan.R} ({k[6]})" for k, layer in self._layers.items()]
+                f"T={layer.plan.T} U={layer.plan.U} R={layer.plan.R} ({k[6]}{', fp8' if layer.fp8 else ''})"
+                for k, layer in self._layers.items()]
 
     def close(self) -> None:
         """Free the heap buffers (collective) and give attention and gathers back to diffusers."""
@@ -537,14 +545,17 @@ def _unroute() -> None:
 
 # -- the public calls ------------------------------------------------------------------------------
 def enable(transformer: torch.nn.Module, rt: oneside.Runtime, *, algorithm: str | None = None,
-           ulysses_degree: int | None = None, local: str = "kernel") -> ContextParallelAttention:
+           ulysses_degree: int | None = None, local: str = "kernel",
+           precision: str | None = None) -> ContextParallelAttention:
     """Run ``transformer``'s context-parallel attention on sfattn (after ``enable_parallelism``).
 
     ``algorithm`` / ``ulysses_degree``: force the plan (default: the planner's choice per shape);
-    ``local``: ``'kernel'`` (the fused kernel), ``'torch'`` or ``'fa3'``. Returns the instance
-    (``.plans()`` lists the layers built); undo with :func:`disable`.
+    ``local``: ``'kernel'`` (the fused kernel), ``'torch'`` or ``'fa3'``; ``precision='fp8'``:
+    the layers quantise Q/K/V to FP8 and attend with the FP8 kernel (``SPAttention``'s
+    ``precision``; layers the kernel cannot take stay exact). Returns the instance (``.plans()``
+    lists the layers built); undo with :func:`disable`.
     """
-    return ContextParallelAttention(transformer, rt, algorithm, ulysses_degree, local)
+    return ContextParallelAttention(transformer, rt, algorithm, ulysses_degree, local, precision)
 
 
 def disable(transformer: torch.nn.Module) -> None:
