@@ -7,11 +7,13 @@
 #   study   perf/bench_layer.py on 2 emulated machines (--machines 2, one rank each) at the links of
 #           $FP8L_LINKS (GB/s,us; default "40,10 20,10 10,10"), bf16 and fp8, shapes $FP8L_SHAPES
 #           (default flux3072), algorithms usp, tas, torus; then perf/report_layer.py
+#   e2e     examples/dit_sp.py --precision fp8, 2 ranks sharing the GPU: Flux 2048^2 and Wan (33
+#           frames of 480x832), sfattn in bf16 and in FP8 against the 1-rank reference
 # FP8L_STEPS picks steps (default all). Results: $OUT/*.json, $OUT/report.md, logs.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 STEP_SHOW='PASSED|passed|ok:|Error|error|ms  \('
 source scripts/gpu_common.sh
-want() { [[ " ${FP8L_STEPS:-tests layers study} " == *" $1 "* ]]; }
+want() { [[ " ${FP8L_STEPS:-tests layers study e2e} " == *" $1 "* ]]; }
 python3 - <<'PY' || exit 1
 from concurrent.futures import ThreadPoolExecutor
 from sfattn.kernels import _build
@@ -46,6 +48,15 @@ import json
 a, b = json.load(open("/tmp/summary_before.json")), json.load(open("docs/perf/summary.json"))
 print(json.dumps({k: v for k, v in b.items() if a.get(k) != v}, indent=1))
 PY
+fi
+if want e2e; then
+  cp docs/perf/summary.json "$OUT/summary_e2e.json"
+  step e2e_flux2048 400 python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py --model flux --size 2048 \
+    --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} --json "$OUT/e2e_fp8_flux2048.json" \
+    --summary "$OUT/summary_e2e.json"
+  step e2e_wan 400 python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py --model wan \
+    --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} --json "$OUT/e2e_fp8_wan.json"
+  grep -h -A6 "^flux\|^wan" "$OUT"/e2e_*.log | grep -v "^WARN" | cut -c1-260
 fi
 echo quit | nvidia-cuda-mps-control 2>/dev/null || true
 grep -h "ok: fp8" "$OUT"/fp8_layers_*.log 2>/dev/null | cut -c1-150
