@@ -417,14 +417,26 @@ class SPAttention:
             dst[...] = self._by_piece(x)
 
     def _pack_fp8(self, q: Any, k: Any, v: Any) -> None:
-        """FP8: quantise this rank's rows (:mod:`sfattn.quant`; the fused CUDA quantisers on GPUs) and
-        copy every part's head groups into the send buffers (one strided copy per part)."""
+        """FP8: quantise this rank's rows (:mod:`sfattn.quant`) into the send buffers: on GPUs the CUDA
+        quantisers write each destination's head group in place; else torch operations, then one
+        strided copy per part."""
         import torch
 
         from .quant import quantize_kv, quantize_q
 
         U, T, Ht = self.plan.U, self.plan.T, self.Ht
         qt, kt, vt = (_as_torch(x, self.rt) for x in (q, k, v))
+        if self.gpu:
+            from .kernels.flash_fp8 import cuda_quantizable, quantize_grouped
+
+            if cuda_quantizable(qt, kt, vt):  # straight into the send buffers, one head group per destination
+                groups = self._row_views.get("fp8 groups")
+                if groups is None:
+                    groups = self._row_views["fp8 groups"] = {
+                        n: self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:])
+                        for x in "qkv" for n in self.parts[x]}
+                quantize_grouped(qt, kt, vt, groups)
+                return
         fq, fkv = quantize_q(qt), quantize_kv(kt, vt)
         for name, x, h in (("q", fq.data, 2), ("qs", fq.scale, 1), ("k", fkv.k, 2), ("ks", fkv.kscale, 1),
                            ("mu", fkv.mu, 1), ("vt", fkv.vt.view(torch.uint8), 1), ("vs", fkv.vscale, 1)):

@@ -143,6 +143,40 @@ def test_fused_quantisers_match_the_torch_ones(D, S):
     assert fkv.vt.shape == tkv.vt.shape and fkv.vt.dtype == torch.float8_e4m3fn
 
 
+@pytest.mark.parametrize("G", [1, 3])
+def test_grouped_quantisation_equals_the_plain_one(G):
+    """quantize_grouped (a layer's send buffers: heads in G groups, padded rows/keys) writes exactly
+    what quantize_q / quantize_kv give for each group's heads, and nothing past them."""
+    from sfattn.kernels.flash_fp8 import quantize_grouped
+
+    g = _g(11 * G)
+    B, S, H, D, Sl = 2, 300, 6, 128, 320
+    q, k, v = (_rand((B, S, H, D), g).to(torch.bfloat16) for _ in range(3))
+    k = k + 2.0
+    Ht, nbl, slp = H // G, -(-Sl // 128), -(-Sl // 32) * 32
+    mk = lambda shape, dt: torch.full(shape, 7, dtype=dt, device="cuda")  # noqa: E731  poison
+    parts = {"q": mk((G, B, Sl, Ht, D), torch.int8), "k": mk((G, B, Sl, Ht, D), torch.int8),
+             "qs": mk((G, B, Ht, nbl), torch.float32), "ks": mk((G, B, Ht, nbl), torch.float32),
+             "mu": mk((G, B, Ht, D), torch.float32), "vt": mk((G, B, Ht, D, slp), torch.uint8),
+             "vs": mk((G, B, Ht), torch.float32)}
+    quantize_grouped(q, k, v, parts)
+    fq, fkv = quantize_q(q), quantize_kv(k, v)
+    nb, sp = -(-S // 128), -(-S // 32) * 32
+    for i in range(G):
+        hs = slice(i * Ht, (i + 1) * Ht)
+        assert torch.equal(parts["q"][i, :, :S], fq.data[:, :, hs])
+        assert torch.equal(parts["qs"][i, :, :, :nb], fq.scale[:, hs])
+        assert torch.equal(parts["k"][i, :, :S], fkv.k[:, :, hs])
+        assert torch.equal(parts["ks"][i, :, :, :nb], fkv.kscale[:, hs])
+        assert torch.equal(parts["mu"][i], fkv.mu[:, hs])
+        assert torch.equal(parts["vt"][i, ..., :sp], fkv.vt.view(torch.uint8)[:, hs])
+        assert torch.equal(parts["vs"][i], fkv.vscale[:, hs])
+    assert (parts["q"][:, :, S:] == 7).all() and (parts["qs"][..., nb:] == 7).all()
+    assert (parts["vt"][..., sp:] == 7).all()
+    with pytest.raises(ValueError, match=r"parts\['vt'\]"):
+        quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
+
+
 def test_fp8_bad_inputs_raise_clear_errors():
     g = _g(3)
     q = _rand((1, 256, 2, 128), g)

@@ -20,7 +20,7 @@ from . import _build, _tma
 from ._desc import TensorDesc, as_desc
 from .flash import HEAD_DIMS, AttnLaunch, _check_io, _cupy, _state_descs, get_kernel
 
-__all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda"]
+__all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda", "quantize_grouped"]
 
 _SIDE0 = _build.TABLE_SLOTS + _build.MAPS_SLOTS
 
@@ -208,45 +208,110 @@ def _run(name: str, x: Any, grid: tuple, block: int, *args: Any) -> None:
     _cupy().cuda.driver.launchKernel(fn, *grid, block, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
 
+_QTHREADS = 256  # quant.cu's QTHREADS
+
+
 def _ptr(t: Any) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def _i8_blocks(x: Any, musum: Any, splits: int, mu: Any) -> tuple[Any, Any]:
+def _i64(*xs: int) -> list:
+    return [ctypes.c_int64(int(x)) for x in xs]
+
+
+def _group_strides(t: Any, head_axis: int) -> list:
+    """(batch stride, [row stride,] head stride, group stride) of a grouped output ``[G, B, ...]``
+    (elements) whose head axis is ``head_axis``."""
+    st = t.stride()
+    return _i64(st[1], *st[2:head_axis], st[head_axis], st[0])
+
+
+def _check_parts(parts: dict, shapes: dict) -> None:
+    for name, shape in shapes.items():
+        t = parts[name]
+        if t.dim() != len(shape) or t.shape[:2] != shape[:2] or any(a < b for a, b in zip(t.shape, shape)) \
+                or (t.shape[-1] > 1 and t.stride(-1) != 1):
+            raise ValueError(f"parts[{name!r}]: expected at least {shape} with a contiguous last dim, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+
+
+def _q_into(q: Any, data: Any, scale: Any, ght: int) -> None:
+    """Q to int8 ``data`` ``[G, B, >= S, Ht, D]`` and its scales ``scale`` ``[G, B, Ht, >= nb]``."""
+    B, S, H, D = q.shape
+    if S:
+        _run("sf_quant_i8", q, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(None), ctypes.c_int(0), _ptr(None),
+             *_i64(0, 0, 0), _ptr(data), *_group_strides(data, 3), _ptr(scale), *_group_strides(scale, 2),
+             ctypes.c_int(ght))
+
+
+def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
+    """K - mu to int8 (``parts['k']``, ``['ks']``, ``['mu']``) and V to transposed e4m3 (``['vt']``,
+    ``['vs']``), grouped as in :func:`quantize_grouped`."""
     import torch
-    B, S, H, D = x.shape
-    nb = -(-S // BLOCK)
-    out = torch.empty((B, S, H, D), dtype=torch.int8, device=x.device)
-    scale = torch.empty((B, H, nb), dtype=torch.float32, device=x.device)
-    if nb:
-        _run("sf_quant_i8", x, (nb, H, B), BLOCK, _ptr(musum), ctypes.c_int(splits), _ptr(mu), _ptr(out),
-             *(ctypes.c_int64(v) for v in out.stride()[:3]), _ptr(scale),
-             ctypes.c_int64(scale.stride(0)), ctypes.c_int64(scale.stride(1)))
-    return out, scale
+
+    B, S, H, D = k.shape
+    if not S:
+        return
+    splits = max(1, -(-S // _SPLIT_ROWS))
+    part = torch.empty((splits, B, H, D), dtype=torch.float32, device=k.device)
+    _run("sf_colsum", k, (splits, H, B), D, _ptr(part), ctypes.c_int(_SPLIT_ROWS))
+    mu = parts["mu"]
+    _run("sf_quant_i8", k, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(part), ctypes.c_int(splits), _ptr(mu),
+         *_i64(mu.stride(1), mu.stride(2), mu.stride(0)), _ptr(parts["k"]), *_group_strides(parts["k"], 3),
+         _ptr(parts["ks"]), *_group_strides(parts["ks"], 2), ctypes.c_int(ght))
+    vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
+    _run("sf_absmax_v", v, (splits, H, B), _QTHREADS, _ptr(vpart), ctypes.c_int(_SPLIT_ROWS))
+    vt, vs = parts["vt"], parts["vs"]
+    _run("sf_quant_vt", v, (-(-S // 32), H, B), D, _ptr(vpart), ctypes.c_int(splits), _ptr(vt),
+         *_i64(vt.stride(1), vt.stride(2), vt.stride(3), vt.stride(0)), _ptr(vs),
+         *_i64(vs.stride(1), vs.stride(2), vs.stride(0)), ctypes.c_int(ght))
+
+
+def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
+    """Quantise ``q``, ``k``, ``v`` ``[B, S, H, D]`` (CUDA bf16/fp16, head dim contiguous) into
+    caller-owned buffers whose heads are split into G groups of Ht (``H = G * Ht``; group ``h // Ht``
+    gets head ``h % Ht``) - a sequence-parallel layer's send buffers, one group per destination:
+    ``parts['q']``, ``['k']`` int8 ``[G, B, >= S, Ht, D]``; ``['qs']``, ``['ks']`` fp32 ``[G, B, Ht,
+    >= ceil(S / 128)]``; ``['mu']`` fp32 ``[G, B, Ht, D]``; ``['vt']`` uint8 (e4m3 bytes) ``[G, B, Ht, D,
+    >= ceil(S / 32) * 32]``; ``['vs']`` fp32 ``[G, B, Ht]``; last dims contiguous. Values as
+    :func:`sfattn.quant.quantize_q` / ``quantize_kv``; entries past S are left as they are."""
+    if not cuda_quantizable(q, k, v) or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError("q, k, v: expected CUDA bf16/fp16 [B, S, H, D] tensors of one shape with a contiguous "
+                         "head dim (a multiple of 4, <= 256)")
+    B, S, H, D = q.shape
+    G = parts["q"].shape[0]
+    if G < 1 or H % G:
+        raise ValueError(f"parts: {G} head groups do not split {H} heads")
+    ght = H // G
+    nb, sp = -(-S // BLOCK), -(-S // 32) * 32
+    _check_parts(parts, {"q": (G, B, S, ght, D), "k": (G, B, S, ght, D), "qs": (G, B, ght, nb),
+                         "ks": (G, B, ght, nb), "mu": (G, B, ght, D), "vt": (G, B, ght, D, sp), "vs": (G, B, ght)})
+    _q_into(q, parts["q"], parts["qs"], ght)
+    _kv_into(k, v, parts, ght)
 
 
 def quantize_q_cuda(q: Any) -> Fp8Q:
     """:func:`sfattn.quant.quantize_q` for CUDA bf16/fp16 tensors: one kernel."""
-    return Fp8Q(*_i8_blocks(q, None, 0, None))
+    import torch
+
+    B, S, H, D = q.shape
+    data = torch.empty((B, S, H, D), dtype=torch.int8, device=q.device)
+    scale = torch.empty((B, H, -(-S // BLOCK)), dtype=torch.float32, device=q.device)
+    _q_into(q, data[None], scale[None], H)
+    return Fp8Q(data, scale)
 
 
 def quantize_kv_cuda(k: Any, v: Any) -> Fp8KV:
     """:func:`sfattn.quant.quantize_kv` for CUDA bf16/fp16 tensors: four kernels (partial sums of
     K, partial maxima of V, K - mu to int8, V to transposed e4m3)."""
     import torch
+
     B, S, H, D = k.shape
-    splits = max(1, -(-S // _SPLIT_ROWS))
-    part = torch.empty((splits, B, H, D), dtype=torch.float32, device=k.device)
-    mu = torch.empty((B, H, D), dtype=torch.float32, device=k.device)
-    _run("sf_colsum", k, (splits, H, B), D, _ptr(part), ctypes.c_int(_SPLIT_ROWS))
-    k8, kscale = _i8_blocks(k, part, splits, mu)
-    vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
-    _run("sf_absmax_v", v, (splits, H, B), 128, _ptr(vpart), ctypes.c_int(_SPLIT_ROWS))
-    sp = -(-S // 32) * 32
-    vt = torch.empty((B, H, D, sp), dtype=torch.uint8, device=k.device)
-    vscale = torch.empty((B, H), dtype=torch.float32, device=k.device)
-    if sp:
-        _run("sf_quant_vt", v, (sp // 32, H, B), D, _ptr(vpart), ctypes.c_int(splits), _ptr(vt),
-             *(ctypes.c_int64(x) for x in vt.stride()[:3]), _ptr(vscale),
-             ctypes.c_int64(vscale.stride(0)), ctypes.c_int64(vscale.stride(1)))
+    dev = k.device
+    k8 = torch.empty((B, S, H, D), dtype=torch.int8, device=dev)
+    kscale = torch.empty((B, H, -(-S // BLOCK)), dtype=torch.float32, device=dev)
+    mu = torch.zeros((B, H, D), dtype=torch.float32, device=dev)
+    vt = torch.empty((B, H, D, -(-S // 32) * 32), dtype=torch.uint8, device=dev)
+    vscale = torch.ones((B, H), dtype=torch.float32, device=dev)
+    _kv_into(k, v, {"k": k8[None], "ks": kscale[None], "mu": mu[None], "vt": vt[None], "vs": vscale[None]}, H)
     return Fp8KV(k8, kscale, mu, vt.view(torch.float8_e4m3fn), vscale)

@@ -6,7 +6,12 @@
 //                 partial sums (summed in a fixed order: deterministic)
 //   sf_quant_vt   V to e4m3, transposed to [B, H, D, Sp], keys permuted per 32 (V_PERM), with one
 //                 scale per (batch, head) from the partial maxima
-// Strides are in elements; the head dim is contiguous.
+// Strides are in elements; the head dim is contiguous. Outputs are addressed per head group: head
+// h is head h % ght of group h / ght, whose slab starts gs elements after the previous group's
+// (gs = 0, ght = H: a plain [B, S, H, D] output). A sequence-parallel layer thereby writes each
+// destination's head group straight into its send buffer.
+// Rows are read by warps, 4 channels per lane (coalesced); a block's rows are read twice (maximum,
+// then quantisation), the second time from L1.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -16,14 +21,29 @@
 #define QT __nv_bfloat16
 #endif
 #define QBLK 128
+#define QTHREADS 256
 
 struct QIn {  // one [B, S, H, D] input
   long long ptr, sb, ss, sh;
   long long B, S, H, D;
 };
 
-__device__ __forceinline__ float qload(const QIn& x, long long b, long long s, long long h, int d) {
-  return (float)reinterpret_cast<const QT*>(x.ptr)[b * x.sb + s * x.ss + h * x.sh + d];
+__device__ __forceinline__ float4 qload4(const QIn& x, long long b, long long s, long long h, int d) {
+  const QT* p = reinterpret_cast<const QT*>(x.ptr) + b * x.sb + s * x.ss + h * x.sh + d;
+  return make_float4((float)p[0], (float)p[1], (float)p[2], (float)p[3]);
+}
+
+__device__ __forceinline__ long long hoff(long long h, long long sh, long long gs, int ght) {
+  return (h / ght) * gs + (h % ght) * sh;
+}
+
+__device__ __forceinline__ float block_max(float m, float* red) {  // all threads get the maximum
+  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = red[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
+  return m;
 }
 
 // part[split, b, h, d] = sum of x over rows [split * rows, (split + 1) * rows); grid (splits, H, B),
@@ -31,89 +51,98 @@ __device__ __forceinline__ float qload(const QIn& x, long long b, long long s, l
 extern "C" __global__ void sf_colsum(const QIn x, float* part, int rows) {
   const int d = threadIdx.x, h = blockIdx.y, b = blockIdx.z, sp = blockIdx.x;
   const long long s0 = (long long)sp * rows, s1 = min(s0 + rows, x.S);
+  const QT* p = reinterpret_cast<const QT*>(x.ptr) + b * x.sb + h * x.sh + d;
   float acc = 0.f;
-  for (long long s = s0; s < s1; ++s) acc += qload(x, b, s, h, d);
+#pragma unroll 8
+  for (long long s = s0; s < s1; ++s) acc += (float)p[s * x.ss];
   part[((sp * x.B + b) * x.H + h) * x.D + d] = acc;
 }
 
-// part[split, b, h] = max |x| over rows of the slice and all channels; grid (splits, H, B), 128 threads
+// part[split, b, h] = max |x| over rows of the slice and all channels; grid (splits, H, B),
+// QTHREADS threads
 extern "C" __global__ void sf_absmax_v(const QIn x, float* part, int rows) {
-  __shared__ float red[4];
-  const int h = blockIdx.y, b = blockIdx.z, sp = blockIdx.x;
+  __shared__ float red[QTHREADS / 32];
+  const int h = blockIdx.y, b = blockIdx.z, sp = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const long long s0 = (long long)sp * rows, s1 = min(s0 + rows, x.S);
   float m = 0.f;
-  for (long long i = threadIdx.x; i < (s1 - s0) * x.D; i += blockDim.x)
-    m = fmaxf(m, fabsf(qload(x, b, s0 + i / x.D, h, (int)(i % x.D))));
-  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
-    part[(sp * x.B + b) * x.H + h] = m;
-  }
+  for (long long s = s0 + w; s < s1; s += QTHREADS / 32)
+    for (int d = 4 * lane; d < (int)x.D; d += 128) {
+      const float4 v = qload4(x, b, s, h, d);
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+  m = block_max(m, red);
+  if (threadIdx.x == 0) part[(sp * x.B + b) * x.H + h] = m;
+}
+
+__device__ __forceinline__ int8_t q8(float v, float sc) {
+  return (int8_t)max(-127, min(127, __float2int_rn(__fdiv_rn(v, sc))));
 }
 
 // int8 of x (minus mu when musum != 0: mu = sum over splits of musum / S, written to mu_out) with
-// one scale per 128-row block; grid (nblocks, H, B), blockDim 128 (one row per thread).
+// one scale per 128-row block; grid (nblocks, H, B), QTHREADS threads.
 extern "C" __global__ void sf_quant_i8(const QIn x, const float* musum, int splits, float* mu_out,
-                                       int8_t* out, long long osb, long long oss, long long osh,
-                                       float* scale, long long csb, long long csh) {
+                                       long long msb, long long msh, long long mgs,
+                                       int8_t* out, long long osb, long long oss, long long osh, long long ogs,
+                                       float* scale, long long csb, long long csh, long long cgs, int ght) {
   __shared__ float mu[256];
-  __shared__ float red[4];
+  __shared__ float red[QTHREADS / 32];
   const int h = blockIdx.y, b = blockIdx.z, blk = blockIdx.x, D = (int)x.D;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float m = 0.f;
     if (musum) {
       for (int sp = 0; sp < splits; ++sp) m += musum[((sp * x.B + b) * x.H + h) * x.D + d];
       m /= (float)x.S;
-      if (blk == 0) mu_out[(b * x.H + h) * x.D + d] = m;
+      if (blk == 0) mu_out[b * msb + hoff(h, msh, mgs, ght) + d] = m;
     }
     mu[d] = m;
   }
   __syncthreads();
-  const long long s = (long long)blk * QBLK + threadIdx.x;
-  const bool ok = s < x.S;
+  const long long s0 = (long long)blk * QBLK, s1 = min(s0 + QBLK, x.S);
   float amax = 0.f;
-  if (ok)
-    for (int d = 0; d < D; ++d) amax = fmaxf(amax, fabsf(qload(x, b, s, h, d) - mu[d]));
-  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
-  __syncthreads();
-  amax = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+  for (long long s = s0 + w; s < s1; s += QTHREADS / 32)
+    for (int d = 4 * lane; d < D; d += 128) {
+      const float4 v = qload4(x, b, s, h, d);
+      amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x - mu[d]), fabsf(v.y - mu[d + 1])),
+                               fmaxf(fabsf(v.z - mu[d + 2]), fabsf(v.w - mu[d + 3]))));
+    }
+  amax = block_max(amax, red);
   const float sc = amax > 0.f ? amax / 127.f : 1.f;
-  if (threadIdx.x == 0) scale[b * csb + h * csh + blk] = sc;
-  if (!ok) return;
-  int8_t* o = out + b * osb + s * oss + h * osh;
-  for (int d = 0; d < D; d += 4) {
-    char4 c;
-    c.x = (int8_t)max(-127, min(127, __float2int_rn(__fdiv_rn(qload(x, b, s, h, d) - mu[d], sc))));
-    c.y = (int8_t)max(-127, min(127, __float2int_rn(__fdiv_rn(qload(x, b, s, h, d + 1) - mu[d + 1], sc))));
-    c.z = (int8_t)max(-127, min(127, __float2int_rn(__fdiv_rn(qload(x, b, s, h, d + 2) - mu[d + 2], sc))));
-    c.w = (int8_t)max(-127, min(127, __float2int_rn(__fdiv_rn(qload(x, b, s, h, d + 3) - mu[d + 3], sc))));
-    *reinterpret_cast<char4*>(o + d) = c;
-  }
+  if (threadIdx.x == 0) scale[b * csb + hoff(h, csh, cgs, ght) + blk] = sc;
+  int8_t* o = out + b * osb + hoff(h, osh, ogs, ght);
+  for (long long s = s0 + w; s < s1; s += QTHREADS / 32)
+    for (int d = 4 * lane; d < D; d += 128) {
+      const float4 v = qload4(x, b, s, h, d);
+      char4 c;
+      c.x = q8(v.x - mu[d], sc);
+      c.y = q8(v.y - mu[d + 1], sc);
+      c.z = q8(v.z - mu[d + 2], sc);
+      c.w = q8(v.w - mu[d + 3], sc);
+      *reinterpret_cast<char4*>(o + s * oss + d) = c;
+    }
 }
 
 // V to e4m3 [B, H, D, Sp]: block (group g of 32 keys, head, batch), thread d writes the 32 bytes
 // vt[b, h, d, 32g .. 32g + 31] where column a holds key 32g + V_PERM[a] (zero past the end).
 extern "C" __global__ void sf_quant_vt(const QIn x, const float* part, int splits, uint8_t* vt,
-                                       long long tsb, long long tsh, long long tsd, float* vscale,
-                                       long long vsb, long long vsh) {
+                                       long long tsb, long long tsh, long long tsd, long long tgs,
+                                       float* vscale, long long vsb, long long vsh, long long vgs, int ght) {
   const int h = blockIdx.y, b = blockIdx.z, g = blockIdx.x, d = threadIdx.x;
   float m = 0.f;
   for (int sp = 0; sp < splits; ++sp) m = fmaxf(m, part[(sp * x.B + b) * x.H + h]);
   const float sc = m > 0.f ? m / 448.f : 1.f;
-  if (g == 0 && d == 0) vscale[b * vsb + h * vsh] = sc;
+  if (g == 0 && d == 0) vscale[b * vsb + hoff(h, vsh, vgs, ght)] = sc;
+  const QT* p = reinterpret_cast<const QT*>(x.ptr) + b * x.sb + h * x.sh + d;
   uint32_t w[8];
 #pragma unroll
   for (int a = 0; a < 32; ++a) {
     const int key = 32 * g + (a & 16) + 2 * ((a >> 2) & 3) + (a & 1) + 8 * ((a >> 1) & 1);
-    const float v = key < x.S ? __fdiv_rn(qload(x, b, key, h, d), sc) : 0.f;
+    const float v = key < x.S ? __fdiv_rn((float)p[key * x.ss], sc) : 0.f;
     const uint32_t byte = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     if ((a & 3) == 0) w[a >> 2] = 0;
     w[a >> 2] |= byte << (8 * (a & 3));
   }
-  uint4* o = reinterpret_cast<uint4*>(vt + b * tsb + h * tsh + d * tsd + 32 * g);
+  uint4* o = reinterpret_cast<uint4*>(vt + b * tsb + hoff(h, tsh, tgs, ght) + d * tsd + 32 * g);
   o[0] = make_uint4(w[0], w[1], w[2], w[3]);
   o[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
