@@ -49,10 +49,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "docs/perf"))
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--algos", default=",".join(sfattn.ALGORITHMS))
+    ap.add_argument("--heap", default="24GiB", help="symmetric heap per rank")
     ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                     help="fp8: SPAttention(precision='fp8'), bf16 inputs and outputs")
     args = ap.parse_args()
-    rt = oneside.init(heap_size="24GiB", timeout=300)
+    rt = oneside.init(heap_size=args.heap, timeout=300)
     me = rt.rank
     dev = torch.device("cuda", rt.backend.device)
     mesh = f"{rt.mesh.machines}x{rt.mesh.gpus_per_machine}"
