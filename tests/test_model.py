@@ -286,3 +286,15 @@ def test_check_finds_its_own_predictions_exact_and_refits_a_slower_kernel():
     slow = replace(truth, tflops_d128=truth.tflops_d128 * 1.3, tflops_d64=truth.tflops_d64 * 1.3)
     res = model.check(pts, slow)
     assert res["max_rel_error"] > 0.1 and res["max_rel_error_refit"] < 0.02, res
+
+
+def test_fp8_moves_half_the_qkv_bytes_and_never_slows_a_plan():
+    base = replace(model.H200_PAIR, inter=model.Link(10.0, 10.0))
+    fp8 = replace(base, qkv_itemsize=1.0)
+    for a in ("usp", "tas", "torus"):
+        b, f = (model.predict(a, 2, 1, "flux3072", p) for p in (base, fp8))
+        assert f["total_ms"] <= b["total_ms"] + 1e-9, a
+        # Ulysses and Torus move Q, K, V (1 byte) and O (2): 5/8 of the bytes; a ring only K and V: 1/2
+        want = 0.5 if b["U"] == b["T"] == 1 else 5 / 8
+        assert math.isclose(f["inter_bytes"] + f["intra_bytes"], want * (b["inter_bytes"] + b["intra_bytes"]),
+                            rel_tol=1e-9), (a, f, b)
