@@ -264,8 +264,12 @@ class SPAttention:
         if p2p:
             raise ValueError("precision='fp8' uses the put exchange: p2p=True is not supported with it")
         if self.rt.backend.is_gpu:
-            from .kernels.flash import HEAD_DIMS
+            from .kernels.flash import HEAD_DIMS, _device_cc
 
+            cc = _device_cc(self.rt.backend.device)
+            if cc // 10 != 9:
+                raise ValueError(f"precision='fp8': the FP8 kernel runs on Hopper GPUs (sm_90), this one is "
+                                 f"sm_{cc}")
             if self.dtype not in ("bfloat16", "float16"):
                 raise ValueError(f"precision='fp8': the FP8 kernel writes bfloat16 or float16 outputs, the "
                                  f"layer's dtype is {self.dtype!r}")
