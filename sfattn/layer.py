@@ -72,8 +72,9 @@ class SPAttention:
     per call, before the exchange (:mod:`sfattn.quant`: Q and smoothed K as int8 with a scale per
     128-row block, V as e4m3 transposed), every transfer moves those bytes and their scales, and
     the FP8 kernel computes (the float64 emulation of that kernel on the host backend); the
-    output keeps ``dtype``. Needs ``local='kernel'``; uses the put exchange (not ``p2p``); on GPUs
-    bf16/fp16 layers, head dim 64 or 128, Hopper. docs/fp8.md gives its accuracy.
+    output keeps ``dtype``. With ``p2p`` the quantisers write straight into the members' receive
+    buffers. Needs ``local='kernel'``; on GPUs bf16/fp16 layers, head dim 64 or 128, Hopper.
+    docs/fp8.md gives its accuracy.
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
@@ -113,7 +114,7 @@ class SPAttention:
         # writes the output (no heap round trip); off after the first call the kernel refuses
         self._direct = rt.world_size == 1 and rt.backend.is_gpu
         if self.fp8:
-            self._check_fp8(local, p2p)
+            self._check_fp8(local)
         # GPUs: the exchange + compute part of a call (every transfer, barrier, wait and kernel
         # between pack and unpack: ~20 launches) is captured once, on the second call, and
         # replayed as one graph launch (not while the caller captures a graph itself)
@@ -149,7 +150,7 @@ class SPAttention:
                              f"backend), 'torch' (torch SDPA with log-sum-exp, merged) or 'fa3' "
                              f"(FlashAttention-3 with log-sum-exp, merged; Hopper, bf16)")
         # every rank takes the same exchange: p2p only where it is possible on every rank
-        able = bool(rt.exchange("SPAttention.p2p", [int(UlyssesP2P.possible(self))])[:, 0].all()) and not self.fp8
+        able = bool(rt.exchange("SPAttention.p2p", [int(UlyssesP2P.possible(self))])[:, 0].all())
         if p2p and not able:
             raise ValueError("p2p=True: some rank's Ulysses team is not on its machine or not mapped "
                              "into it (or the head dim's rows are not 16-byte multiples)")
@@ -258,11 +259,9 @@ class SPAttention:
                 "k": [("k", piece, "int8"), ("ks", (B, Ht, nb), "float32"), ("mu", (B, Ht, D), "float32")],
                 "v": [("vt", (B, Ht, D, -(-Sl // 32) * 32), "uint8"), ("vs", (B, Ht), "float32")]}
 
-    def _check_fp8(self, local: str, p2p: bool | None) -> None:
+    def _check_fp8(self, local: str) -> None:
         if local != "kernel":
             raise ValueError(f"precision='fp8' needs local='kernel' (the FP8 kernel), got local={local!r}")
-        if p2p:
-            raise ValueError("precision='fp8' uses the put exchange: p2p=True is not supported with it")
         if self.rt.backend.is_gpu:
             from .kernels.flash import HEAD_DIMS, _device_cc
 
@@ -424,33 +423,44 @@ class SPAttention:
         """FP8: quantise this rank's rows (:mod:`sfattn.quant`) into the send buffers: on GPUs the CUDA
         quantisers write each destination's head group in place; else torch operations, then one
         strided copy per part."""
+        U, T = self.plan.U, self.plan.T
+        if self.gpu:
+            from .kernels.flash_fp8 import quantize_grouped
+
+            groups = self._row_views.get("fp8 groups")
+            if groups is None:  # one head group per destination
+                groups = self._row_views["fp8 groups"] = {
+                    n: self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:])
+                    for x in "qkv" for n in self.parts[x]}
+            quantize_grouped(*self._quantizable(q, k, v), groups)
+            return
+        for name, src in self._fp8_pieces(q, k, v):
+            key = ("fp8", name)
+            dst = self._row_views.get(key)
+            if dst is None:  # the send buffer as [U, T, *part]: made once
+                buf = self._send_views[name]
+                dst = self._row_views[key] = buf.torch().reshape(U, T, *buf.shape[2:])
+            dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+
+    def _quantizable(self, q: Any, k: Any, v: Any) -> tuple:
+        """The caller's arrays as torch tensors the CUDA quantisers take (a contiguous copy where not)."""
+        from .kernels.flash_fp8 import cuda_quantizable
+
+        xs = [_as_torch(x, self.rt) for x in (q, k, v)]
+        return tuple(x if cuda_quantizable(x) else x.contiguous() for x in xs)
+
+    def _fp8_pieces(self, q: Any, k: Any, v: Any) -> list[tuple[str, Any]]:
+        """Torch quantisation of this rank's rows (CPUs): each part as ``[U, T, ...]`` head groups."""
         import torch
 
         from .quant import quantize_kv, quantize_q
 
         U, T, Ht = self.plan.U, self.plan.T, self.Ht
         qt, kt, vt = (_as_torch(x, self.rt) for x in (q, k, v))
-        if self.gpu:
-            from .kernels.flash_fp8 import cuda_quantizable, quantize_grouped
-
-            if cuda_quantizable(qt, kt, vt):  # straight into the send buffers, one head group per destination
-                groups = self._row_views.get("fp8 groups")
-                if groups is None:
-                    groups = self._row_views["fp8 groups"] = {
-                        n: self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:])
-                        for x in "qkv" for n in self.parts[x]}
-                quantize_grouped(qt, kt, vt, groups)
-                return
         fq, fkv = quantize_q(qt), quantize_kv(kt, vt)
-        for name, x, h in (("q", fq.data, 2), ("qs", fq.scale, 1), ("k", fkv.k, 2), ("ks", fkv.kscale, 1),
-                           ("mu", fkv.mu, 1), ("vt", fkv.vt.view(torch.uint8), 1), ("vs", fkv.vscale, 1)):
-            key = ("fp8", name)
-            dst = self._row_views.get(key)
-            if dst is None:  # the send buffer as [U, T, *part]: made once
-                buf = self._send_views[name]
-                dst = self._row_views[key] = buf.torch().reshape(U, T, *buf.shape[2:])
-            src = x.unflatten(h, (U, T, Ht)).movedim((h, h + 1), (0, 1))
-            dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+        return [(name, x.unflatten(h, (U, T, Ht)).movedim((h, h + 1), (0, 1)))
+                for name, x, h in (("q", fq.data, 2), ("qs", fq.scale, 1), ("k", fkv.k, 2), ("ks", fkv.kscale, 1),
+                                   ("mu", fkv.mu, 1), ("vt", fkv.vt.view(torch.uint8), 1), ("vs", fkv.vscale, 1))]
 
     def _unpack(self, out: Any) -> None:
         """The reverse: [U, T, B, Sl, Ht, D] (FO after the reverse Ulysses, or RO when there is

@@ -37,7 +37,7 @@ def _f64_to_bf16(x: np.ndarray) -> np.ndarray:
 _FP8_DTYPES = {"int8": "int8", "uint8": "e4m3", "float32": "fp32"}  # heap dtype -> kernel's
 
 
-def _strides(shape: Sequence[int]) -> tuple:
+def strides_of(shape: Sequence[int]) -> tuple:
     """Element strides of a contiguous array of ``shape``."""
     strides, acc = [], 1
     for n in reversed(shape):
@@ -159,13 +159,13 @@ class GpuAttention:
         if not hasattr(a, "rt"):
             return as_desc(a)
         shape = tuple(a.shape) if n is None else (a.shape[0], n, *a.shape[2:])
-        return TensorDesc(a.ptr, shape, _strides(a.shape), _KERNEL_DTYPES[a.dtype], self.device)
+        return TensorDesc(a.ptr, shape, strides_of(a.shape), _KERNEL_DTYPES[a.dtype], self.device)
 
     def _cut(self, a: Any, shape: tuple) -> Any:
         """A kernel descriptor of the first ``shape`` elements of symmetric array ``a`` (FP8 parts)."""
         from .kernels import TensorDesc
 
-        return TensorDesc(a.ptr, tuple(shape), _strides(a.shape), _FP8_DTYPES[a.dtype], self.device)
+        return TensorDesc(a.ptr, tuple(shape), strides_of(a.shape), _FP8_DTYPES[a.dtype], self.device)
 
     def prepare(self, q, k, v, state, scale, init, finalize, out=None):
         from .kernels import AttnLaunch

@@ -13,6 +13,11 @@ buffer:
 Without Ulysses (U = 1: Ring, or Torus over one GPU per machine) the team is this rank alone:
 push and pull are then the copies into and out of its own buffers, one launch each.
 
+``precision="fp8"``: the push is the quantisation itself - the CUDA quantisers write each member's
+head group of the int8/e4m3 data and its scales straight into that member's receive buffers
+(:func:`sfattn.kernels.flash_fp8.quantize_grouped` with one group per member); the pull is the
+same as in bf16 (outputs keep the layer's dtype).
+
 The layer's two barriers order them: a member's receive buffer is rewritten by the next call's
 push only after the member's computation passed this call's last barrier, and its result buffer
 only after every rank's pull (the next call's first barrier).
@@ -45,14 +50,20 @@ class UlyssesP2P:
         members = [layer.Ut[j] for j in range(U)]
         # (piece (j, g) of the caller's heads) <-> member j's buffer slot [g, u]
         self._slots = [(j, g, members[j]) for j in range(U) for g in range(T)]
-        self._recv = {x: [layer.RU[x][g, u] for j, g, _ in self._slots] for x in "qkv"}
+        names = [n for x in "qkv" for n in layer.parts[x]]  # Q, K, V (FP8: and their scales)
+        self._recv = {n: [layer.RU[n][g, u] for j, g, _ in self._slots] for n in names}
         self._res = [layer.RO[g, u] for j, g, _ in self._slots]
         if self.gpu:
             D, Ht, Sl, B = plan.head_dim, layer.Ht, layer.Sl, layer.batch
             es = np.dtype(storage_dtype(layer.dtype)).itemsize
             self._heap_strides = (Sl * Ht * D * es, Ht * D * es, D * es)  # [B, Sl, Ht, D] contiguous
-            self._recv_addr = {x: [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._recv[x], self._slots)]
-                               for x in "qkv"}
+            self._recv_addr = {n: [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._recv[n], self._slots)]
+                               for n in names}
+            if layer.fp8:  # each part's slab in every member's receive buffer, contiguous
+                from .kernels.flash_fp8 import GroupedDst
+                from .local import strides_of
+
+                self._fp8_dst = {n: GroupedDst(self._recv_addr[n], strides_of(self._recv[n][0].shape)) for n in names}
             self._res_addr = [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._res, self._slots)]
             self._flag = rt.backend.failure_word
             self._grid = (B, self.L, Ht, D * es)
@@ -102,6 +113,10 @@ class UlyssesP2P:
         """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
         if not self.gpu:
             return self._push_host(q, k, v)
+        if self.layer.fp8:
+            from .kernels.flash_fp8 import quantize_grouped
+
+            return quantize_grouped(*self.layer._quantizable(q, k, v), self._fp8_dst)
         readable = [self._readable(x) for x in (q, k, v)]  # copies stay referenced past the launch
         addrs = [(a, st) for _, a, st, _ in readable]
 
@@ -147,6 +162,8 @@ class UlyssesP2P:
         return view
 
     def _push_host(self, q: Any, k: Any, v: Any) -> None:
+        if self.layer.fp8:
+            return self._push_host_fp8(q, k, v)
         for name, x in zip("qkv", (q, k, v)):
             pieces = self.layer._by_piece(x)
             for (j, g, pe), buf in zip(self._slots, self._recv[name]):
@@ -155,6 +172,18 @@ class UlyssesP2P:
                     dst.copy_(pieces[j, g])
                 else:
                     dst[...] = pieces[j, g]
+
+    def _push_host_fp8(self, q: Any, k: Any, v: Any) -> None:
+        import torch
+
+        for name, pieces in self.layer._fp8_pieces(q, k, v):
+            for (j, g, pe), buf in zip(self._slots, self._recv[name]):
+                key = (id(buf), pe, "fp8")
+                dst = self._views.get(key)
+                if dst is None:
+                    dst = self._views[key] = torch.from_numpy(buf.peer(pe))
+                src = pieces[j, g]
+                dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
 
     def _pull_host(self, out: Any) -> None:
         Ht, T = self.layer.Ht, self.layer.plan.T

@@ -8,7 +8,8 @@ layer's own choice); GPU_SFATTN_ONLY="torus/torch ..." runs only these algorithm
 the first part (and skips the rest), GPU_SFATTN_ONLY=fp8 only the FP8 part: every algorithm with
 ``precision="fp8"`` (keys with outlier channels) within the FP8 contract's error of float64
 attention, one-launch plans (T = R = 1) equal to the emulation of the ranks' quantised shards,
-bitwise identical run to run and under the layer's CUDA graph.
+bitwise identical run to run and under the layer's CUDA graph, the p2p push (quantisers writing
+into the members' buffers) equal to the put exchange.
 """
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def fp8_checks(rt, dev, say) -> None:
             assert err < 0.06, (algo, H, S, D, err)
             diff = max((outs[0].float() - x.float()).abs().max().item() for x in outs[1:])
             assert diff == 0, (algo, "FP8 layer not bitwise identical run to run", diff)
+            via = "put"
+            if layer.p2p is not None:  # the quantisers wrote into the members' buffers: as the put exchange
+                put = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, precision="fp8", p2p=False)
+                o_put = sfattn.attention(*sh, put)
+                torch.cuda.synchronize()
+                assert torch.equal(o_put, outs[0]), (algo, "FP8 p2p push differs from the put exchange")
+                sfattn.release(put)
+                put.close()
+                via = "p2p (= put)"
             emu = float("nan")
             if plan.T == 1 and plan.R == 1:  # one launch over every rank's block, in rank order
                 shards = [[x[:, a:b] for x in (q, k, v)] for a, b in zip(cuts[:-1], cuts[1:])]
@@ -67,7 +77,7 @@ def fp8_checks(rt, dev, say) -> None:
                 e = torch.from_numpy(e[:, lo:lo + L]).to(dev)
                 emu = ((o.double() - e).norm() / e.norm()).item()
                 assert emu < 1e-2, (algo, H, S, D, emu)
-            say(f"fp8 {algo:>7} T={plan.T} U={plan.U} R={plan.R} H={H} S={S} D={D} {layout}: rel err "
+            say(f"fp8 {algo:>7} T={plan.T} U={plan.U} R={plan.R} H={H} S={S} D={D} {layout} {via}: rel err "
                 f"{err:.4f} vs float64, {emu:.1e} vs the emulation, run to run identical")
             sfattn.release(layer)
             layer.close()

@@ -20,7 +20,7 @@ from . import _build, _tma
 from ._desc import TensorDesc, as_desc
 from .flash import HEAD_DIMS, AttnLaunch, _check_io, _cupy, _state_descs, get_kernel
 
-__all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda", "quantize_grouped"]
+__all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda", "quantize_grouped", "GroupedDst"]
 
 _SIDE0 = _build.TABLE_SLOTS + _build.MAPS_SLOTS
 
@@ -215,33 +215,57 @@ def _ptr(t: Any) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def _i64(*xs: int) -> list:
-    return [ctypes.c_int64(int(x)) for x in xs]
+QMAXG = 64  # quant.cu's QMAXG: head groups per output
 
 
-def _group_strides(t: Any, head_axis: int) -> list:
-    """(batch stride, [row stride,] head stride, group stride) of a grouped output ``[G, B, ...]``
-    (elements) whose head axis is ``head_axis``."""
-    st = t.stride()
-    return _i64(st[1], *st[2:head_axis], st[head_axis], st[0])
+class GroupedDst:
+    """Where a quantiser output goes: the address of each head group's slab and the element
+    strides inside one (batch first; see quant.cu), e.g. one group per member of a Ulysses team."""
+
+    def __init__(self, bases: Sequence[int], strides: Sequence[int]):
+        if not 0 < len(bases) <= QMAXG:
+            raise ValueError(f"bases: expected 1..{QMAXG} head groups, got {len(bases)}")
+        self.bases, self.strides = [int(b) for b in bases], tuple(int(x) for x in strides)
+
+    @staticmethod
+    def of(t: Any) -> "GroupedDst":
+        """A torch tensor ``[G, B, ...]``: group g at ``t[g]``."""
+        es = t.element_size()
+        return GroupedDst([t.data_ptr() + g * t.stride(0) * es for g in range(t.shape[0])], t.stride()[1:])
+
+    def arg(self, *axes: int) -> Any:
+        """The QDst parameter: group bases, then the strides of ``axes`` (of the group's slab)."""
+        st = [self.strides[a] for a in axes] + [0] * (3 - len(axes))
+        return (ctypes.c_int64 * (QMAXG + 3))(*(self.bases + [0] * (QMAXG - len(self.bases))), *st)
 
 
 def _check_parts(parts: dict, shapes: dict) -> None:
     for name, shape in shapes.items():
         t = parts[name]
+        if isinstance(t, GroupedDst):
+            if len(t.bases) != shape[0] or len(t.strides) != len(shape) - 1:
+                raise ValueError(f"parts[{name!r}]: expected {shape[0]} groups of {len(shape) - 1}-d slabs, got "
+                                 f"{len(t.bases)} groups with strides {t.strides}")
+            continue
         if t.dim() != len(shape) or t.shape[:2] != shape[:2] or any(a < b for a, b in zip(t.shape, shape)) \
                 or (t.shape[-1] > 1 and t.stride(-1) != 1):
             raise ValueError(f"parts[{name!r}]: expected at least {shape} with a contiguous last dim, got "
                              f"{tuple(t.shape)} strides {t.stride()}")
 
 
+def _dst(t: Any) -> GroupedDst:
+    return t if isinstance(t, GroupedDst) else GroupedDst.of(t)
+
+
+_NO_DST = GroupedDst([0], ())
+
+
 def _q_into(q: Any, data: Any, scale: Any, ght: int) -> None:
     """Q to int8 ``data`` ``[G, B, >= S, Ht, D]`` and its scales ``scale`` ``[G, B, Ht, >= nb]``."""
     B, S, H, D = q.shape
     if S:
-        _run("sf_quant_i8", q, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(None), ctypes.c_int(0), _ptr(None),
-             *_i64(0, 0, 0), _ptr(data), *_group_strides(data, 3), _ptr(scale), *_group_strides(scale, 2),
-             ctypes.c_int(ght))
+        _run("sf_quant_i8", q, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(None), ctypes.c_int(0), _NO_DST.arg(),
+             _dst(data).arg(0, 1, 2), _dst(scale).arg(0, 1), ctypes.c_int(ght))
 
 
 def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
@@ -255,16 +279,12 @@ def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
     splits = max(1, -(-S // _SPLIT_ROWS))
     part = torch.empty((splits, B, H, D), dtype=torch.float32, device=k.device)
     _run("sf_colsum", k, (splits, H, B), D, _ptr(part), ctypes.c_int(_SPLIT_ROWS))
-    mu = parts["mu"]
-    _run("sf_quant_i8", k, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(part), ctypes.c_int(splits), _ptr(mu),
-         *_i64(mu.stride(1), mu.stride(2), mu.stride(0)), _ptr(parts["k"]), *_group_strides(parts["k"], 3),
-         _ptr(parts["ks"]), *_group_strides(parts["ks"], 2), ctypes.c_int(ght))
+    _run("sf_quant_i8", k, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(part), ctypes.c_int(splits),
+         _dst(parts["mu"]).arg(0, 1), _dst(parts["k"]).arg(0, 1, 2), _dst(parts["ks"]).arg(0, 1), ctypes.c_int(ght))
     vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
     _run("sf_absmax_v", v, (splits, H, B), _QTHREADS, _ptr(vpart), ctypes.c_int(_SPLIT_ROWS))
-    vt, vs = parts["vt"], parts["vs"]
-    _run("sf_quant_vt", v, (-(-S // 32), H, B), D, _ptr(vpart), ctypes.c_int(splits), _ptr(vt),
-         *_i64(vt.stride(1), vt.stride(2), vt.stride(3), vt.stride(0)), _ptr(vs),
-         *_i64(vs.stride(1), vs.stride(2), vs.stride(0)), ctypes.c_int(ght))
+    _run("sf_quant_vt", v, (-(-S // 32), H, B), D, _ptr(vpart), ctypes.c_int(splits), _dst(parts["vt"]).arg(0, 1, 2),
+         _dst(parts["vs"]).arg(0, 1), ctypes.c_int(ght))
 
 
 def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
@@ -273,15 +293,18 @@ def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
     gets head ``h % Ht``) - a sequence-parallel layer's send buffers, one group per destination:
     ``parts['q']``, ``['k']`` int8 ``[G, B, >= S, Ht, D]``; ``['qs']``, ``['ks']`` fp32 ``[G, B, Ht,
     >= ceil(S / 128)]``; ``['mu']`` fp32 ``[G, B, Ht, D]``; ``['vt']`` uint8 (e4m3 bytes) ``[G, B, Ht, D,
-    >= ceil(S / 32) * 32]``; ``['vs']`` fp32 ``[G, B, Ht]``; last dims contiguous. Values as
-    :func:`sfattn.quant.quantize_q` / ``quantize_kv``; entries past S are left as they are."""
+    >= ceil(S / 32) * 32]``; ``['vs']`` fp32 ``[G, B, Ht]``; last dims contiguous. A part may instead
+    be a :class:`GroupedDst` (groups anywhere in the address space, e.g. mapped peers' buffers; not
+    checked beyond its group count). Values as :func:`sfattn.quant.quantize_q` / ``quantize_kv``;
+    entries past S are left as they are."""
     if not cuda_quantizable(q, k, v) or q.shape != k.shape or k.shape != v.shape:
         raise ValueError("q, k, v: expected CUDA bf16/fp16 [B, S, H, D] tensors of one shape with a contiguous "
                          "head dim (a multiple of 4, <= 256)")
     B, S, H, D = q.shape
-    G = parts["q"].shape[0]
-    if G < 1 or H % G:
-        raise ValueError(f"parts: {G} head groups do not split {H} heads")
+    q0 = parts["q"]
+    G = len(q0.bases) if isinstance(q0, GroupedDst) else q0.shape[0]
+    if not 0 < G <= QMAXG or H % G:
+        raise ValueError(f"parts: {G} head groups do not split {H} heads (at most {QMAXG} groups)")
     ght = H // G
     nb, sp = -(-S // BLOCK), -(-S // 32) * 32
     _check_parts(parts, {"q": (G, B, S, ght, D), "k": (G, B, S, ght, D), "qs": (G, B, ght, nb),

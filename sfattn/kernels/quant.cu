@@ -6,10 +6,10 @@
 //                 partial sums (summed in a fixed order: deterministic)
 //   sf_quant_vt   V to e4m3, transposed to [B, H, D, Sp], keys permuted per 32 (V_PERM), with one
 //                 scale per (batch, head) from the partial maxima
-// Strides are in elements; the head dim is contiguous. Outputs are addressed per head group: head
-// h is head h % ght of group h / ght, whose slab starts gs elements after the previous group's
-// (gs = 0, ght = H: a plain [B, S, H, D] output). A sequence-parallel layer thereby writes each
-// destination's head group straight into its send buffer.
+// Strides are in elements; the head dim is contiguous. Outputs are addressed per head group (QDst):
+// head h is head h % ght of group h / ght, whose slab starts at address g[h / ght] (one group, ght =
+// H: a plain [B, S, H, D] output). A sequence-parallel layer thereby writes each destination's head
+// group straight into its send buffer, or into the receive buffer of a mapped peer.
 // Rows are read by warps, 4 channels per lane (coalesced); a block's rows are read twice (maximum,
 // then quantisation), the second time from L1.
 #include <cuda_bf16.h>
@@ -23,9 +23,16 @@
 #define QBLK 128
 #define QTHREADS 256
 
+#define QMAXG 64
+
 struct QIn {  // one [B, S, H, D] input
   long long ptr, sb, ss, sh;
   long long B, S, H, D;
+};
+
+struct QDst {  // one output: the address of each head group's slab, element strides s0, s1, s2
+  long long g[QMAXG];
+  long long s0, s1, s2;
 };
 
 __device__ __forceinline__ float4 qload4(const QIn& x, long long b, long long s, long long h, int d) {
@@ -33,8 +40,9 @@ __device__ __forceinline__ float4 qload4(const QIn& x, long long b, long long s,
   return make_float4((float)p[0], (float)p[1], (float)p[2], (float)p[3]);
 }
 
-__device__ __forceinline__ long long hoff(long long h, long long sh, long long gs, int ght) {
-  return (h / ght) * gs + (h % ght) * sh;
+template <typename T>
+__device__ __forceinline__ T* slab(const QDst& o, int h, int ght) {
+  return reinterpret_cast<T*>(o.g[h / ght]);
 }
 
 __device__ __forceinline__ float block_max(float m, float* red) {  // all threads get the maximum
@@ -80,10 +88,10 @@ __device__ __forceinline__ int8_t q8(float v, float sc) {
 
 // int8 of x (minus mu when musum != 0: mu = sum over splits of musum / S, written to mu_out) with
 // one scale per 128-row block; grid (nblocks, H, B), QTHREADS threads.
-extern "C" __global__ void sf_quant_i8(const QIn x, const float* musum, int splits, float* mu_out,
-                                       long long msb, long long msh, long long mgs,
-                                       int8_t* out, long long osb, long long oss, long long osh, long long ogs,
-                                       float* scale, long long csb, long long csh, long long cgs, int ght) {
+// Outputs: out [B, S, Ht, D] (s0 batch, s1 row, s2 head), scale [B, Ht, nblocks] (s0, s1 head),
+// mu_out [B, Ht, D] (s0, s1 head; K only).
+extern "C" __global__ void sf_quant_i8(const QIn x, const float* musum, int splits, const QDst mu_out,
+                                       const QDst out, const QDst scale, int ght) {
   __shared__ float mu[256];
   __shared__ float red[QTHREADS / 32];
   const int h = blockIdx.y, b = blockIdx.z, blk = blockIdx.x, D = (int)x.D;
@@ -93,7 +101,7 @@ extern "C" __global__ void sf_quant_i8(const QIn x, const float* musum, int spli
     if (musum) {
       for (int sp = 0; sp < splits; ++sp) m += musum[((sp * x.B + b) * x.H + h) * x.D + d];
       m /= (float)x.S;
-      if (blk == 0) mu_out[b * msb + hoff(h, msh, mgs, ght) + d] = m;
+      if (blk == 0) slab<float>(mu_out, h, ght)[b * mu_out.s0 + (h % ght) * mu_out.s1 + d] = m;
     }
     mu[d] = m;
   }
@@ -108,8 +116,8 @@ extern "C" __global__ void sf_quant_i8(const QIn x, const float* musum, int spli
     }
   amax = block_max(amax, red);
   const float sc = amax > 0.f ? amax / 127.f : 1.f;
-  if (threadIdx.x == 0) scale[b * csb + hoff(h, csh, cgs, ght) + blk] = sc;
-  int8_t* o = out + b * osb + hoff(h, osh, ogs, ght);
+  if (threadIdx.x == 0) slab<float>(scale, h, ght)[b * scale.s0 + (h % ght) * scale.s1 + blk] = sc;
+  int8_t* o = slab<int8_t>(out, h, ght) + b * out.s0 + (h % ght) * out.s2;
   for (long long s = s0 + w; s < s1; s += QTHREADS / 32)
     for (int d = 4 * lane; d < D; d += 128) {
       const float4 v = qload4(x, b, s, h, d);
@@ -118,20 +126,20 @@ extern "C" __global__ void sf_quant_i8(const QIn x, const float* musum, int spli
       c.y = q8(v.y - mu[d + 1], sc);
       c.z = q8(v.z - mu[d + 2], sc);
       c.w = q8(v.w - mu[d + 3], sc);
-      *reinterpret_cast<char4*>(o + s * oss + d) = c;
+      *reinterpret_cast<char4*>(o + s * out.s1 + d) = c;
     }
 }
 
 // V to e4m3 [B, H, D, Sp]: block (group g of 32 keys, head, batch), thread d writes the 32 bytes
 // vt[b, h, d, 32g .. 32g + 31] where column a holds key 32g + V_PERM[a] (zero past the end).
-extern "C" __global__ void sf_quant_vt(const QIn x, const float* part, int splits, uint8_t* vt,
-                                       long long tsb, long long tsh, long long tsd, long long tgs,
-                                       float* vscale, long long vsb, long long vsh, long long vgs, int ght) {
+// Outputs: vt [B, Ht, D, Sp] (s0 batch, s1 head, s2 channel), vscale [B, Ht] (s0, s1 head).
+extern "C" __global__ void sf_quant_vt(const QIn x, const float* part, int splits, const QDst vt,
+                                       const QDst vscale, int ght) {
   const int h = blockIdx.y, b = blockIdx.z, g = blockIdx.x, d = threadIdx.x;
   float m = 0.f;
   for (int sp = 0; sp < splits; ++sp) m = fmaxf(m, part[(sp * x.B + b) * x.H + h]);
   const float sc = m > 0.f ? m / 448.f : 1.f;
-  if (g == 0 && d == 0) vscale[b * vsb + hoff(h, vsh, vgs, ght)] = sc;
+  if (g == 0 && d == 0) slab<float>(vscale, h, ght)[b * vscale.s0 + (h % ght) * vscale.s1] = sc;
   const QT* p = reinterpret_cast<const QT*>(x.ptr) + b * x.sb + h * x.sh + d;
   uint32_t w[8];
 #pragma unroll
@@ -142,7 +150,7 @@ extern "C" __global__ void sf_quant_vt(const QIn x, const float* part, int split
     if ((a & 3) == 0) w[a >> 2] = 0;
     w[a >> 2] |= byte << (8 * (a & 3));
   }
-  uint4* o = reinterpret_cast<uint4*>(vt + b * tsb + hoff(h, tsh, tgs, ght) + d * tsd + 32 * g);
+  uint4* o = reinterpret_cast<uint4*>(slab<uint8_t>(vt, h, ght) + b * vt.s0 + (h % ght) * vt.s1 + d * vt.s2 + 32 * g);
   o[0] = make_uint4(w[0], w[1], w[2], w[3]);
   o[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
