@@ -173,6 +173,13 @@ def test_grouped_quantisation_equals_the_plain_one(G):
         assert torch.equal(parts["vs"][i], fkv.vscale[:, hs])
     assert (parts["q"][:, :, S:] == 7).all() and (parts["qs"][..., nb:] == 7).all()
     assert (parts["vt"][..., sp:] == 7).all()
+    # groups anywhere (as in mapped peers' buffers): one allocation per group, in reverse order
+    from sfattn.kernels.flash_fp8 import GroupedDst
+
+    apart = {n: [torch.full_like(t[0], 7) for _ in range(G)] for n, t in parts.items()}
+    quantize_grouped(q, k, v, {n: GroupedDst([x.data_ptr() for x in ts], ts[0].stride()) for n, ts in apart.items()})
+    for n, ts in apart.items():
+        assert all(torch.equal(x, parts[n][i]) for i, x in enumerate(ts)), n
     with pytest.raises(ValueError, match=r"parts\['vt'\]"):
         quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
 
