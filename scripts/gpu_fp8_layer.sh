@@ -9,7 +9,8 @@
 #           (default flux3072), algorithms usp, tas, torus, on $FP8L_MACHINES machines (default 2; 4 runs
 #           $FP8L_SHAPES4, default flux3072); then perf/report_layer.py
 #   e2e     examples/dit_sp.py --precision fp8, 2 ranks sharing the GPU: Flux 2048^2 and Wan (33
-#           frames of 480x832), sfattn in bf16 and in FP8 against the 1-rank reference
+#           frames of 480x832; FP8L_E2E picks: "flux wan"), sfattn in bf16 and in FP8 against the
+#           1-rank reference
 # FP8L_STEPS picks steps (default all). Results: $OUT/*.json, $OUT/report.md, logs.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 STEP_SHOW='PASSED|passed|ok:|Error|error|ms  \('
@@ -56,11 +57,12 @@ PY
 fi
 if want e2e; then
   cp docs/perf/summary.json "$OUT/summary_e2e.json"
-  step e2e_flux2048 400 python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py --model flux --size 2048 \
-    --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} --json "$OUT/e2e_fp8_flux2048.json" \
-    --summary "$OUT/summary_e2e.json"
-  step e2e_wan 400 python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py --model wan \
-    --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} --json "$OUT/e2e_fp8_wan.json"
+  [[ " ${FP8L_E2E:-flux wan} " == *" flux "* ]] && step e2e_flux2048 400 python3 -m oneside.launch -n 2 --backend nvshmem \
+    examples/dit_sp.py --model flux --size 2048 --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} \
+    --json "$OUT/e2e_fp8_flux2048.json" --summary "$OUT/summary_e2e.json"
+  [[ " ${FP8L_E2E:-flux wan} " == *" wan "* ]] && step e2e_wan 400 python3 -m oneside.launch -n 2 --backend nvshmem \
+    examples/dit_sp.py --model wan --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} \
+    --json "$OUT/e2e_fp8_wan.json"
   grep -h -A6 "^flux\|^wan" "$OUT"/e2e_*.log | grep -v "^WARN" | cut -c1-260
 fi
 echo quit | nvidia-cuda-mps-control 2>/dev/null || true
