@@ -7,6 +7,8 @@
     # both, then the summary keys (docs/perf/summary.json) and docs/perf/chaos.json
     python perf/chaos.py all --calls 25000 --runs 200 --write
     # GPUs (ranks sharing one GPU under MPS): --backend nvshmem --dtype bfloat16
+    # FP8 layers (SPAttention(precision="fp8"); the float64 emulation of the FP8 kernel on CPUs)
+    python perf/chaos.py all --calls 2000 --runs 40 --precision fp8
 
 A run starts ``python -m oneside.launch`` with a long ``--grace``, so a rank that neither
 finishes nor raises is found hung (and then killed) by this harness, not by the launcher.
@@ -33,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"float64": [(2, 61, 6, 16), (1, 37, 6, 8)], "bfloat16": [(2, 1031, 6, 64), (1, 389, 6, 64)]}
 TOL = {"float64": 1e-10, "bfloat16": 2e-2}
+TOL_FP8 = 0.15  # precision="fp8": largest error vs float64 relative to the largest output (measured ~0.05)
 # fault sites and their weights; 'skip': a rank skips one layer call (raises and catches between
 # building and calling), 'heap': every rank's heap is too small, 'absent': a rank never starts
 SITES_W = {"barrier": 4, "transfer": 3, "signal": 2, "wait": 2, "launch": 2, "alloc": 1, "init": 1, "skip": 3,
@@ -42,7 +45,7 @@ SITES_W = {"barrier": 4, "transfer": 3, "signal": 2, "wait": 2, "launch": 2, "al
 # ------------------------------------------------------------------------------------------
 # worker: one rank (run under oneside.launch)
 # ------------------------------------------------------------------------------------------
-def _cases(rt, dtype: str):
+def _cases(rt, dtype: str, precision: str | None = None):
     """(name, layer, [(shard inputs, reference rows)]) for every algorithm the mesh allows;
     the largest shape first (a cold start's first call is the largest)."""
     import sfattn
@@ -55,7 +58,7 @@ def _cases(rt, dtype: str):
                 plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
             except sfattn.PlanError:
                 continue
-            layer = sfattn.SPAttention(rt, plan, B, dtype, local="kernel")
+            layer = sfattn.SPAttention(rt, plan, B, dtype, local="kernel", precision=precision)
             lo, L = rt.rank * layer.Sl, layer.shard_len()
             sets = []
             for k in range(2):  # two input sets per layer, the same on every rank
@@ -105,7 +108,7 @@ def worker(a: argparse.Namespace) -> int:
         while i < a.calls:
             try:
                 if cases is None:
-                    cases = _cases(rt, a.dtype)
+                    cases = _cases(rt, a.dtype, a.precision)
                 name, layer, sets = cases[i % len(cases)]
                 k = (i // len(cases)) % len(sets)
                 shard, ref, scale = sets[k]
@@ -120,7 +123,7 @@ def worker(a: argparse.Namespace) -> int:
                 rel = float(np.abs(o - ref).max() / scale) if o.size else 0.0
                 rel = rel if np.isfinite(rel) else float("inf")  # NaN (poisoned) without an error: wrong
                 rep["max_rel"] = max(rep["max_rel"], rel)
-                if rel > TOL[a.dtype]:
+                if rel > (TOL_FP8 if a.precision else TOL[a.dtype]):
                     rep["wrong"] += 1
                 prev = first.setdefault((name, k), o.tobytes())
                 if prev != o.tobytes():
@@ -188,6 +191,10 @@ def _env(backend: str, chaos: str | None, fault: str | None, timeout: float) -> 
     return env
 
 
+def _prec(a: argparse.Namespace) -> list[str]:
+    return ["--precision", a.precision] if a.precision else []
+
+
 def _mesh(s: str) -> tuple[int, int]:
     m, g = s.lower().split("x")
     return int(m), int(g)
@@ -197,13 +204,13 @@ def soak(a: argparse.Namespace) -> dict:
     """Every mesh in parallel, ``--calls`` layer calls each, under ONESIDE_CHAOS delays."""
     meshes = [_mesh(m) for m in a.meshes]
     t0 = time.monotonic()
-    res = {"meshes": {}, "chaos": a.chaos, "backend": a.backend, "dtype": a.dtype}
+    res = {"meshes": {}, "chaos": a.chaos, "backend": a.backend, "dtype": a.dtype, "precision": a.precision}
     from concurrent.futures import ThreadPoolExecutor
 
     def one(i_mesh):
         i, mesh = i_mesh
         chaos = f"{a.seed + i},{a.chaos}"
-        return mesh, _launch(mesh, ["--calls", str(a.calls), "--dtype", a.dtype, "--heap", a.heap],
+        return mesh, _launch(mesh, ["--calls", str(a.calls), "--dtype", a.dtype, "--heap", a.heap, *_prec(a)],
                              _env(a.backend, chaos, None, a.timeout), a.deadline, a.backend)
 
     with ThreadPoolExecutor(a.parallel or len(meshes)) as ex:
@@ -256,7 +263,7 @@ def faults(a: argparse.Namespace) -> dict:
     injected = detected = 0
     runs = []
     t0 = time.monotonic()
-    base = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap]
+    base = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap, *_prec(a)]
     visits = {}
     for mesh in meshes:  # calibration: a clean run per mesh counts the visits of each site
         reps, hung, _ = _launch(mesh, base, _env(a.backend, f"{a.seed},0,0", None, a.timeout), a.deadline, a.backend)
@@ -311,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meshes", nargs="+", default=["3x1", "1x3", "2x1", "2x2"])
     p.add_argument("--backend", default="host", choices=("host", "nvshmem"))
     p.add_argument("--dtype", default="float64", choices=sorted(SHAPES))
+    p.add_argument("--precision", default=None, choices=("fp8",), help="the layers' precision (default: dtype)")
     p.add_argument("--chaos", default="0.2,300", help="P,MAX_US of ONESIDE_CHAOS (the seed is added)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10.0, help="ONESIDE_TIMEOUT of the ranks")
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=0, help="soak: meshes at once (0: all)")
     p.add_argument("--heap", default="64MiB")
     p.add_argument("--write", action="store_true", help="write docs/perf/chaos.json and the summary keys")
-    p.add_argument("--out", default=str(ROOT / "docs" / "perf" / "chaos.json"))
+    p.add_argument("--out", default=None, help="default docs/perf/chaos[_fp8].json")
     p.add_argument("--summary", default=str(ROOT / "docs" / "perf" / "summary.json"))
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--skip", help=argparse.SUPPRESS)
@@ -326,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.mode == "worker":
         return worker(a)
+    a.out = a.out or str(ROOT / "docs" / "perf" / f"chaos{'_fp8' if a.precision else ''}.json")
     res: dict = {"command": "python perf/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if a.mode in ("soak", "all"):
@@ -341,18 +350,16 @@ def main(argv: list[str] | None = None) -> int:
 
         Path(a.out).write_text(json.dumps(res, indent=1))
         keys = {}
+        fp8 = "fp8_" if a.precision else ""
         if "soak" in res:
             s = res["soak"]
-            if a.backend == "nvshmem":
-                keys.update(gpu_stress_layer_calls=s["layer_calls"], gpu_stress_mismatches=s["mismatches"],
-                            gpu_stress_hangs=s["hangs"])
-            else:
-                keys.update(chaos_layer_calls=s["layer_calls"], chaos_mismatches=s["mismatches"],
-                            chaos_hangs=s["hangs"])
+            pre = fp8 + ("gpu_stress_" if a.backend == "nvshmem" else "chaos_")
+            keys.update({pre + "layer_calls": s["layer_calls"], pre + "mismatches": s["mismatches"],
+                         pre + "hangs": s["hangs"]})
         if "faults" in res:
             f = res["faults"]
-            keys.update({("gpu_" if a.backend == "nvshmem" else "") + "faults_injected": f["faults_injected"],
-                         ("gpu_" if a.backend == "nvshmem" else "") + "faults_detected": f["faults_detected"]})
+            pre = fp8 + ("gpu_" if a.backend == "nvshmem" else "")
+            keys.update({pre + "faults_injected": f["faults_injected"], pre + "faults_detected": f["faults_detected"]})
         update_summary(keys, Path(a.summary))
     bad = (res.get("soak", {}).get("mismatches", 0) or res.get("soak", {}).get("hangs", 0)
            or res.get("soak", {}).get("errors", 0)

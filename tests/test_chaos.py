@@ -125,6 +125,15 @@ def test_chaos_harness_ci_slice(tmp_path):
     assert not out.exists()
 
 
+def test_chaos_harness_fp8_slice(tmp_path):
+    """The same with precision='fp8' layers (quantised on the owning rank, FP8 parts on the wire)."""
+    h = _harness()
+    rc = h.main(["all", "--calls", "40", "--meshes", "2x1", "1x3", "--runs", "2", "--fault-calls", "6",
+                 "--timeout", "4", "--deadline", "120", "--chaos", "0.3,500", "--precision", "fp8",
+                 "--out", str(tmp_path / "chaos_fp8.json")])
+    assert rc == 0
+
+
 def test_harness_counts_a_wrong_output_as_a_miss(tmp_path, monkeypatch):
     """The harness itself must fail when a rank returns wrong numbers: fake one run's reports."""
     h = _harness()
