@@ -150,7 +150,8 @@ def test_harness_counts_a_wrong_output_as_a_miss(tmp_path, monkeypatch):
 
     monkeypatch.setattr(h, "_launch", fake_launch)
     res = h.faults(h.argparse.Namespace(seed=2, meshes=["2x1"], runs=3, fault_calls=6, dtype="float64",
-                                        heap="4MiB", chaos=None, timeout=1, deadline=5, backend="host"))
+                                        heap="4MiB", chaos=None, timeout=1, deadline=5, backend="host",
+                                        precision=None))
     assert res["faults_injected"] == 3 and res["faults_detected"] == 0
     assert any("wrong" in " ".join(r["problems"]) for r in res["runs"])
     json.dumps(res)
