@@ -23,24 +23,11 @@ import operator
 from typing import Any, Sequence
 
 
-import numpy as np
-
 import oneside
 
-from .local import FA3Attention, GpuAttention, HostAttention, TorchAttention
+from .local import FA3Attention, GpuAttention, HostAttention, TorchAttention, as_torch
 from .p2p import UlyssesP2P
 from .plan import Plan
-
-
-def _as_torch(x: Any, rt: oneside.Runtime) -> Any:
-    """A torch view of a caller's array (torch as is; CuPy and numpy without a copy)."""
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    return torch.as_tensor(x, device=f"cuda:{rt.backend.device}")
 
 
 def _swap12(x: Any) -> Any:
@@ -425,12 +412,12 @@ class SPAttention:
         strided copy per part."""
         U, T = self.plan.U, self.plan.T
         if self.gpu:
-            from .kernels.flash_fp8 import quantize_grouped
+            from .kernels.flash_fp8 import GroupedDst, quantize_grouped
 
             groups = self._row_views.get("fp8 groups")
-            if groups is None:  # one head group per destination
+            if groups is None:  # one head group per destination, made once
                 groups = self._row_views["fp8 groups"] = {
-                    n: self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:])
+                    n: GroupedDst.of(self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:]))
                     for x in "qkv" for n in self.parts[x]}
             quantize_grouped(*self._quantizable(q, k, v), groups)
             return
@@ -446,7 +433,7 @@ class SPAttention:
         """The caller's arrays as torch tensors the CUDA quantisers take (a contiguous copy where not)."""
         from .kernels.flash_fp8 import cuda_quantizable
 
-        xs = [_as_torch(x, self.rt) for x in (q, k, v)]
+        xs = [as_torch(x, self.rt.backend.device) for x in (q, k, v)]
         return tuple(x if cuda_quantizable(x) else x.contiguous() for x in xs)
 
     def _fp8_pieces(self, q: Any, k: Any, v: Any) -> list[tuple[str, Any]]:
@@ -456,7 +443,7 @@ class SPAttention:
         from .quant import quantize_kv, quantize_q
 
         U, T, Ht = self.plan.U, self.plan.T, self.Ht
-        qt, kt, vt = (_as_torch(x, self.rt) for x in (q, k, v))
+        qt, kt, vt = (as_torch(x, self.rt.backend.device if self.gpu else None) for x in (q, k, v))
         fq, fkv = quantize_q(qt), quantize_kv(kt, vt)
         return [(name, x.unflatten(h, (U, T, Ht)).movedim((h, h + 1), (0, 1)))
                 for name, x, h in (("q", fq.data, 2), ("qs", fq.scale, 1), ("k", fkv.k, 2), ("ks", fkv.kscale, 1),

@@ -15,7 +15,8 @@ from oneside.heap import join as oneside_join
 from . import reference
 from .reference import AttnState
 
-_KERNEL_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# heap dtype -> the kernels' (uint8 buffers hold the FP8 layers' e4m3 bytes)
+_KERNEL_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int8": "int8", "uint8": "e4m3"}
 
 
 def _rows(block: Any) -> tuple[Any, int | None]:
@@ -34,7 +35,15 @@ def _f64_to_bf16(x: np.ndarray) -> np.ndarray:
     return ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-_FP8_DTYPES = {"int8": "int8", "uint8": "e4m3", "float32": "fp32"}  # heap dtype -> kernel's
+def as_torch(x: Any, device: int | None) -> Any:
+    """A torch view of a caller's array (torch as is; numpy, and CuPy on CUDA ``device``, without a copy)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return torch.as_tensor(x, device=f"cuda:{device}")
 
 
 def strides_of(shape: Sequence[int]) -> tuple:
@@ -153,19 +162,18 @@ class GpuAttention:
 
     def desc(self, block: Any):
         """A kernel descriptor of a (SymArray, rows) block (bf16 included) or a GPU array."""
-        from .kernels import TensorDesc, as_desc
+        from .kernels import as_desc
 
         a, n = _rows(block)
         if not hasattr(a, "rt"):
             return as_desc(a)
-        shape = tuple(a.shape) if n is None else (a.shape[0], n, *a.shape[2:])
-        return TensorDesc(a.ptr, shape, strides_of(a.shape), _KERNEL_DTYPES[a.dtype], self.device)
+        return self._cut(a, tuple(a.shape) if n is None else (a.shape[0], n, *a.shape[2:]))
 
     def _cut(self, a: Any, shape: tuple) -> Any:
-        """A kernel descriptor of the first ``shape`` elements of symmetric array ``a`` (FP8 parts)."""
+        """A kernel descriptor of the first ``shape`` elements of symmetric array ``a``."""
         from .kernels import TensorDesc
 
-        return TensorDesc(a.ptr, tuple(shape), strides_of(a.shape), _FP8_DTYPES[a.dtype], self.device)
+        return TensorDesc(a.ptr, tuple(shape), strides_of(a.shape), _KERNEL_DTYPES[a.dtype], self.device)
 
     def prepare(self, q, k, v, state, scale, init, finalize, out=None):
         from .kernels import AttnLaunch
@@ -185,22 +193,17 @@ class GpuAttention:
             launch(init=init, finalize=finalize, stream=stream)
         return run
 
-    @staticmethod
-    def direct(q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False) -> None:
+    def direct(self, q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False) -> None:
         """Plain attention of the caller's BSHD tensors into ``out`` (one rank: no heap, no state;
         ``fp8``: quantised first, the FP8 kernel). Raises ValueError where the kernel cannot read
         them (head dim, alignment, strides)."""
         from .kernels import attn_blocks
 
         if fp8:
-            import torch
-
             from .kernels.flash_fp8 import attn_blocks_fp8
             from .quant import quantize_kv, quantize_q
 
-            dev = q.device if isinstance(q, torch.Tensor) else torch.device("cuda", q.device.id)  # or CuPy
-            q, k, v, out = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=dev)
-                            for x in (q, k, v, out))
+            q, k, v, out = (as_torch(x, self.device) for x in (q, k, v, out))
             attn_blocks_fp8([quantize_q(q)], [quantize_kv(k, v)], None, scale, init=True, finalize=True,
                             out=[out], stream=stream)
             return

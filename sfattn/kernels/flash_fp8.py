@@ -226,6 +226,7 @@ class GroupedDst:
         if not 0 < len(bases) <= QMAXG:
             raise ValueError(f"bases: expected 1..{QMAXG} head groups, got {len(bases)}")
         self.bases, self.strides = [int(b) for b in bases], tuple(int(x) for x in strides)
+        self._args: dict = {}  # axes -> the packed parameter: made once, reused by every call
 
     @staticmethod
     def of(t: Any) -> "GroupedDst":
@@ -235,8 +236,12 @@ class GroupedDst:
 
     def arg(self, *axes: int) -> Any:
         """The QDst parameter: group bases, then the strides of ``axes`` (of the group's slab)."""
-        st = [self.strides[a] for a in axes] + [0] * (3 - len(axes))
-        return (ctypes.c_int64 * (QMAXG + 3))(*(self.bases + [0] * (QMAXG - len(self.bases))), *st)
+        got = self._args.get(axes)
+        if got is None:
+            st = [self.strides[a] for a in axes] + [0] * (3 - len(axes))
+            got = self._args[axes] = (ctypes.c_int64 * (QMAXG + 3))(
+                *(self.bases + [0] * (QMAXG - len(self.bases))), *st)
+        return got
 
 
 def _check_parts(parts: dict, shapes: dict) -> None:
