@@ -145,8 +145,16 @@ class Family:
         """The model's velocity prediction at noise level ``sigma``, shaped like ``latents``.
 
         The timestep is float32 (float64 with float64 latents), as the schedulers make it."""
+        return self.call(model, latents, self.timestep(latents, sigma), cond)
+
+    def timestep(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The model's ``timestep`` argument at noise level ``sigma``, one per sample."""
         dtype = torch.promote_types(latents.dtype, torch.float32)
-        t = torch.full((latents.shape[0],), sigma * self.timestep_scale, device=latents.device, dtype=dtype)
+        return torch.full((latents.shape[0],), sigma * self.timestep_scale, device=latents.device, dtype=dtype)
+
+    @staticmethod
+    def call(model: Callable[..., Any], latents: torch.Tensor, t: torch.Tensor, cond: Tensors) -> torch.Tensor:
+        """The model's output at timestep tensor ``t`` (see :meth:`timestep`)."""
         return model(hidden_states=latents, timestep=t, **cond, return_dict=False)[0]
 
     def tokens(self, res: Res) -> tuple[int, int]:

@@ -143,6 +143,8 @@ def cp_config(name: str, world: int, uneven: bool) -> Any:
 
 def peer_problem(name: str, a: argparse.Namespace, world: int, uneven: bool, gpu: bool, nccl: bool) -> str | None:
     """Why the peer ``name`` cannot run here (None: it can)."""
+    if a.cuda_graph and not nccl:
+        return "--cuda-graph: a CUDA graph cannot hold gloo's collectives (NCCL: one rank per GPU)"
     if name == "usp":
         import importlib.util
 
@@ -193,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                     help="torch.compile mode; reduce-overhead replays each step as CUDA graphs (sfattn inside)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="capture each run's forward once as a CUDA graph and replay it every step (GPUs; sfattn "
+                         "inside the graph; with --compile: the compiled model's kernels)")
     ap.add_argument("--sdpa", choices=("cudnn", "default"), default="cudnn",
                     help="torch SDPA on GPUs outside sfattn (the 1-GPU run, cross-attention): cuDNN or torch's choice")
     ap.add_argument("--ranks-per-gpu", type=int, default=1,
@@ -265,6 +270,36 @@ def denoise(velocity: Callable[[torch.Tensor, float], torch.Tensor], latents: to
     return latents, first, times
 
 
+class GraphedForward:
+    """``fam.forward(model, x, sigma, cond)`` as one CUDA graph (``--cuda-graph``): at the first
+    call, ``warm`` eager calls on a side stream (they compile the model and build sfattn's layers),
+    then one capture; every call copies the latents and the timestep into the graph's static
+    inputs and replays it. sfattn's layers issue their kernels, waits and barriers into the
+    caller's graph (their rounds and tags live on the GPU, so replays stay exact)."""
+
+    def __init__(self, fam: Family, model: Callable, cond: dict[str, Any], warm: int = 2):
+        self.fam, self.model, self.cond, self.warm = fam, model, cond, warm
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = self.fam.timestep(x, sigma)
+        if self.graph is None:
+            self.x, self.t = x.clone(), t.clone()
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warm):
+                    self.fam.call(self.model, self.x, self.t, self.cond)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fam.call(self.model, self.x, self.t, self.cond)
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.out.clone()
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double()
     return float((x - ref).abs().max() / ref.abs().max())
@@ -292,10 +327,12 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = dict(model=a.model, tiny=a.tiny, dtype=a.dtype, ranks=W, backend=rt.backend_name,
                                device=torch.cuda.get_device_name(device) if gpu else "cpu",
                                compile=(a.compile_backend + (f" {a.compile_mode}" if a.compile_mode else ""))
-                               if a.compile else None, steps=a.steps,
+                               if a.compile else None, cuda_graph=a.cuda_graph, steps=a.steps,
                                shared_gpu=shared_gpu, height=a.height, width=a.width, frames=a.frames,
                                tokens=img, text_tokens=txt, heads=cfg["num_attention_heads"], uneven=uneven,
                                ms={}, rel_err={}, describe={}, notes=[])
+    if a.cuda_graph and not gpu:
+        raise ValueError("--cuda-graph: needs GPUs (the host backend runs on CPUs)")
     init_distributed(rt, a.dist_init, nccl)
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():  # inference tensors throughout: no recompilation between steps
@@ -312,6 +349,8 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
         return torch.compile(m, backend=a.compile_backend, fullgraph=fullgraph, dynamic=False, mode=a.compile_mode)
 
     def velocity(m: Callable) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        if a.cuda_graph:
+            return GraphedForward(fam, m, cond)
         return lambda x, sigma: fam.forward(m, x, sigma, cond)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -395,6 +434,7 @@ def report(a: argparse.Namespace, res: dict[str, Any]) -> str:
     lines = [f"{a.model}{' tiny' if a.tiny else ''} {size}: {res['tokens']} image/video + {res['text_tokens']} text "
              f"tokens{' (uneven shards)' if res['uneven'] else ''}, {res['heads']} heads, {a.dtype}, "
              f"{res['ranks']} ranks ({res['backend']}, {res['device']}), compile={res['compile'] or 'off'}, "
+             f"{'one CUDA graph per forward, ' if res.get('cuda_graph') else ''}"
              f"median of {a.steps} steps"]
     t1 = res["ms"]["1gpu"]
     lines.append(f"  {'1 rank (reference)':<28} {t1:10.2f} ms/step")
@@ -435,7 +475,8 @@ def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
             values["e2e_flux4096_over_usp"] = round(res["over_usp"], 3)
     elif full and (a.height, a.width) == (1024, 1024) and res["ranks"] == 2 and res["shared_gpu"] and a.compile:
         values["e2e_flux1024_2ranks_1gpu_over_1rank"] = round(res["ms"]["sfattn"] / res["ms"]["1gpu"], 4)
-        values["e2e_flux1024_compile"] = res.get("compile") or a.compile_backend
+        values["e2e_flux1024_compile"] = (res.get("compile") or a.compile_backend) + \
+            (", one CUDA graph per forward" if res.get("cuda_graph") else "")
     elif "sfattn-fp8" not in res["ms"]:
         why.append("not full-width Flux at 4096^2 on 2 GPUs, nor compiled at 1024^2 on 2 ranks sharing a GPU")
     if res["ok"] and "sfattn-fp8" in res["ms"] and res["device"] != "cpu" and not a.tiny:
