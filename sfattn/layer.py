@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import oneside
 
-from .local import FA3Attention, GpuAttention, HostAttention, TorchAttention, as_torch
+from .local import FA3Attention, GpuAttention, HostAttention, PeerBlock, TorchAttention, as_torch
 from .p2p import UlyssesP2P
 from .plan import Plan
 
@@ -33,6 +33,13 @@ from .plan import Plan
 def _swap12(x: Any) -> Any:
     """BHSD <-> BSHD view (numpy, CuPy or torch; no copy)."""
     return x.transpose(1, 2) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
+
+
+def _same_view(x: Any, t: Any) -> bool:
+    """Whether ``x`` is the torch tensor ``t`` as a view: same memory, offset, shape and strides
+    (empty views included, whose data_ptr is 0)."""
+    return (hasattr(x, "untyped_storage") and x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            and x.storage_offset() == t.storage_offset() and x.shape == t.shape and x.stride() == t.stride())
 
 
 class SPAttention:
@@ -62,12 +69,20 @@ class SPAttention:
     output keeps ``dtype``. With ``p2p`` the quantisers write straight into the members' receive
     buffers. Needs ``local='kernel'``; on GPUs bf16/fp16 layers, head dim 64 or 128, Hopper.
     docs/fp8.md gives its accuracy.
+    ``io_buffers``: also allocate this rank's Q, K, V and output in the symmetric heap, in the
+    caller's layout: :attr:`io` holds them (``{'q', 'k', 'v', 'o'}``, torch tensors of this
+    rank's shard). A caller that writes its projections into ``io['q'|'k'|'v']`` and calls
+    ``layer(io['q'], io['k'], io['v'], out=io['o'])`` on every rank moves no data where the whole
+    plan is Ulysses over ranks that share one GPU (T = R = 1, p2p, bf16/fp16): each rank's kernel
+    reads its heads of every member's inputs and writes their outputs in place, between two
+    barriers (``io_in_place``). Elsewhere the same call takes the p2p/put exchange. ``out=None``
+    returns a copy of ``io['o']``; ``io['o']`` itself holds the result until the layer's next call.
     """
 
     def __init__(self, rt: oneside.Runtime, plan: Plan, batch: int, dtype: Any = "bfloat16",
                  scale: float | None = None, layout: str = "bshd", local: str = "kernel",
                  lens: Sequence[int] | None = None, cuda_graph: bool | None = None,
-                 p2p: bool | None = None, precision: str | None = None):
+                 p2p: bool | None = None, precision: str | None = None, io_buffers: bool = False):
         if plan.world_size != rt.world_size:
             raise ValueError(f"plan: made for {plan.world_size} ranks, the runtime has {rt.world_size}")
         if (plan.mesh.machines, plan.mesh.gpus_per_machine) != (rt.mesh.machines, rt.mesh.gpus_per_machine):
@@ -90,7 +105,7 @@ class SPAttention:
                "head_dim": plan.head_dim, "T": plan.T, "U": plan.U, "R": plan.R,
                "order": ",".join(f"{lv}{n}" for lv, n in plan.order), "batch": batch,
                "dtype": self.dtype, "scale": self.scale, "layout": layout, "local": local,
-               "precision": precision or self.dtype,
+               "precision": precision or self.dtype, "io_buffers": bool(io_buffers),
                "lens": ",".join(map(str, self.lens))}
         rt.agree("SPAttention", sig)
         # call-site tags of the per-call barriers: this layer's identity, advanced per call, so a
@@ -166,10 +181,14 @@ class SPAttention:
             self.RO = a((T, U, *piece))            # my chunk's outputs, by torus group
             self.FO = a((U, T, *piece))            # after reverse Ulysses: [ulysses group, torus group]
             self.ready = a((T, R), "uint64")       # ring peers' "chunk p pulled" counters
+            # the caller's Q, K, V and output in the heap (io_buffers), [B, Sl, H, D] each
+            self.IO = {x: a((B, Sl, H, D)) for x in "qkvo"} if io_buffers else {}
         except oneside.HeapExhaustedError:  # every rank fails at the same allocation: give back, symmetric
             self.close()
             raise
         self.ready.local[...] = 0
+        for buf in self.IO.values():  # rows past a shard's length are read as Q/K rows: zeros
+            buf.local[...] = 0
         if self.fp8:  # scales of blocks past a shard's rows stay 0: padded Q rows read as zeros
             for bufs in (self.SU, self.RU, self.TP, self.RP):
                 for buf in bufs.values():
@@ -190,6 +209,7 @@ class SPAttention:
             self._events: dict = {}
         self._build()
         self.p2p = UlyssesP2P(self) if use_p2p else None
+        self._build_io(use_p2p and local == "kernel")
         rt.sync()
         rt.barrier_all()
         rt.sync()
@@ -371,6 +391,44 @@ class SPAttention:
         self._send_views = {n: self.SU[n] if U > 1 else self.RU[n] for n in names}
         self._src = src
 
+    def _build_io(self, mapped: bool) -> None:
+        """The caller-facing io tensors and, where every rank can, the in-place compute: member
+        ``Ut[i]``'s rows of my heads, read from its io inputs and written to its io output."""
+        rt, plan = self.rt, self.plan
+        self.io: dict = {}
+        self._io_bshd: dict = {}
+        self._io_run: Any = None
+        self._io_graph: Any = None
+        self.io_in_place = False
+        if not self.IO:
+            return
+        L = self.shard_len()
+        for x, buf in self.IO.items():
+            t = self._io_bshd[x] = buf.torch()[:, :L]
+            self.io[x] = _swap12(t) if self.layout == "bhsd" else t
+        able = (mapped and plan.T == 1 and plan.R == 1 and plan.U > 1 and not self.fp8
+                and all(rt.mapped(p) for p in self.Ut))
+        if self.gpu:  # in place only on one GPU: over NVLink every Q tile would re-read the peers' K/V
+            import cupy
+
+            bus = cupy.cuda.Device(rt.backend.device).pci_bus_id
+            gpu_id = int("".join(c for c in bus if c in "0123456789abcdefABCDEF"), 16) & 0x7FFFFFFFFFFF
+            ids = rt.exchange("SPAttention.io_gpu", [gpu_id])[:, 0]
+            able = able and all(ids[p] == gpu_id for p in self.Ut)
+        self.io_in_place = bool(rt.exchange("SPAttention.io", [int(able)])[:, 0].all())
+        if not self.io_in_place:
+            return
+        Ht, Sl, h0 = self.Ht, self.Sl, self.u * self.Ht
+        members = [self.Ut[i] for i in range(plan.U)]
+        q, k, v, o = ([PeerBlock(self.IO[x], p, h0, Ht, Sl if x in "qo" else self.lens[p]) for p in members]
+                      for x in "qkvo")
+        run = self.local.prepare(q, k, v, self.states[0], self.scale, init=True, finalize=True, out=o)
+        self._io_run = rt.chaos.wrap(run) if rt.chaos is not None else run
+
+    def _is_io(self, q: Any, k: Any, v: Any) -> bool:
+        """Whether q, k, v (BSHD) are this layer's io inputs themselves."""
+        return all(_same_view(x, self._io_bshd[n]) for n, x in (("q", q), ("k", k), ("v", v)))
+
     # -- per call ------------------------------------------------------------------------
     @staticmethod
     def _view(buf: oneside.SymArray, like: Any) -> Any:
@@ -485,6 +543,8 @@ class SPAttention:
         rt.check()  # a failure an earlier call's GPU-side waits recorded: raise it now
         self._calls += 1
         C = rt.backend.stream_handle(None) if self.gpu else None
+        if self._io_run is not None and self._is_io(q, k, v):
+            return self._call_io(out, C)
         if self.p2p is not None:
             self.p2p.push(q, k, v, C)
         elif self.fp8:
@@ -494,7 +554,7 @@ class SPAttention:
                 self._pack(a, self._send_views[x])
         if self._graphable and self._calls >= 2 and not self._capturing(C):
             if self._graph is None:
-                self._graph = self._capture(C)
+                self._graph = self._capture(C, self._exchange_compute)
             self._graph.launch(self._ext_stream(C))
         else:
             self._exchange_compute(C)
@@ -510,6 +570,32 @@ class SPAttention:
         else:
             self._unpack(out)
         return ret
+
+    def _call_io(self, out: Any, C: Any) -> Any:
+        """A call on the io inputs, in place (see ``io_buffers``): barrier, one kernel, barrier."""
+        if self._graphable and self._calls >= 2 and not self._capturing(C):
+            if self._io_graph is None:
+                self._io_graph = self._capture(C, self._compute_io)
+            self._io_graph.launch(self._ext_stream(C))
+        else:
+            self._compute_io(C)
+        o = self.io["o"]
+        if out is None:
+            return o.clone()
+        if not hasattr(out, "data_ptr"):
+            out[...] = o.numpy()
+        elif not _same_view(out, o):
+            out.copy_(o)
+        return out
+
+    def _compute_io(self, C: Any) -> None:
+        rt = self.rt
+        tag = (~self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF  # never an exchange call's tags
+        rt.barrier_all(C, tag=tag)  # every member's inputs written, its last call's output read
+        self._io_run(C)
+        rt.barrier_all(C, tag=tag + 1)  # every member's output complete, nobody reads my inputs
+        if self.gpu:
+            rt.poison_if_failed(self.IO["o"], C)
 
     def _exchange_compute(self, C: Any) -> None:
         """Everything between pack and unpack, issued on the caller's stream ``C``."""
@@ -581,15 +667,15 @@ class SPAttention:
             st = self._ext[C] = cupy.cuda.ExternalStream(C, self.rt.backend.device)
         return st
 
-    def _capture(self, C: int) -> Any:
-        """The exchange + compute part as a CUDA graph (captured, not run; every rank captures
-        at the same call). Its barriers' rounds and tags live on the GPU, so replays stay exact."""
+    def _capture(self, C: int, part: Any) -> Any:
+        """``part(stream)`` (the exchange + compute) as a CUDA graph (captured, not run; every rank
+        captures at the same call). Its barriers' rounds and tags live on the GPU, so replays stay exact."""
         import cupy
 
         s = cupy.cuda.Stream(non_blocking=True)
         s.begin_capture(getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2))  # NVSHMEM's own threads
         try:
-            self._exchange_compute(s.ptr)
+            part(s.ptr)
         finally:
             graph = s.end_capture()
         graph.upload(self._ext_stream(C))

@@ -6,6 +6,7 @@ On the host backend this is the numpy reference (float64 math); on GPUs the fuse
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,6 +18,21 @@ from .reference import AttnState
 
 # heap dtype -> the kernels' (uint8 buffers hold the FP8 layers' e4m3 bytes)
 _KERNEL_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int8": "int8", "uint8": "e4m3"}
+
+
+@dataclass(frozen=True)
+class PeerBlock:
+    """Heads ``h0 : h0 + heads`` of the first ``rows`` rows of member ``pe``'s copy of the
+    ``[B, S, H, D]`` symmetric array ``buf``, read (or written) in place where ``pe`` is mapped."""
+
+    buf: Any
+    pe: int
+    h0: int
+    heads: int
+    rows: int
+
+    def host_view(self) -> np.ndarray:
+        return self.buf.peer(self.pe)[:, :self.rows, self.h0:self.h0 + self.heads]
 
 
 def _rows(block: Any) -> tuple[Any, int | None]:
@@ -99,13 +115,16 @@ class HostAttention:
 
     @staticmethod
     def view(block: Any):
+        if isinstance(block, PeerBlock):
+            return block.host_view()
         a, n = _rows(block)
         a = a.local if hasattr(a, "rt") else a
         return a if n is None else a[:, :n]
 
     @staticmethod
     def _bf16(block: Any) -> bool:
-        return getattr(_rows(block)[0], "dtype", None) == "bfloat16"
+        a = block.buf if isinstance(block, PeerBlock) else _rows(block)[0]
+        return getattr(a, "dtype", None) == "bfloat16"
 
     def state(self, B: int, S: int, H: int, D: int) -> AttnState:
         return AttnState.empty(B, S, H, D, xp=np, dtype=np.float64)
@@ -162,8 +181,14 @@ class GpuAttention:
 
     def desc(self, block: Any):
         """A kernel descriptor of a (SymArray, rows) block (bf16 included) or a GPU array."""
-        from .kernels import as_desc
+        from .kernels import TensorDesc, as_desc
 
+        if isinstance(block, PeerBlock):
+            a = block.buf
+            B, _, H, D = a.shape
+            at = block.buf.peer_ptr(block.pe) + block.h0 * D * a.itemsize
+            return TensorDesc(at, (B, block.rows, block.heads, D), strides_of(a.shape), _KERNEL_DTYPES[a.dtype],
+                              self.device)
         a, n = _rows(block)
         if not hasattr(a, "rt"):
             return as_desc(a)
