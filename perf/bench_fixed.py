@@ -15,6 +15,10 @@ medians):
   buffer, puts; measured where the default is p2p);
 * ``kernels``: the layer's attention kernels alone (its compute steps, on the data already in
   its buffers) - ``fixed = layer - kernels`` (``fixed_put_us``: the same for ``layer_put``);
+* ``layer_io``: the layer with ``io_buffers=True`` called on its io tensors, where that computes
+  in place (Ulysses over ranks sharing one GPU: barrier, one kernel reading the members' inputs
+  and writing their outputs, barrier), and ``kernels_io``, that kernel alone:
+  ``fixed_io_us = layer_io - kernels_io``;
 * the pieces of the fixed cost, each alone: ``push`` / ``pull`` (p2p: Q, K, V into the members'
   receive buffers; the output rows back into the caller's tensor), ``barrier`` (one
   BarrierAll); of the put exchange: ``pack`` (Q, K, V into the send buffers), ``exchange`` (the
@@ -23,8 +27,9 @@ medians):
 * ``host_*``: the host's time to issue each (wall clock, no sync), against which the GPU time
   says whether a layer is host-bound; ``--profile N``: rank 0's cProfile of N layer calls.
 
-Rank 0 prints a table and, with ``--summary``, writes ``layer_fixed_us_2ranks_flux1024`` from a
-2-rank run on one GPU.
+Rank 0 prints a table and, with ``--summary``, writes ``layer_fixed_us_2ranks_flux1024`` (the
+default call on the caller's tensors) and ``layer_fixed_us_2ranks_flux1024_io`` (io buffers, in
+place) from a 2-rank run on one GPU.
 """
 from __future__ import annotations
 
@@ -84,6 +89,7 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     eager = sfattn.SPAttention(rt, plan, 1, "bfloat16", cuda_graph=False)  # every launch from the host
     put = sfattn.SPAttention(rt, plan, 1, "bfloat16", p2p=False) if layer.p2p is not None else None
     old = put or layer  # the layer whose put exchange's pieces are timed
+    io = sfattn.SPAttention(rt, plan, 1, "bfloat16", io_buffers=True)
     L = layer.shard_len()
     g = torch.Generator(device=dev).manual_seed(rt.rank)
     q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -105,6 +111,11 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
         fns["layer_put"] = lambda: sfattn.attention(q, k, v, put)
         fns["push"] = lambda: layer.p2p.push(q, k, v, C())
         fns["pull"] = lambda: layer.p2p.pull(out, C())
+    if io.io_in_place:
+        for x, t in zip("qkv", (q, k, v)):
+            io.io[x].copy_(t)
+        fns["layer_io"] = lambda: io(io.io["q"], io.io["k"], io.io["v"], out=io.io["o"])
+        fns["kernels_io"] = lambda: io._io_run(C())
     t, h = timed(rt, fns, reps)
     if profile and rt.rank == 0:  # where the host's time per layer call goes
         import cProfile
@@ -131,7 +142,9 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
                tokens=S, shard=L)
     if put is not None:
         res["fixed_put_us"] = round((t["layer_put"] - t["kernels"]) * 1e6, 2)
-    for x in (layer, eager, *([put] if put else [])):
+    if io.io_in_place:
+        res["fixed_io_us"] = round((t["layer_io"] - t["kernels_io"]) * 1e6, 2)
+    for x in (layer, eager, io, *([put] if put else [])):
         release(x)
         x.close()
     return res
@@ -160,12 +173,15 @@ def main() -> int:
         m["fixed_us"] = round(m["layer"] - m["kernels"], 2)  # the critical path: slowest layer - slowest kernels
         if "layer_put" in m:
             m["fixed_put_us"] = round(m["layer_put"] - m["kernels"], 2)
+        if "layer_io" in m:
+            m["fixed_io_us"] = round(m["layer_io"] - m["kernels_io"], 2)
         out[name] = mine
     shared = torch.cuda.device_count() < rt.world_size
     res = dict(ranks=rt.world_size, device=torch.cuda.get_device_name(rt.backend.device), shared_gpu=shared,
                shapes=out)
     if rt.rank == 0:
-        cols = ["layer", "eager", "kernels", "fixed_us", "push", "barrier", "pull", "layer_put", "fixed_put_us",
+        cols = ["layer", "eager", "kernels", "fixed_us", "layer_io", "kernels_io", "fixed_io_us", "push", "barrier",
+                "pull", "layer_put", "fixed_put_us",
                 "pack", "exchange", "reverse", "unpack", "host_layer", "host_eager", "host_kernels",
                 "host_push", "host_pull", "host_barrier", "host_pack", "host_exchange", "host_reverse",
                 "host_unpack"]
@@ -177,8 +193,11 @@ def main() -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))
         if a.summary and rt.world_size == 2 and "flux1024" in out:
-            update_summary({"layer_fixed_us_2ranks_flux1024": out["flux1024"]["max_over_ranks"]["fixed_us"],
-                            "layer_fixed_card": res["device"]}, Path(a.summary))
+            m = out["flux1024"]["max_over_ranks"]
+            keys = {"layer_fixed_us_2ranks_flux1024": m["fixed_us"], "layer_fixed_card": res["device"]}
+            if "fixed_io_us" in m:
+                keys["layer_fixed_us_2ranks_flux1024_io"] = m["fixed_io_us"]
+            update_summary(keys, Path(a.summary))
     oneside.finalize()
     return 0
 

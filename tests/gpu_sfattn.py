@@ -9,7 +9,9 @@ the first part (and skips the rest), GPU_SFATTN_ONLY=fp8 only the FP8 part: ever
 ``precision="fp8"`` (keys with outlier channels) within the FP8 contract's error of float64
 attention, one-launch plans (T = R = 1) equal to the emulation of the ranks' quantised shards,
 bitwise identical run to run and under the layer's CUDA graph, the p2p push (quantisers writing
-into the members' buffers) equal to the put exchange.
+into the members' buffers) equal to the put exchange; GPU_SFATTN_ONLY=io only the io-buffer part
+(``io_buffers=True``: calls on the io tensors, in place where the plan is Ulysses on one GPU, give
+the exchange's bits, eagerly, under the layer's graph and inside the caller's graph).
 """
 from __future__ import annotations
 
@@ -83,6 +85,57 @@ def fp8_checks(rt, dev, say) -> None:
             layer.close()
 
 
+def io_checks(rt, dev, say) -> None:
+    """Every algorithm with io buffers: the in-place call (or the exchange on the io tensors) equals
+    the exchange on copies, bitwise, over calls with fresh inputs and inside a caller's graph."""
+    me = rt.rank
+    for H, S, D, layout in ((24, 1031, 128, "bshd"), (6, 517, 64, "bhsd")):
+        for algo in sfattn.ALGORITHMS:
+            try:
+                plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
+            except PlanError:
+                continue
+            layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, io_buffers=True)
+            io = layer.io
+            g = torch.Generator(device=dev).manual_seed(S + me)
+            for it in range(4):  # the second call captures the layer's graph, the later ones replay it
+                for x in "qkv":
+                    io[x].copy_(torch.randn(io[x].shape, device=dev, dtype=torch.bfloat16, generator=g))
+                io["o"].fill_(float("nan"))
+                got = layer(io["q"], io["k"], io["v"], out=io["o"])
+                want = layer(*(io[x].clone() for x in "qkv"))
+                torch.cuda.synchronize()
+                rt.check()
+                assert got is io["o"] and torch.equal(got, want), (algo, it, (got.float() - want.float()).abs().max())
+            static = [torch.randn(io[x].shape, device=dev, dtype=torch.bfloat16, generator=g) for x in "qkv"]
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for x, t in zip("qkv", static):
+                    io[x].copy_(t)
+                layer(io["q"], io["k"], io["v"], out=io["o"])
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # the caller's graph: the inputs' writes, the call, a read of the output
+                for x, t in zip("qkv", static):
+                    io[x].copy_(t)
+                layer(io["q"], io["k"], io["v"], out=io["o"])
+                res = io["o"] * 1
+            for it in range(3):
+                for t in static:
+                    t.copy_(torch.randn(t.shape, device=dev, dtype=torch.bfloat16, generator=g))
+                graph.replay()
+                want = layer(*(t.clone() for t in static))
+                torch.cuda.synchronize()
+                assert torch.equal(res, want), (algo, "caller's graph", it)
+            del graph
+            say(f"io buffers {algo:>7} H={H} S={S} D={D} {layout}: "
+                f"{'in place' if layer.io_in_place else 'exchange'}, equal to the exchange eagerly, "
+                f"under the layer's graph and in the caller's graph")
+            sfattn.release(layer)
+            layer.close()
+
+
 def main() -> None:
     rt = oneside.init(heap_size="6GiB", timeout=60)
     me = rt.rank
@@ -91,8 +144,8 @@ def main() -> None:
         if me == 0 else (lambda m: None)
     graph = {"1": True, "0": False}.get(os.environ.get("GPU_SFATTN_GRAPH", ""))
     only = os.environ.get("GPU_SFATTN_ONLY", "").split()
-    if only == ["fp8"]:
-        fp8_checks(rt, dev, say)
+    if only in (["fp8"], ["io"]):
+        (fp8_checks if only == ["fp8"] else io_checks)(rt, dev, say)
         oneside.finalize()
         if me == 0:
             print("ALL SFATTN GPU CHECKS PASSED", flush=True)
@@ -199,6 +252,7 @@ def main() -> None:
     sfattn.release(layer)
     layer.close()
     fp8_checks(rt, dev, say)
+    io_checks(rt, dev, say)
     # 1000 calls leave the heap as it was
     plan = sfattn.make_plan(rt.mesh, 24, 257, 64)
     layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
