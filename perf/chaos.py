@@ -9,6 +9,9 @@
     # GPUs (ranks sharing one GPU under MPS): --backend nvshmem --dtype bfloat16
     # FP8 layers (SPAttention(precision="fp8"); the float64 emulation of the FP8 kernel on CPUs)
     python perf/chaos.py all --calls 2000 --runs 40 --precision fp8
+    # io buffers (SPAttention(io_buffers=True), called on its io tensors: Ulysses over ranks of
+    # one GPU/host computes in place, reading and writing the members' heaps between two barriers)
+    python perf/chaos.py all --calls 2000 --runs 40 --meshes 1x2 1x3 2x2 --io
 
 A run starts ``python -m oneside.launch`` with a long ``--grace``, so a rank that neither
 finishes nor raises is found hung (and then killed) by this harness, not by the launcher.
@@ -45,7 +48,7 @@ SITES_W = {"barrier": 4, "transfer": 3, "signal": 2, "wait": 2, "launch": 2, "al
 # ------------------------------------------------------------------------------------------
 # worker: one rank (run under oneside.launch)
 # ------------------------------------------------------------------------------------------
-def _cases(rt, dtype: str, precision: str | None = None):
+def _cases(rt, dtype: str, precision: str | None = None, io: bool = False):
     """(name, layer, [(shard inputs, reference rows)]) for every algorithm the mesh allows;
     the largest shape first (a cold start's first call is the largest)."""
     import sfattn
@@ -58,7 +61,7 @@ def _cases(rt, dtype: str, precision: str | None = None):
                 plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
             except sfattn.PlanError:
                 continue
-            layer = sfattn.SPAttention(rt, plan, B, dtype, local="kernel", precision=precision)
+            layer = sfattn.SPAttention(rt, plan, B, dtype, local="kernel", precision=precision, io_buffers=io)
             lo, L = rt.rank * layer.Sl, layer.shard_len()
             sets = []
             for k in range(2):  # two input sets per layer, the same on every rank
@@ -108,16 +111,25 @@ def worker(a: argparse.Namespace) -> int:
         while i < a.calls:
             try:
                 if cases is None:
-                    cases = _cases(rt, a.dtype, a.precision)
+                    cases = _cases(rt, a.dtype, a.precision, a.io)
                 name, layer, sets = cases[i % len(cases)]
                 k = (i // len(cases)) % len(sets)
                 shard, ref, scale = sets[k]
                 i += 1
                 if skip is not None and skip == (rt.rank, i):
                     continue  # this rank "raised between building the layer and calling it"
-                o = layer(*shard)
+                if a.io:  # the shard into the layer's io inputs, the call on them (a copy of io['o'] back)
+                    import torch
+
+                    for x, t in zip("qkv", shard):
+                        layer.io[x].copy_(torch.as_tensor(t))
+                    o = layer(layer.io["q"], layer.io["k"], layer.io["v"])
+                else:
+                    o = layer(*shard)
                 if a.dtype == "bfloat16":
                     o = o.float().cpu().numpy()  # waits for the GPU
+                elif not isinstance(o, np.ndarray):
+                    o = o.numpy()
                 rt.check()  # did this call's collective succeed? (GPU waits record failures)
                 rep["calls"] += 1
                 rel = float(np.abs(o - ref).max() / scale) if o.size else 0.0
@@ -191,8 +203,9 @@ def _env(backend: str, chaos: str | None, fault: str | None, timeout: float) -> 
     return env
 
 
-def _prec(a: argparse.Namespace) -> list[str]:
-    return ["--precision", a.precision] if a.precision else []
+def _layer_args(a: argparse.Namespace) -> list[str]:
+    """The worker's layer options: precision, io buffers."""
+    return (["--precision", a.precision] if a.precision else []) + (["--io"] if a.io else [])
 
 
 def _mesh(s: str) -> tuple[int, int]:
@@ -204,13 +217,14 @@ def soak(a: argparse.Namespace) -> dict:
     """Every mesh in parallel, ``--calls`` layer calls each, under ONESIDE_CHAOS delays."""
     meshes = [_mesh(m) for m in a.meshes]
     t0 = time.monotonic()
-    res = {"meshes": {}, "chaos": a.chaos, "backend": a.backend, "dtype": a.dtype, "precision": a.precision}
+    res = {"meshes": {}, "chaos": a.chaos, "backend": a.backend, "dtype": a.dtype, "precision": a.precision,
+           "io_buffers": a.io}
     from concurrent.futures import ThreadPoolExecutor
 
     def one(i_mesh):
         i, mesh = i_mesh
         chaos = f"{a.seed + i},{a.chaos}"
-        return mesh, _launch(mesh, ["--calls", str(a.calls), "--dtype", a.dtype, "--heap", a.heap, *_prec(a)],
+        return mesh, _launch(mesh, ["--calls", str(a.calls), "--dtype", a.dtype, "--heap", a.heap, *_layer_args(a)],
                              _env(a.backend, chaos, None, a.timeout), a.deadline, a.backend)
 
     with ThreadPoolExecutor(a.parallel or len(meshes)) as ex:
@@ -263,7 +277,7 @@ def faults(a: argparse.Namespace) -> dict:
     injected = detected = 0
     runs = []
     t0 = time.monotonic()
-    base = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap, *_prec(a)]
+    base = ["--calls", str(a.fault_calls), "--dtype", a.dtype, "--heap", a.heap, *_layer_args(a)]
     visits = {}
     for mesh in meshes:  # calibration: a clean run per mesh counts the visits of each site
         reps, hung, _ = _launch(mesh, base, _env(a.backend, f"{a.seed},0,0", None, a.timeout), a.deadline, a.backend)
@@ -319,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="host", choices=("host", "nvshmem"))
     p.add_argument("--dtype", default="float64", choices=sorted(SHAPES))
     p.add_argument("--precision", default=None, choices=("fp8",), help="the layers' precision (default: dtype)")
+    p.add_argument("--io", action="store_true", help="layers with io_buffers=True, called on their io tensors")
     p.add_argument("--chaos", default="0.2,300", help="P,MAX_US of ONESIDE_CHAOS (the seed is added)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10.0, help="ONESIDE_TIMEOUT of the ranks")
@@ -326,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=0, help="soak: meshes at once (0: all)")
     p.add_argument("--heap", default="64MiB")
     p.add_argument("--write", action="store_true", help="write docs/perf/chaos.json and the summary keys")
-    p.add_argument("--out", default=None, help="default docs/perf/chaos[_fp8].json")
+    p.add_argument("--out", default=None, help="default docs/perf/chaos[_fp8][_io].json")
     p.add_argument("--summary", default=str(ROOT / "docs" / "perf" / "summary.json"))
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--skip", help=argparse.SUPPRESS)
@@ -334,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.mode == "worker":
         return worker(a)
-    a.out = a.out or str(ROOT / "docs" / "perf" / f"chaos{'_fp8' if a.precision else ''}.json")
+    tag = ("_fp8" if a.precision else "") + ("_io" if a.io else "")
+    a.out = a.out or str(ROOT / "docs" / "perf" / f"chaos{tag}.json")
     res: dict = {"command": "python perf/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if a.mode in ("soak", "all"):
@@ -350,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
         Path(a.out).write_text(json.dumps(res, indent=1))
         keys = {}
-        fp8 = "fp8_" if a.precision else ""
+        fp8 = ("fp8_" if a.precision else "") + ("io_" if a.io else "")
         if "soak" in res:
             s = res["soak"]
             pre = fp8 + ("gpu_stress_" if a.backend == "nvshmem" else "chaos_")

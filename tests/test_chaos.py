@@ -151,7 +151,17 @@ def test_harness_counts_a_wrong_output_as_a_miss(tmp_path, monkeypatch):
     monkeypatch.setattr(h, "_launch", fake_launch)
     res = h.faults(h.argparse.Namespace(seed=2, meshes=["2x1"], runs=3, fault_calls=6, dtype="float64",
                                         heap="4MiB", chaos=None, timeout=1, deadline=5, backend="host",
-                                        precision=None))
+                                        precision=None, io=False))
     assert res["faults_injected"] == 3 and res["faults_detected"] == 0
     assert any("wrong" in " ".join(r["problems"]) for r in res["runs"])
     json.dumps(res)
+
+
+def test_chaos_harness_io_slice(tmp_path):
+    """The same with io buffers: the in-place Ulysses (1 x 3: members read and write each other's
+    heaps between two barriers) and the exchange on io tensors (2 x 1)."""
+    h = _harness()
+    rc = h.main(["all", "--calls", "60", "--meshes", "1x3", "2x1", "--runs", "4", "--fault-calls", "6",
+                 "--timeout", "4", "--deadline", "120", "--chaos", "0.3,500", "--io",
+                 "--out", str(tmp_path / "chaos_io.json")])
+    assert rc == 0
