@@ -34,8 +34,10 @@ FP8_TOLERANCE.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -266,6 +268,7 @@ def denoise(velocity: Callable[[torch.Tensor, float], torch.Tensor], latents: to
         latents = latents + (sigmas[i + 1] - sigmas[i]) * v
         sync()
         times.append(time.perf_counter() - t0)
+        trace(f"step {i + 1}: {1e3 * times[-1]:.2f} ms")
         first = v if first is None else first
     return latents, first, times
 
@@ -288,12 +291,16 @@ class GraphedForward:
             side = torch.cuda.Stream(x.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(self.warm):
+                for i in range(self.warm):
                     self.fam.call(self.model, self.x, self.t, self.cond)
+                    trace(f"graph warm-up call {i + 1} issued")
             torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            trace("warm-up done; capturing")
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.out = self.fam.call(self.model, self.x, self.t, self.cond)
+            trace("captured")
         self.x.copy_(x)
         self.t.copy_(t)
         self.graph.replay()
@@ -360,6 +367,7 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
     ref = None
     with torch.inference_mode(), sdpa:
         if me == 0:  # the 1-GPU reference, whole, on rank 0 alone
+            trace("run 1gpu")
             model = fam.build(cfg, dtype, device)
             final, first, times = denoise(velocity(compiled(model)), latents, a.steps, a.warmup, sync)
             ref = (final, first)
@@ -377,6 +385,7 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
             if why is not None:
                 res["notes"].append(f"{name} skipped: {why}")
                 continue
+            trace(f"run {name}")
             model = fam.build(cfg, dtype, device)
             model.enable_parallelism(config=cp_config(name, W, uneven))
             inst = None
@@ -495,8 +504,16 @@ def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
     return f"summary: {values} -> {path}"
 
 
+def trace(msg: str) -> None:
+    """A progress line on stderr (``DIT_SP_TRACE=1``): where a slow or stuck run is."""
+    if os.environ.get("DIT_SP_TRACE"):
+        print(f"[dit_sp rank {os.environ.get('RANK', '0')} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr,
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = None
     if a.ranks_per_gpu > 1:  # consecutive ranks share a GPU
