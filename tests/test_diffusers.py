@@ -286,6 +286,41 @@ def _heap_pressure(rt, port):
     return errs, layers
 
 
+def _sites_made_once(rt, port):
+    """Forwards after the first at a resolution find every site made: no exchange, no new site
+    (each would synchronise the host with the GPU once per attention call, and break graph capture)."""
+    from sfattn.integrations import diffusers as sfd
+
+    _dist(rt, port)
+    model = _tiny_flux(4)
+    model.enable_parallelism(config=_cp_config(rt.world_size, "ulysses_anything"))
+    inst = sfd.enable(model, rt)
+    exchange, calls = rt.exchange, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return exchange(*args, **kwargs)
+    rt.exchange = counted
+    made = []
+    with torch.no_grad():
+        for s in ((5, 5, 7), (5, 5, 7), (5, 5, 7), (7, 3, 9), (5, 5, 7), (7, 3, 9)):
+            n = len(calls)
+            model(**_flux_inputs(*s))
+            made.append((len(calls) - n, len(inst._sites)))
+    sfd.disable(model)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return made
+
+
+def test_sites_are_made_once_per_resolution():
+    for made in all_ok(run_ranks(_sites_made_once, 2, heap="16MiB", deadline=120, timeout=60, port=free_port())):
+        first, again = made[0], made[1:3]
+        assert first[0] > 0 and all(m == (0, first[1]) for m in again), made
+        assert made[3][0] > 0 and made[4] == (0, made[3][1]) and made[5] == (0, made[3][1]), made
+
+
 def test_heap_holds_one_resolution_at_a_time():
     for errs, layers in all_ok(run_ranks(_heap_pressure, 2, heap="4MiB", deadline=120, timeout=60,
                                          port=free_port())):

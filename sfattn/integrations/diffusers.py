@@ -378,13 +378,13 @@ class ContextParallelAttention:
         lens = [int(n) for n in table[:, 0]]
         if kind == "attention":
             B, _, H, D = dims
-            key = (tuple(lens), B, H, D, dtype, extra[0], extra[1])
-            layer = self._layers.get(key)
+            lkey = (tuple(lens), B, H, D, dtype, extra[0], extra[1])  # layers are shared by equal global shapes
+            layer = self._layers.get(lkey)
             if layer is None:
-                layer = self._make_layer(key, shapes)
+                layer = self._make_layer(lkey, shapes)
                 if layer is not None:
-                    self._layers[key] = layer
-            site: _Attn | _Gather = _Attn(layer, key)
+                    self._layers[lkey] = layer
+            site: _Attn | _Gather = _Attn(layer, lkey)
         else:
             site = self._make_gather(lens, extra[0], dims, dtype, shapes)
         sid = len(self._sites) + 1
