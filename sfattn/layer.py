@@ -234,7 +234,7 @@ class SPAttention:
 
     @staticmethod
     def heap_bytes(plan: Plan, batch: int, dtype: Any = "bfloat16", lens: Sequence[int] | None = None,
-                   precision: str | None = None) -> int:
+                   precision: str | None = None, io_buffers: bool = False) -> int:
         """Symmetric-heap bytes an SPAttention of these shapes allocates: size ``oneside.init``'s
         ``heap_size`` with it (plus room for anything else on the heap and ~1 MiB reserved)."""
         from oneside.heap import ALIGN, itemsize
@@ -251,6 +251,7 @@ class SPAttention:
         n = sum(3 * al((T, U, *sh), dt) for x in "qkv" for _, sh, dt in parts[x])     # SU, RU, TP
         n += sum(al((R, T, U, *sh), dt) for x in "kv" for _, sh, dt in parts[x])      # RP
         n += 3 * al((T, U, batch, rows, Ht, plan.head_dim), dtype)                    # TO, RO, FO
+        n += 4 * al((batch, rows, plan.heads, plan.head_dim), dtype) if io_buffers else 0  # IO q, k, v, o
         return n + ALIGN  # signals
 
     @staticmethod

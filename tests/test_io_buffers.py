@@ -27,8 +27,10 @@ def _io_layers(rt, H: int, S: int, D: int, lens, layout: str, dtype: str):
             plan = make_plan(rt.mesh, H, S, D, algo)
         except PlanError:
             continue
+        before = rt.heap_used
         layer = SPAttention(rt, plan, 2, dtype, lens=lens, layout=layout, io_buffers=True)
         used = rt.heap_used
+        assert used - before == SPAttention.heap_bytes(plan, 2, dtype, lens=lens, io_buffers=True)
         cuts = np.cumsum([0, *layer.lens])
         lo, L = cuts[rt.rank], layer.shard_len()
         io = layer.io
