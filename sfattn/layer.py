@@ -128,7 +128,7 @@ class SPAttention:
         if cuda_graph is None:
             cuda_graph = plan.T == 1
         self._graphable = bool(cuda_graph) and rt.backend.is_gpu and rt.chaos is None and local == "kernel"
-        self._graph: Any = None
+        self._graphs: dict = {}  # part (method name) -> its CUDA graph
         self._ext: dict = {}
         self._row_views: dict = {}
         W, S, H, D = rt.world_size, plan.seq_len, plan.heads, plan.head_dim
@@ -399,7 +399,6 @@ class SPAttention:
         self.io: dict = {}
         self._io_bshd: dict = {}
         self._io_run: Any = None
-        self._io_graph: Any = None
         self.io_in_place = False
         if not self.IO:
             return
@@ -553,12 +552,7 @@ class SPAttention:
         else:
             for x, a in (("q", q), ("k", k), ("v", v)):
                 self._pack(a, self._send_views[x])
-        if self._graphable and self._calls >= 2 and not self._capturing(C):
-            if self._graph is None:
-                self._graph = self._capture(C, self._exchange_compute)
-            self._graph.launch(self._ext_stream(C))
-        else:
-            self._exchange_compute(C)
+        self._issue(self._exchange_compute, C)
         ret = out
         if out is None:
             shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
@@ -574,12 +568,7 @@ class SPAttention:
 
     def _call_io(self, out: Any, C: Any) -> Any:
         """A call on the io inputs, in place (see ``io_buffers``): barrier, one kernel, barrier."""
-        if self._graphable and self._calls >= 2 and not self._capturing(C):
-            if self._io_graph is None:
-                self._io_graph = self._capture(C, self._compute_io)
-            self._io_graph.launch(self._ext_stream(C))
-        else:
-            self._compute_io(C)
+        self._issue(self._compute_io, C)
         o = self.io["o"]
         if out is None:
             return o.clone()
@@ -654,6 +643,16 @@ class SPAttention:
             rt.barrier(self.Ut, C, tag=tag + 2)
         if self.gpu:  # results of a call whose waits failed are NaN, never plausible numbers
             rt.poison_if_failed(self.FO if U > 1 else self.RO, C)
+
+    def _issue(self, part: Any, C: Any) -> None:
+        """``part(C)``: eagerly, or with graphs on from the second call, as its CUDA graph
+        (captured once; not while the caller captures a graph itself)."""
+        if not (self._graphable and self._calls >= 2) or self._capturing(C):
+            return part(C)
+        graph = self._graphs.get(part.__name__)
+        if graph is None:
+            graph = self._graphs[part.__name__] = self._capture(C, part)
+        graph.launch(self._ext_stream(C))
 
     def _capturing(self, C: Any) -> bool:
         import cupy
