@@ -76,6 +76,10 @@ def _cases(rt, dtype: str, precision: str | None = None, io: bool = False):
                 else:
                     ref = attention_ref(*full, layer.scale)[0]
                     shard = [np.ascontiguousarray(x[:, lo:lo + L]) for x in full]
+                if io:  # copied into the layer's io tensors per call: torch tensors, made here once
+                    import torch
+
+                    shard = [torch.as_tensor(x) for x in shard]
                 sets.append((shard, ref[:, lo:lo + L], float(np.abs(ref).max())))
             cases.append((f"{algo}/S{S}", layer, sets))
     return cases
@@ -119,10 +123,8 @@ def worker(a: argparse.Namespace) -> int:
                 if skip is not None and skip == (rt.rank, i):
                     continue  # this rank "raised between building the layer and calling it"
                 if a.io:  # the shard into the layer's io inputs, the call on them (a copy of io['o'] back)
-                    import torch
-
                     for x, t in zip("qkv", shard):
-                        layer.io[x].copy_(torch.as_tensor(t))
+                        layer.io[x].copy_(t)
                     o = layer(layer.io["q"], layer.io["k"], layer.io["v"])
                 else:
                     o = layer(*shard)

@@ -406,16 +406,17 @@ class SPAttention:
         for x, buf in self.IO.items():
             t = self._io_bshd[x] = buf.torch()[:, :L]
             self.io[x] = _swap12(t) if self.layout == "bhsd" else t
-        able = (mapped and plan.T == 1 and plan.R == 1 and plan.U > 1 and not self.fp8
-                and all(rt.mapped(p) for p in self.Ut))
-        if self.gpu:  # in place only on one GPU: over NVLink every Q tile would re-read the peers' K/V
+        # every member on this GPU (the host backend: one memory): over NVLink every Q tile would
+        # re-read the peers' K/V; ``mapped``: the p2p exchange's condition held on every rank
+        gpu_id = 0
+        if self.gpu:
             import cupy
 
             bus = cupy.cuda.Device(rt.backend.device).pci_bus_id
             gpu_id = int("".join(c for c in bus if c in "0123456789abcdefABCDEF"), 16) & 0x7FFFFFFFFFFF
-            ids = rt.exchange("SPAttention.io_gpu", [gpu_id])[:, 0]
-            able = able and all(ids[p] == gpu_id for p in self.Ut)
-        self.io_in_place = bool(rt.exchange("SPAttention.io", [int(able)])[:, 0].all())
+        able = mapped and plan.T == 1 and plan.R == 1 and plan.U > 1 and not self.fp8
+        rows = rt.exchange("SPAttention.io", [int(able), gpu_id])
+        self.io_in_place = bool(rows[:, 0].all() and (rows[:, 1] == gpu_id).all())
         if not self.io_in_place:
             return
         Ht, Sl, h0 = self.Ht, self.Sl, self.u * self.Ht

@@ -139,3 +139,9 @@ def test_example_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             dit_sp.parse_args(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_gpus():
+    argv = ["--model", "flux", "--tiny", "--cuda-graph", "--dist-init", f"tcp://127.0.0.1:{free_port()}"]
+    (status, value), = run_ranks(_example, 1, heap="16MiB", deadline=60, timeout=30, argv=argv)
+    assert status == "err" and value[0] == "ValueError" and "--cuda-graph: needs GPUs" in value[1], value

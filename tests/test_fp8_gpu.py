@@ -42,14 +42,6 @@ def _relerr(x, ref):
     return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
 
 
-def _split(x, lens):
-    out, r = [], 0
-    for n in lens:
-        out.append(x[:, r:r + n])
-        r += n
-    return out
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([1], [1]), ([640], [128, 4099])])
@@ -59,8 +51,8 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
     S, N = sum(qlens), sum(kvlens)
     q, k, v = _rand((B, S, H, D), g), _rand((B, N, H, D), g), _rand((B, N, H, D), g)
     k = k + 3.0 * _rand((1, 1, H, D), g)                 # per-channel key bias (DiT keys)
-    qs = [quantize_q(x) for x in _split(q, qlens)]
-    kvs = [quantize_kv(a, b) for a, b in zip(_split(k, kvlens), _split(v, kvlens))]
+    qs = [quantize_q(x) for x in q.split(qlens, dim=1)]
+    kvs = [quantize_kv(a, b) for a, b in zip(k.split(kvlens, dim=1), v.split(kvlens, dim=1))]
     outs = [torch.full((B, n, H, D), float("nan"), device="cuda", dtype=torch.bfloat16) for n in qlens]
     scale = 1 / math.sqrt(D)
     lse = torch.full((B, H, S), float("nan"), device="cuda")
@@ -84,10 +76,10 @@ def test_fp8_chained_calls_equal_one_call(D):
     B, H, S = 1, 4, 700
     lens = [300, 257, 511]
     q, k, v = _rand((B, S, H, D), g), _rand((B, sum(lens), H, D), g), _rand((B, sum(lens), H, D), g)
-    for blk in _split(v, lens):
+    for blk in v.split(lens, dim=1):
         blk[:, 0] = 8.0                                    # the same absmax in every block and head
     qs = [quantize_q(q)]
-    kvs = [quantize_kv(a, b) for a, b in zip(_split(k, lens), _split(v, lens))]
+    kvs = [quantize_kv(a, b) for a, b in zip(k.split(lens, dim=1), v.split(lens, dim=1))]
     scale = 0.11
     one = torch.empty((B, S, H, D), device="cuda", dtype=torch.bfloat16)
     attn_blocks_fp8(qs, kvs, None, scale, init=True, finalize=True, out=[one])
