@@ -445,7 +445,7 @@ class Runtime:
         self.backend.quiet(stream)
 
     def barrier(self, team: Team, stream: Any = None, timeout: float | None = None,
-                tag: int | None = None) -> None:
+                tag: int | None = None, poison: SymArray | None = None) -> None:
         """Barrier over ``team``: prior transfers of each member are complete and visible.
 
         Every member must reach it from the same call site: ``tag`` (a 32-bit int, see
@@ -453,8 +453,10 @@ class Runtime:
         barrier's signals and a member that arrives with a different one - it skipped or added
         a collective - makes the others raise :class:`CollectiveMismatchError` (on GPUs: the
         wait records it, :meth:`check` raises it and :meth:`poison_if_failed` marks results).
+        ``poison``: :meth:`poison_if_failed` on it after the wait, in the barrier's own launch.
         """
         self.check()
+        dst = (0, 0) if poison is None else (self._sym(poison, "poison").ptr, poison.nbytes)
         if tag is None:
             tag = _caller_tag(2 if sys._getframe(1).f_code is _BARRIER_ALL_CODE else 1)
         if not isinstance(team, Team):
@@ -466,6 +468,8 @@ class Runtime:
                 self._pe(r, "team rank")
         me = team.index(self.rank)
         if team.size == 1:
+            if dst[1]:
+                self.backend.poison_if_failed(*dst, stream)
             return
         if owner is None:
             self._slot_team[slot] = team.ranks
@@ -475,11 +479,12 @@ class Runtime:
         epoch = self._epochs.get(slot, 0) + 1
         self._epochs[slot] = epoch
         self.backend.barrier(slot * self.world_size * 8, team.ranks, me, epoch, self._gen_off + 8 * slot,
-                             stream, timeout, int(tag) & 0xFFFFFFFF)
+                             stream, timeout, int(tag) & 0xFFFFFFFF, dst)
 
-    def barrier_all(self, stream: Any = None, timeout: float | None = None, tag: int | None = None) -> None:
+    def barrier_all(self, stream: Any = None, timeout: float | None = None, tag: int | None = None,
+                    poison: SymArray | None = None) -> None:
         """:meth:`barrier` over every rank."""
-        self.barrier(self.world, stream, timeout, tag)
+        self.barrier(self.world, stream, timeout, tag, poison)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         """Block the host until ``stream`` (GPU; None: the current stream) has finished.

@@ -4,9 +4,10 @@
     python -m oneside.launch -n 2 --backend nvshmem perf/bench_fixed.py --json /tmp/fixed_2.json
 
 Flux shapes (24 heads x 128, bf16): 1024^2 = 4096 image + 512 text tokens, 2048^2 = 16384 + 512.
-Per shape, interleaved rounds on every rank (every rank starts each piece together on an idle GPU, behind a
-device-side sleep that hides the host's launch time unless issuing takes longer; CUDA events;
-medians):
+Per shape, interleaved rounds on every rank: every rank starts each piece together on an idle GPU,
+behind a device-side sleep that hides the host's launch time unless issuing takes longer and a
+barrier on the GPU that releases every rank at once (so pieces that share the GPU, the ranks'
+kernels among them, are timed from one start to each rank's end, as a layer is); CUDA events; medians:
 
 * ``layer``: ``sfattn.attention`` (the torch op), the planner's algorithm with the layer's
   defaults (its exchange and compute replayed as one CUDA graph; the Ulysses exchange by stores
@@ -48,7 +49,7 @@ SHAPES = {"flux1024": 4096 + 512, "flux2048": 16384 + 512}
 
 def timed(rt, fns: dict, reps: int) -> tuple[dict, dict]:
     """Median GPU seconds (CUDA events) and host issue seconds of each fn, interleaved rounds; every
-    rank starts each fn together (host barrier, idle GPU) behind a short device-side sleep."""
+    rank starts each fn together (idle GPU, a short device-side sleep, then a GPU barrier)."""
     import random
 
     import torch
@@ -66,6 +67,7 @@ def timed(rt, fns: dict, reps: int) -> tuple[dict, dict]:
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(1_000_000)
+            rt.barrier_all(rt.backend.stream_handle(None))  # release every rank's piece at once
             a.record()
             t0 = time.perf_counter()
             fns[k]()

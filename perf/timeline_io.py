@@ -6,7 +6,8 @@ every process on a GPU) between its parts, on every rank (GPU; N ranks sharing o
 Sequences, each started together on every rank behind a device-side sleep (as in bench_fixed.py),
 medians over ``--reps``; times are microseconds from the earliest rank's first stamp:
 
-* ``parts``: barrier | kernel | barrier | poison, the io call's parts issued one by one;
+* ``parts``: barrier | kernel | barrier (poisoning the output on a failure), the io call's parts
+  issued one by one;
 * ``kernel``: the in-place kernel alone; ``aligned``: a barrier, then the kernel alone;
 * ``layer``: the whole io call (its CUDA graph); ``layer_xN`` / ``kernel_xN``: N of them back to
   back (the per-layer cost in a model, where the start skew of one call is paid once).
@@ -64,12 +65,12 @@ def main() -> int:
     def call() -> None:
         io(io.io["q"], io.io["k"], io.io["v"], out=io.io["o"])
 
-    def parts() -> None:
-        st(0); rt.barrier_all(C()); st(1); io._io_run(C()); st(2); rt.barrier_all(C()); st(3)  # noqa: E702
-        rt.poison_if_failed(io.IO["o"], C()); st(4)  # noqa: E702
+    def parts() -> None:  # the io call's parts (SPAttention._compute_io), a stamp between each
+        st(0); rt.barrier_all(C()); st(1); io._io_run(C()); st(2)  # noqa: E702
+        rt.barrier_all(C(), poison=io.IO["o"]); st(3)  # noqa: E702
 
     seqs = {
-        "parts": (parts, ["barrier", "kernel", "barrier2", "poison"]),
+        "parts": (parts, ["barrier", "kernel", "barrier+poison"]),
         "kernel": (lambda: (st(0), io._io_run(C()), st(1)), ["kernel"]),
         "aligned": (lambda: (rt.barrier_all(C()), st(0), io._io_run(C()), st(1)), ["kernel"]),
         "layer": (lambda: (st(0), call(), st(1)), ["layer"]),

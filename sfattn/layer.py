@@ -584,9 +584,8 @@ class SPAttention:
         tag = (~self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF  # never an exchange call's tags
         rt.barrier_all(C, tag=tag)  # every member's inputs written, its last call's output read
         self._io_run(C)
-        rt.barrier_all(C, tag=tag + 1)  # every member's output complete, nobody reads my inputs
-        if self.gpu:
-            rt.poison_if_failed(self.IO["o"], C)
+        # every member's output complete, nobody reads my inputs; NaN output if a wait failed
+        rt.barrier_all(C, tag=tag + 1, poison=self.IO["o"])
 
     def _exchange_compute(self, C: Any) -> None:
         """Everything between pack and unpack, issued on the caller's stream ``C``."""
@@ -636,14 +635,16 @@ class SPAttention:
             self._wait(C, "computed2")
             self._record("pushed", A)
             self._wait(C, "pushed")
-        rt.barrier_all(C, tag=tag + 1)
+        # results of a call whose waits failed are NaN, never plausible numbers: the last barrier
+        # poisons them in its launch
         if self.p2p is not None:  # the pull reads the members' results (and poisons itself)
-            return
-        if U > 1:
+            rt.barrier_all(C, tag=tag + 1)
+        elif U > 1:
+            rt.barrier_all(C, tag=tag + 1)
             self.ulysses_back.issue(C)
-            rt.barrier(self.Ut, C, tag=tag + 2)
-        if self.gpu:  # results of a call whose waits failed are NaN, never plausible numbers
-            rt.poison_if_failed(self.FO if U > 1 else self.RO, C)
+            rt.barrier(self.Ut, C, tag=tag + 2, poison=self.FO)
+        else:
+            rt.barrier_all(C, tag=tag + 1, poison=self.RO)
 
     def _issue(self, part: Any, C: Any) -> None:
         """``part(C)``: eagerly, or with graphs on from the second call, as its CUDA graph

@@ -327,12 +327,16 @@ def test_cluster_multicast_equals_single_blocks(qlens):
     assert rel(o2, ref_attn(q, k, v, 0.09)[0]) < TOL
 
 
-def test_heads_copy_moves_strided_head_groups_and_poisons_on_failure():
+@pytest.mark.parametrize("B,L,H,D,G", [(2, 37, 12, 128, 3), (1, 1000, 24, 80, 2), (1, 1, 24, 256, 1),
+                                       (3, 700, 8, 64, 2)])
+def test_heads_copy_moves_strided_head_groups_and_poisons_on_failure(B, L, H, D, G):
     """The p2p exchange's copy kernel: head groups of a strided [B, L, H, D] view into
-    contiguous [B, Lp, Hg, D] pieces and back; a non-zero failure word writes NaN instead."""
+    contiguous [B, Lp, Hg, D] pieces and back; a non-zero failure word writes NaN instead.
+    Shapes: batch 1 and more, rows of a power-of-two number of 16-byte vectors and not (D 80),
+    a token's vectors outnumbering a grid's threads (D 256, one row), several grid strides."""
     from sfattn.kernels.flash import HeadsCopy
 
-    B, L, Lp, H, D, G = 2, 37, 40, 12, 128, 3  # G groups of H / G heads; padded piece rows Lp
+    Lp = L + 3  # G groups of H / G heads; padded piece rows Lp
     Hg = H // G
     big = torch.randn(B, L + 5, H + 4, D, device="cuda", generator=_gen(1)).to(torch.bfloat16)
     x = big[:, 3:3 + L, 2:2 + H]  # strided view: odd row offset, 2 heads of padding each side

@@ -38,6 +38,7 @@ _CMPS = {"eq": 0, "ne": 1, "gt": 2, "ge": 3, "lt": 4, "le": 5}
 SM_MAX_AVG_BYTES = 1 << 20  # auto engine: sm when the average transfer is at most this
 SM_MIN_COUNT = 4
 SM_MAX_BLOCKS = 1024  # sm engine: thread blocks per transfer, at most
+POISON_THREADS = 256  # a wait kernel that also poisons: one block of this many threads
 
 _COPY_KERNEL = r"""
 extern "C" __global__ void oneside_copy_batch(const unsigned long long *dst, const unsigned long long *src,
@@ -93,9 +94,18 @@ __device__ void wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
 
 // Wait until every word (but `skip`) completes round `gen + inc`: its low half reaches the
 // round count, and where it equals it its high half (sum of call-site tags) must match.
+__device__ void poison_block(unsigned char *dst, u64 n, const u64 *flag);
+
+// `poison_n` > 0 (a launch of one block): after the wait, the block fills [poison, poison + n) if
+// a wait of this rank failed (what oneside_poison does, without a launch of its own).
 extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
-                                             u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns) {
-    wait_next(words, n, skip, gen, inc, flag, rec, abort_word, timeout_ns);
+                                             u64 *flag, u64 *rec, const u64 *abort_word, u64 timeout_ns,
+                                             unsigned char *poison, u64 poison_n) {
+    if (threadIdx.x == 0) wait_next(words, n, skip, gen, inc, flag, rec, abort_word, timeout_ns);
+    if (poison_n) {
+        __syncthreads();
+        poison_block(poison, poison_n, flag);
+    }
 }
 
 // A barrier over members whose heaps are all mapped into this GPU, as one launch: raise my word
@@ -105,14 +115,33 @@ extern "C" __global__ void oneside_wait_next(const u64 *words, int n, int skip, 
 // else touches), not an atomic: peer atomics need NVLink, plain stores work over PCIe P2P too.
 extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, u64 *words, int n, int me,
                                                   u64 *gen, u64 inc, u64 *flag, u64 *rec,
-                                                  const u64 *abort_word, u64 timeout_ns) {
-    const u64 sent = words[me] + inc;
-    words[me] = sent;
-    __threadfence_system();  // this stream's earlier writes before the arrivals
-    for (int j = 0; j < n; ++j)
-        if (j != me) *(reinterpret_cast<volatile u64 *>(rows[j]) + me) = sent;
-    __threadfence_system();
-    wait_next(words, n, me, gen, inc, flag, rec, abort_word, timeout_ns);
+                                                  const u64 *abort_word, u64 timeout_ns,
+                                                  unsigned char *poison, u64 poison_n) {
+    if (threadIdx.x == 0) {
+        const u64 sent = words[me] + inc;
+        words[me] = sent;
+        __threadfence_system();  // this stream's earlier writes before the arrivals
+        for (int j = 0; j < n; ++j)
+            if (j != me) *(reinterpret_cast<volatile u64 *>(rows[j]) + me) = sent;
+        __threadfence_system();
+        wait_next(words, n, me, gen, inc, flag, rec, abort_word, timeout_ns);
+    }
+    if (poison_n) {
+        __syncthreads();
+        poison_block(poison, poison_n, flag);
+    }
+}
+
+// One block fills [dst, dst + n) with 0xFF bytes if a wait of this rank failed.
+__device__ void poison_block(unsigned char *dst, u64 n, const u64 *flag) {
+    if (!*(const volatile u64 *)flag) return;
+    u64 head = (16 - ((u64)dst & 15)) & 15;
+    if (head > n) head = n;
+    for (u64 k = threadIdx.x; k < head; k += blockDim.x) dst[k] = 0xFF;
+    uint4 *d4 = reinterpret_cast<uint4 *>(dst + head);
+    const u64 n4 = (n - head) / 16;
+    for (u64 k = threadIdx.x; k < n4; k += blockDim.x) d4[k] = make_uint4(~0u, ~0u, ~0u, ~0u);
+    for (u64 k = head + 16 * n4 + threadIdx.x; k < n; k += blockDim.x) dst[k] = 0xFF;
 }
 
 __device__ void wait_next(const u64 *words, int n, int skip, u64 *gen, u64 inc,
@@ -633,10 +662,12 @@ class NvshmemBackend:
             self._wait_host(h, f"signal_wait_next(heap offset {offset})", timeout)
 
     def _launch_wait_next(self, words: int, n: int, skip: int, gen: int, inc: int, handle: int,
-                          timeout: float | None) -> None:
+                          timeout: float | None, poison: tuple[int, int] = (0, 0)) -> None:
         cp = self.cp
-        self._wait_gen((1,), (1,), (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen), cp.uint64(inc),
-                                    self._flag_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
+        self._wait_gen((1,), (POISON_THREADS if poison[1] else 1,),
+                       (cp.uint64(words), cp.int32(n), cp.int32(skip), cp.uint64(gen), cp.uint64(inc),
+                        self._flag_ptr, self._rec_ptr, self._abort_ptr, self._timeout(timeout),
+                        cp.uint64(poison[0]), cp.uint64(poison[1])),
                        stream=self._cupy_stream(handle))
 
     def reset_words(self, offsets: Sequence[int]) -> None:
@@ -649,10 +680,12 @@ class NvshmemBackend:
         rtm.deviceSynchronize()
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
-                stream: Any = None, timeout: float | None = None, tag: int = 0) -> None:
+                stream: Any = None, timeout: float | None = None, tag: int = 0,
+                poison: tuple[int, int] = (0, 0)) -> None:
         """Quiet, add ``1 + tag << 32`` to my word at every member (native call), wait for the next
         round of every member's word (kernel; the round count and the sum of call-site tags live
-        on the GPU, so graphs replay it; a member with another sum at this round is a mismatch)."""
+        on the GPU, so graphs replay it; a member with another sum at this round is a mismatch).
+        ``poison`` (address, bytes): the wait kernel then does :meth:`poison_if_failed` on it."""
         key = (tuple(members), row_offset)
         if key not in self._members:
             mine = self.rank // self.per_machine
@@ -668,15 +701,17 @@ class NvshmemBackend:
         if rows is not None:  # every member mapped, on this machine: quiet, then one kernel
             cp = self.cp
             self.lib.os_quiet(h)
-            self._barrier_mapped((1,), (1,), (rows, cp.uint64(row), cp.int32(len(m)), cp.int32(my_index),
-                                              cp.uint64(self.heap_base + gen_offset), cp.uint64(inc), self._flag_ptr,
-                                              self._rec_ptr, self._abort_ptr, self._timeout(timeout)),
+            self._barrier_mapped((1,), (POISON_THREADS if poison[1] else 1,),
+                                 (rows, cp.uint64(row), cp.int32(len(m)), cp.int32(my_index),
+                                  cp.uint64(self.heap_base + gen_offset), cp.uint64(inc), self._flag_ptr,
+                                  self._rec_ptr, self._abort_ptr, self._timeout(timeout),
+                                  cp.uint64(poison[0]), cp.uint64(poison[1])),
                                  stream=self._cupy_stream(h))
             return
         if crosses and self.link is not None:  # the barrier's messages cross an emulated link
             self._hold(int(self.link[1] * 1e9), h)
         self.lib.os_barrier_signal(row, self.ffi.cast("int32_t *", m.ctypes.data), len(m), my_index, inc, h)
-        self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, inc, h, timeout)
+        self._launch_wait_next(row, len(m), my_index, self.heap_base + gen_offset, inc, h, timeout, poison)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         self._wait_host(self.stream_handle(stream), "sync", timeout)

@@ -343,14 +343,18 @@ class HeadsCopy:
             raise ValueError(f"pieces: expected 1..{self.MAXP}, got {len(pieces)}")
         if row_bytes <= 0 or row_bytes % 16:
             raise ValueError(f"row_bytes={row_bytes}: expected a positive multiple of 16")
-        p = np.zeros(6 + 8 * self.MAXP, dtype=np.int64)
-        p[:6] = (B, L, Hg, row_bytes // 16, flag, len(pieces))
+        vecs = row_bytes // 16
+        if B * L >= 1 << 31 or Hg * vecs >= 1 << 31:
+            raise ValueError(f"B * L = {B * L} tokens and Hg * row_bytes / 16 = {Hg * vecs} vectors: "
+                             f"expected each below 2**31")
+        p = np.zeros(7 + 8 * self.MAXP, dtype=np.int64)
+        p[:7] = (B, L, Hg, vecs, flag, len(pieces), vecs.bit_length() - 1 if vecs & (vecs - 1) == 0 else -1)
         for i, (src, ss, dst, ds) in enumerate(pieces):
             vals = (src, dst, *ss, *ds)
             if len(vals) != 8 or any(int(x) % 16 for x in vals):
                 raise ValueError(f"pieces[{i}]: addresses and (b, s, h) byte strides must be multiples "
                                  f"of 16, got src={src:#x} {tuple(ss)}, dst={dst:#x} {tuple(ds)}")
-            p[6 + 8 * i:14 + 8 * i] = vals
+            p[7 + 8 * i:15 + 8 * i] = vals
         self._p = p
         self._argv = (ctypes.c_void_p * 1)(p.ctypes.data)
         self._argp = ctypes.addressof(self._argv)

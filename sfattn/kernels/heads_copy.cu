@@ -17,24 +17,37 @@ struct HcParams {
   long long B, L, Hg, vecs;  // rows are B x L x Hg; vecs: 16-byte vectors per row
   long long flag;            // address of the failure word, or 0
   long long npieces;
+  long long vlog;            // log2(vecs) where vecs is a power of two, else -1
   HcPiece pc[HC_MAXP];
 };
 
+// Thread i of the grid moves vectors i, i + step, ... of its piece's [B * L tokens, Hg * vecs]
+// grid. The (token, vector) position advances by a constant step: no 64-bit division per vector
+// (the host keeps B * L and Hg * vecs below 2^31), one 32-bit division for the token's batch
+// (none at B = 1) and a shift (or division) for the vector's head.
 extern "C" __global__ void __launch_bounds__(256) sf_heads_copy(const __grid_constant__ HcParams p) {
   const HcPiece& c = p.pc[blockIdx.y];
-  const unsigned long long n = (unsigned long long)(p.B * p.L * p.Hg) * p.vecs;
+  const unsigned T = (unsigned)(p.B * p.L), L = (unsigned)p.L, M = (unsigned)(p.Hg * p.vecs);
+  const unsigned vecs = (unsigned)p.vecs;
+  const int vlog = (int)p.vlog;
   const bool poison = p.flag && *reinterpret_cast<const volatile unsigned long long*>(p.flag);
-  const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
-  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += step) {
-    const unsigned long long v = i % p.vecs, r = i / p.vecs;
-    const unsigned long long h = r % p.Hg, rs = r / p.Hg;
-    const unsigned long long s = rs % p.L, b = rs / p.L;
+  const unsigned step = gridDim.x * blockDim.x, i0 = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned dt = step / M, dm = step % M;
+  unsigned tok = i0 / M, m = i0 % M;
+  while (tok < T) {
+    const unsigned b = p.B == 1 ? 0u : tok / L, s = tok - b * L;
+    const unsigned h = vlog >= 0 ? m >> vlog : m / vecs, v = m - h * vecs;
     uint4* dst = reinterpret_cast<uint4*>(c.dst + b * c.db + s * c.ds + h * c.dh) + v;
     if (poison) {
       *dst = make_uint4(~0u, ~0u, ~0u, ~0u);
     } else {
       *dst = *(reinterpret_cast<const uint4*>(c.src + b * c.sb + s * c.ss + h * c.sh) + v);
+    }
+    m += dm;
+    tok += dt;
+    if (m >= M) {
+      m -= M;
+      ++tok;
     }
   }
 }
