@@ -25,7 +25,41 @@ extern "C" __global__ void stamp(unsigned long long* t, int i) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     t[i] = now;
 }
+// The same as a programmatic dependent launch: wait for the previous grid, stamp, let the next start.
+extern "C" __global__ void stamp_pdl(unsigned long long* t, int i) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    t[i] = now;
+    asm volatile("griddepcontrol.launch_dependents;");
+}
 """
+
+
+def pdl_launcher():
+    """``launch(function pointer, stream, *u64/int32 args)``: a 1x1 launch through cuLaunchKernelEx with
+    programmatic stream serialization (the launch may start before the previous kernel ends)."""
+    import ctypes as c
+
+    class Attr(c.Structure):
+        _fields_ = [("id", c.c_int), ("pad", c.c_char * 4), ("val", c.c_ubyte * 64)]
+
+    class Cfg(c.Structure):
+        _fields_ = [("g", c.c_uint * 3), ("b", c.c_uint * 3), ("smem", c.c_uint), ("stream", c.c_void_p),
+                    ("attrs", c.POINTER(Attr)), ("n", c.c_uint)]
+
+    lib = c.CDLL("libcuda.so.1")
+    attr = Attr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.val[0] = 1
+
+    def launch(fn: int, stream: int, *args) -> None:
+        cfg = Cfg((1, 1, 1), (1, 1, 1), 0, stream, c.pointer(attr), 1)
+        vals = [c.c_uint64(a) if isinstance(a, int) and a > 1 << 31 else c.c_int32(a) for a in args]
+        argv = (c.c_void_p * len(vals))(*[c.addressof(v) for v in vals])
+        rc = lib.cuLaunchKernelEx(c.byref(cfg), c.c_void_p(fn), argv, None)
+        if rc:
+            raise RuntimeError(f"cuLaunchKernelEx: CUresult {rc}")
+    return launch
 
 
 def main() -> int:
@@ -54,13 +88,18 @@ def main() -> int:
     g = torch.Generator(device=dev).manual_seed(rt.rank)
     for x in "qkv":
         io.io[x].copy_(torch.randn(io.io[x].shape, device=dev, dtype=torch.bfloat16, generator=g))
-    fn = cupy.RawKernel(STAMP_SRC, "stamp")
+    mod = cupy.RawModule(code=STAMP_SRC)
+    fn, fn_pdl = mod.get_function("stamp"), mod.get_function("stamp_pdl")
+    pdl = pdl_launcher()
     T = cupy.zeros(64, dtype=cupy.uint64)
     C = lambda: rt.backend.stream_handle(None)  # noqa: E731
 
     def st(i: int) -> None:
         with cupy.cuda.ExternalStream(C()):
             fn((1,), (1,), (T, np.int32(i)))
+
+    def st_pdl(i: int) -> None:
+        pdl(fn_pdl.ptr, C(), T.data.ptr, i)
 
     def call() -> None:
         io(io.io["q"], io.io["k"], io.io["v"], out=io.io["o"])
@@ -76,6 +115,13 @@ def main() -> int:
         "layer": (lambda: (st(0), call(), st(1)), ["layer"]),
         f"layer_x{N}": (lambda: (st(0), [call() for _ in range(N)], st(1)), [f"{N} layers"]),
         f"kernel_x{N}": (lambda: (st(0), [io._io_run(C()) for _ in range(N)], st(1)), [f"{N} kernels"]),
+        # the launch and barrier costs: 20 of each back to back (after an aligning barrier)
+        "stamp_x20": (lambda: (rt.barrier_all(C()), st(0), [st(1) for _ in range(20)]), ["20 launches"]),
+        "pdl_x20": (lambda: (rt.barrier_all(C()), st(0), [st_pdl(1) for _ in range(20)]), ["20 PDL launches"]),
+        "quiet_x20": (lambda: (rt.barrier_all(C()), st(0), [rt.backend.lib.os_quiet(C()) for _ in range(20)],
+                               st(1)), ["20 quiets"]),
+        "barrier_x20": (lambda: (rt.barrier_all(C()), st(0), [rt.barrier_all(C()) for _ in range(20)], st(1)),
+                        ["20 barriers"]),
     }
     for f, _ in seqs.values():
         for _ in range(3):
