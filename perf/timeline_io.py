@@ -99,7 +99,7 @@ def main() -> int:
             fn((1,), (1,), (T, np.int32(i)))
 
     def st_pdl(i: int) -> None:
-        pdl(fn_pdl.ptr, C(), T.data.ptr, i)
+        pdl(fn_pdl.kernel.ptr, C(), T.data.ptr, i)
 
     def call() -> None:
         io(io.io["q"], io.io["k"], io.io["v"], out=io.io["o"])
