@@ -1,0 +1,1 @@
+"""Integrations of sfattn with model libraries (diffusers)."""

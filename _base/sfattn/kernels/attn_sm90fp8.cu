@@ -1,0 +1,449 @@
+// Hopper (sm_90a) FP8 fused multi-block attention forward: the contract of sfattn/fp8.py
+// (precision="fp8"), same structure as attn_sm90ws.cu (a TMA producer warpgroup, WS_NC
+// ping-ponging consumer warpgroups of 64 Q rows, K and V rings, O rescaled under the S GEMM).
+//
+// Operands, quantised by the rank that owns the tokens (sfattn/kernels/fp8_ops.py):
+//   Q  int8 [B, S, H, D], one scale per (batch, head, 128-row block of its Q block)
+//   K  int8 [B, S, H, D] of K - mu, one scale per (batch, head, 128-key block); mu fp32 [B, H, D]
+//      per K/V block (the block's mean key). The kernel adds q . mu (fp32, once per Q tile and
+//      K/V block) to every logit of the block, so softmax sees q . k exactly as quantised.
+//   V  e4m3, transposed: [B, H, D, Sp] (Sp = keys rounded up to 32, zeros past the end), keys
+//      permuted inside every 32-key group so that the e4m3 P fragment, built straight from the S
+//      accumulator registers, meets its keys (fp8_ops.V_PERM); one scale per (batch, head, block).
+// S = Q.K^T is an s8 wgmma into int32 (m64nBNk32); its values (|x| < 2^22 for D <= 128) become
+// floats by one integer add (x + 0x4B400000 is the float 1.5 * 2^23 + x), and the scale, the
+// q . mu term and the running max fold into the one FMA in front of exp2. P in [0, 1] times
+// 448 * vscale_block / vscale_max goes to e4m3 in registers; O += P.V is an e4m3 wgmma with fp32
+// accumulation; O is rescaled to true units (vscale_max / 448) only at the end (and on state
+// load/store), so chaining, the running state and the log-sum-exp are those of the bf16 kernels.
+// The running max is raised whenever a tile exceeds it (no slack: P must stay <= 1 for its e4m3
+// scale). Head dim 128 (128-byte swizzled Q/K rows) and 64 (64-byte swizzle).
+#define SF_TMA 1
+#ifndef SF_RESCALE_THR
+#define SF_RESCALE_THR 0
+#endif
+#include "sm90_common.cuh"
+#include "wgmma_fp8_ops.cuh"
+#include <stddef.h>
+
+#ifndef WS_BN
+#define WS_BN 128  // keys per K/V tile: the K scale block
+#endif
+#ifndef WS_KST
+#define WS_KST 3
+#endif
+#ifndef WS_VST
+#define WS_VST 3
+#endif
+#ifndef WS_PRODUCER_REGS
+#define WS_PRODUCER_REGS 24
+#endif
+#ifndef WS_CONSUMER_REGS
+#define WS_CONSUMER_REGS 240
+#endif
+#ifndef WS_NC
+#define WS_NC 2
+#endif
+#if WS_BN != 128
+#error "the FP8 kernel's K/V tiles are the 128-key scale blocks"
+#endif
+#if SF_RESCALE_THR != 0
+#error "the FP8 kernel quantises P in [0, 1]: no rescale slack"
+#endif
+#ifndef WS_DB
+#define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
+                 // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
+#endif
+#define WS_BM (64 * WS_NC)
+#define WS_NT (128 * (WS_NC + 1))
+#define F8_QROW SF_D  // bytes per Q/K row in shared memory (= the swizzle span)
+#define F8_LAYOUT (SF_D == 128 ? 1 : 2)  // descriptor layout: 128- or 64-byte swizzle (leading
+                                          // byte offset 16: unused by swizzled K-major operands)
+#define F8_QBLK 128  // rows per Q scale block
+#define WGMMA_S SF_CAT(sf_wgmma_s8_n, WS_BN)
+#define WGMMA_O SF_CAT(sf_wgmma_e4m3_rs_n, SF_D)
+
+struct F8Side {  // a per-block side array: pointer and (batch, head) strides in elements
+  long long ptr, sb, sh;
+};
+// SfParams (q/k/v pointers and strides in bytes; v is the transposed, permuted V of each block)
+// followed by the side arrays of every block
+struct F8Params {
+  SfParams base;
+  F8Side qs[SF_MAXQ];   // fp32 [.., nblocks]: Q scale of 128-row block i at ptr + b sb + h sh + i
+  F8Side ks[SF_MAXKV];  // fp32 [.., nblocks]: K scale per 128-key block
+  F8Side mu[SF_MAXKV];  // fp32 [.., D]: the block's key mean
+  F8Side vs[SF_MAXKV];  // fp32: V scale of the block
+};
+
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+// four floats -> four e4m3 bytes (a in the lowest), round to nearest even, saturating
+__device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d) {
+  uint32_t r;
+  asm("{\n.reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n"
+      "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\nmov.b32 %0, {lo, hi};\n}\n"
+      : "=r"(r) : "f"(a), "f"(b), "f"(c), "f"(d));
+  return r;
+}
+#define F8_MAGIC 0x4B400000u      // bits of 1.5 * 2^23
+#define F8_MAGIC_F 12582912.0f    // 1.5 * 2^23
+
+// q . mu of the thread's rows (r, r + 8) for K/V block kb, in log2 units of the logits: the quad's
+// four threads each take D / 4 channels of the int8 Q row (from global memory: the tile was just
+// loaded, so these hit L2) and mu, then add across the quad.
+__device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int kb, int b, int h,
+                                       int lr0, int nrow_ok, int t, float c_q, float (&bq)[2]) {
+  constexpr int CH = SF_D / 4;
+  const float* mu = reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb +
+                    h * p.mu[kb].sh + t * CH;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float acc = 0.f;
+    if (i < nrow_ok) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb +
+                        (long long)(lr0 + 8 * i) * qb.qss + h * qb.qsh + t * CH;
+#pragma unroll
+      for (int c = 0; c < CH; c += 16) {
+        const int4 w = *reinterpret_cast<const int4*>(q + c);
+        const int ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 16; ++e)
+          acc = fmaf((float)(int8_t)(ws[e >> 2] >> (8 * (e & 3))), __ldg(mu + c + e), acc);
+      }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    bq[i] = acc * c_q;
+  }
+}
+
+#ifndef WS_PX
+#define WS_PX 0  // n8 column chunks (of NS per tile) whose exp2 runs on the FMA pipes, not MUFU
+#endif
+// 2^x on the FMA pipes (for x <= ~9): x = n + f with n = round(x) (the magic-number add), 2^f by
+// a cubic on [-1/2, 1/2] (relative error < 1e-4, far below e4m3's 2^-4 step of P), n added to
+// the exponent bits. Spreads the softmax's exponentials over MUFU and FMA when MUFU is the limit.
+__device__ __forceinline__ float f8_exp2_fma(float x) {
+  x = fmaxf(x, -125.f);
+  const float t = x + F8_MAGIC_F;  // low bits of t hold round(x)
+  const float f = x - (t - F8_MAGIC_F);
+  const float p = fmaf(fmaf(fmaf(0.05592204f, f, 0.24264008f), f, 0.69312103f), f, 0.99992448f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
+// Softmax of one int32 S tile in place (the C layout of sf_softmax): logits in log2 units are
+// x * c + bq[i] for the accumulator value x; returns in s the e4m3-ready P * pscale (as float bits),
+// updates the running max / sum (in P units) and alpha.
+template <int NS>
+__device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int t, float c,
+                                           const float (&bq)[2], float log2_pscale, float inv_pscale,
+                                           float (&mr)[2], float (&lr)[2], float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] += F8_MAGIC;  // the float 1.5 * 2^23 + x, exactly
+  if (nvalid < WS_BN) {  // the last tile of a block: keys past its end
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = __float_as_uint(-INFINITY);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NS; j += 2) {
+      mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
+      if (j + 1 < NS)
+        mx1 = fmaxf(mx1, fmaxf(__uint_as_float(s[j + 1][2 * i]), __uint_as_float(s[j + 1][2 * i + 1])));
+    }
+    float mx = fmaxf(mx0, mx1);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float bias = bq[i] - F8_MAGIC_F * c;           // logit = f * c + bias
+    const float m_tile = fmaf(mx, c, bias);              // -inf for an all-masked row
+    const float m_new = fmaxf(mr[i], m_tile);
+    const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+    alpha[i] = (m_new == mr[i]) ? 1.f : sf_exp2(mr[i] - m_use);
+    mr[i] = m_new;
+    const float add = bias - m_use + log2_pscale;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c, add);
+      const float a1 = fmaf(__uint_as_float(s[j][2 * i + 1]), c, add);
+      const bool fma_pipe = j % 8 >= 8 - WS_PX * 8 / NS;  // spread over the tile
+      const float p0 = fma_pipe ? f8_exp2_fma(a0) : sf_exp2(a0);
+      const float p1 = fma_pipe ? f8_exp2_fma(a1) : sf_exp2(a1);
+      s[j][2 * i] = __float_as_uint(p0);
+      s[j][2 * i + 1] = __float_as_uint(p1);
+      sum0 += p0;
+      sum1 += p1;
+    }
+    lr[i] = lr[i] * alpha[i] + (sum0 + sum1) * inv_pscale;
+  }
+}
+
+// P (C layout, floats in s) of keys 32kk..32kk+31 as the e4m3 A fragment of a k32 wgmma: the
+// thread's row-g values of n8 chunks 4kk, 4kk+1 fill A columns 4t..4t+3 and those of 4kk+2, 4kk+3
+// columns 16+4t..19+4t (row g + 8 likewise): A column a holds key V_PERM(a) of the group, which
+// is where the quantiser put that key's V.
+template <int NS>
+__device__ __forceinline__ void f8_pack_a(const uint32_t (&s)[NS][4], int kk, uint32_t (&a)[4]) {
+  const int j = 4 * kk;
+#define F_(jj, e) __uint_as_float(s[jj][e])
+  a[0] = f8_pack4(F_(j, 0), F_(j, 1), F_(j + 1, 0), F_(j + 1, 1));
+  a[1] = f8_pack4(F_(j, 2), F_(j, 3), F_(j + 1, 2), F_(j + 1, 3));
+  a[2] = f8_pack4(F_(j + 2, 0), F_(j + 2, 1), F_(j + 3, 0), F_(j + 3, 1));
+  a[3] = f8_pack4(F_(j + 2, 2), F_(j + 2, 3), F_(j + 3, 2), F_(j + 3, 3));
+#undef F_
+}
+
+extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __grid_constant__ F8Params pp) {
+  constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
+  constexpr int NJ = D / 8, NS = BN / 8;
+  constexpr uint32_t KTILE = BN * D, VTILE = D * BN;  // bytes
+  constexpr uint32_t SBO_QK = 8 * F8_QROW, SBO_V = 8 * BN;
+  const SfParams& p = pp.base;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * KST + 2 * VST + 2];
+  const uint32_t s0 = (sf_smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = s0;
+  const uint32_t sK = sQ + BM * F8_QROW;
+  const uint32_t sV = sK + KST * KTILE;
+  const uint32_t bar0 = sf_smem_u32(bars);
+  auto kfull = [&](int i) { return bar0 + 8 * i; };
+  auto kempty = [&](int i) { return bar0 + 8 * (KST + i); };
+  auto vfull = [&](int i) { return bar0 + 8 * (2 * KST + i); };
+  auto vempty = [&](int i) { return bar0 + 8 * (2 * KST + VST + i); };
+  const uint32_t qfull = bar0 + 8 * (2 * KST + 2 * VST);
+  const uint32_t qempty = qfull + 8;
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int b = blockIdx.z;
+  const int nkv = (int)p.nkv;
+  const SfQBlk& qlast = p.q[p.nq - 1];
+  const int tiles_x = (int)qlast.tile0 + (int)((qlast.len + BM - 1) / BM);
+  const int ntiles = tiles_x * (int)p.H;
+  constexpr uint32_t EMPTY_COUNT = 4 * WS_NC;  // one arrival per consumer warp
+
+  if (tid == 0) {
+    for (int i = 0; i < KST; ++i) { mbar_init(kfull(i), 1); mbar_init(kempty(i), EMPTY_COUNT); }
+    for (int i = 0; i < VST; ++i) { mbar_init(vfull(i), 1); mbar_init(vempty(i), EMPTY_COUNT); }
+    mbar_init(qfull, 1);
+    mbar_init(qempty, EMPTY_COUNT);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------ producer ------------------------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WS_PRODUCER_REGS));
+    if (tid == 0 && nkv > 0) {
+      for (int kb = 0; kb < nkv; ++kb) { tma_prefetch_map(&p.tk[kb]); tma_prefetch_map(&p.tv[kb]); }
+      int lt = 0, it = 0;
+      for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+        const int x = tile % tiles_x, h = tile / tiles_x;
+        const int qi = sf_find_qblock(p, x);
+        const int qrow0 = (x - (int)p.q[qi].tile0) * BM;
+        if (it > 0) mbar_wait(qempty, (it - 1) & 1);
+        mbar_expect_tx(qfull, BM * F8_QROW);
+        tma_load_4d(sQ, &p.tq[qi], 0, qrow0, h, b, qfull);
+        for (int kb = 0; kb < nkv; ++kb) {
+          const int len = (int)p.kv[kb].len;
+          for (int n0 = 0; n0 < len; n0 += BN, ++lt) {
+            const int ks = lt % KST, vs = lt % VST;
+            if (lt >= KST) mbar_wait(kempty(ks), ((lt / KST) - 1) & 1);
+            mbar_expect_tx(kfull(ks), KTILE);
+            tma_load_4d(sK + ks * KTILE, &p.tk[kb], 0, n0, h, b, kfull(ks));
+            if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
+            mbar_expect_tx(vfull(vs), VTILE);
+            tma_load_4d(sV + vs * VTILE, &p.tv[kb], n0, 0, h, b, vfull(vs));
+          }
+        }
+      }
+    }
+  } else {
+    // ------------------------------ consumers ------------------------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WS_CONSUMER_REGS));
+    const int c = wg - 1, ctid = tid - 128;
+    const int warp = (ctid >> 5) & 3, lane = ctid & 31, t = lane & 3;
+    const float sl2 = (float)p.scale_log2;
+    const uint32_t qdesc_base = sQ + c * 64 * F8_QROW;
+    const int my_bar = 1 + c, next_bar = 1 + (c + 1) % WS_NC;
+    const bool arrives = lane == 0;
+    uint32_t pa0[BN / 32][4], pa1[BN / 32][4];
+    uint32_t s[NS][4];
+    float o[NJ][4], mr[2], lr[2], alpha[2], bq[2];
+    int ct = 0;
+
+    int it = 0;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+      const int x = tile % tiles_x, h = tile / tiles_x;
+      const int qi = sf_find_qblock(p, x);
+      const SfQBlk& qb = p.q[qi];
+      const int qrow0 = (x - (int)qb.tile0) * BM;
+      const int lr0 = qrow0 + c * 64 + warp * 16 + (lane >> 2);
+      const long long srow = qb.row0 + lr0;
+      const int nrow_ok = min(2, max(0, ((int)qb.len - lr0 + 7) / 8));
+      // V scales of this (batch, head): P is scaled by 448 * vs[kb] / vmax, O is in vmax / 448 units
+      float vmax = 0.f;
+      for (int kb = 0; kb < nkv; ++kb)
+        vmax = fmaxf(vmax, reinterpret_cast<const float*>(pp.vs[kb].ptr)[b * pp.vs[kb].sb + h * pp.vs[kb].sh]);
+      if (!(vmax > 0.f)) vmax = 1.f;
+      const float o_unit = vmax * (1.f / 448.f);
+      sf_load_state<NJ>(p, b, h, srow, nrow_ok, t, o, mr, lr);
+      if (!(p.flags & SF_INIT)) {
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[j][e] *= 1.f / o_unit;
+      }
+      const int qr = qrow0 + c * 64;  // a 64-row group lies inside one 128-row scale block
+      const float qscale = qr < (int)qb.len ? reinterpret_cast<const float*>(pp.qs[qi].ptr)[
+          b * pp.qs[qi].sb + h * pp.qs[qi].sh + qr / F8_QBLK] : 0.f;
+      const float cq = qscale * sl2;
+      int ckb = 0, cn0 = 0;
+      float log2_ps = 0.f, inv_ps = 1.f, ks_next = 0.f;
+      const float* kscale = nullptr;
+      auto enter_block = [&]() {  // per-block constants of K/V block ckb
+        const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
+        const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;  // scales are > 0 (quant.py)
+        log2_ps = __log2f(ps);
+        inv_ps = 1.f / ps;
+        kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
+        ks_next = kscale[0];
+        f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
+      };
+
+      auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
+      auto wait_v_prev = [&]() { mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1); };
+      auto issue_s = [&]() {
+        const uint32_t kbase = sK + (ct % KST) * KTILE;
+#pragma unroll
+        for (int kk = 0; kk < D / 32; ++kk)
+          WGMMA_S(s, sf_desc(qdesc_base + kk * 32, 16, SBO_QK, F8_LAYOUT),
+                  sf_desc(kbase + kk * 32, 16, SBO_QK, F8_LAYOUT), kk > 0);
+        wg_commit();
+      };
+      auto issue_pv = [&](const uint32_t (&pa)[BN / 32][4]) {  // O += P_{ct-1} V_{ct-1}
+        const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
+#pragma unroll
+        for (int kk = 0; kk < BN / 32; ++kk)
+          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 32, 16, SBO_V, 1), 1);
+        wg_commit();
+      };
+      auto release_k = [&]() {
+        if (arrives) {
+          mbar_arrive(kempty(ct % KST));
+          if (ckb == nkv - 1 && cn0 + BN >= (int)p.kv[ckb].len) mbar_arrive(qempty);
+        }
+      };
+      auto softmax = [&]() {
+        reg_fence_u<NS>(s);
+        const int nvalid = (int)p.kv[ckb].len - cn0;
+        const float ck = cq * ks_next;  // loaded a tile ahead: no global load in front of exp2
+        f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha);
+        reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
+      };
+      auto rescale_o = [&]() {
+        reg_fence<NJ>(o);
+        if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
+        reg_fence<NJ>(o);
+      };
+      auto pack = [&](uint32_t (&pa)[BN / 32][4]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 32; ++kk) f8_pack_a<NS>(s, kk, pa[kk]);
+        reg_fence_u<BN / 32>(pa);
+      };
+      auto advance = [&]() {
+        reg_fence<NJ>(o);
+        cn0 += BN;
+        if (cn0 >= (int)p.kv[ckb].len) {
+          ++ckb;
+          cn0 = 0;
+          if (ckb < nkv) enter_block();
+        } else {
+          ks_next = kscale[cn0 / BN];
+        }
+        ++ct;
+      };
+      // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
+      auto step = [&](const uint32_t (&pin)[BN / 32][4], uint32_t (&pout)[BN / 32][4]) {
+        wait_k();
+        named_sync(my_bar);
+        wg_fence();
+        issue_s();
+        rescale_o();  // under the S GEMM, then V_{t-1}
+        wait_v_prev();
+        wg_fence();
+        issue_pv(pin);
+        named_arrive(next_bar);
+        wg_wait<1>();
+        release_k();
+        softmax();
+        if (WS_DB) pack(pout);
+        wg_wait<0>();
+        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        if (!WS_DB) pack(pout);
+        advance();
+      };
+
+      if (nkv > 0) {
+        enter_block();
+        mbar_wait(qfull, it & 1);
+        if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
+        wait_k();
+        named_sync(my_bar);
+        wg_fence();
+        issue_s();
+        named_arrive(next_bar);
+        wg_wait<0>();
+        release_k();
+        softmax();
+        pack(pa0);
+        advance();
+        bool in1 = false;  // the last P is in pa1
+        while (ckb < nkv) {
+          if (WS_DB) {
+            step(pa0, pa1);
+            in1 = true;
+            if (ckb >= nkv) break;
+            step(pa1, pa0);
+            in1 = false;
+          } else {
+            step(pa0, pa0);
+          }
+        }
+        wait_v_prev();
+        rescale_o();
+        named_sync(my_bar);
+        wg_fence();
+        if (in1) {  // the last P to pa0: one wgmma site (no compiler-injected warpgroup.arrive)
+#pragma unroll
+          for (int kk = 0; kk < BN / 32; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pa0[kk][e] = pa1[kk][e];
+        }
+        reg_fence_u<BN / 32>(pa0);
+        issue_pv(pa0);
+        named_arrive(next_bar);
+        wg_wait<0>();
+        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        reg_fence<NJ>(o);
+        if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
+      }
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] *= o_unit;
+      sf_store<NJ>(p, qb, b, h, srow, lr0, nrow_ok, t, o, mr, lr);
+    }
+  }
+}

@@ -1,0 +1,197 @@
+"""The Ulysses exchange by loads and stores into the team's mapped heaps (inside one machine).
+
+When every member of a layer's Ulysses team is on this rank's machine and its heap is mapped
+here (the same GPU or NVLink/P2P peers on GPUs; always on the host backend), a call needs neither
+the copy into the send buffer nor the put, nor the reverse put and the copy out of the result
+buffer:
+
+* ``push``: one kernel reads this rank's Q/K/V head groups where the caller keeps them (any
+  strides) and stores each straight into the receive buffer of the member that computes it;
+* ``pull``: after the layer's last barrier, one kernel reads this rank's output rows from each
+  member's result buffer straight into the caller's output (NaN if a wait of this rank failed).
+
+Without Ulysses (U = 1: Ring, or Torus over one GPU per machine) the team is this rank alone:
+push and pull are then the copies into and out of its own buffers, one launch each.
+
+``precision="fp8"``: the push is the quantisation itself - the CUDA quantisers write each member's
+head group of the int8/e4m3 data and its scales straight into that member's receive buffers
+(:func:`sfattn.kernels.flash_fp8.quantize_grouped` with one group per member); the pull is the
+same as in bf16 (outputs keep the layer's dtype).
+
+The layer's two barriers order them: a member's receive buffer is rewritten by the next call's
+push only after the member's computation passed this call's last barrier, and its result buffer
+only after every rank's pull (the next call's first barrier).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from oneside.heap import storage_dtype
+
+
+def _addr(x: Any) -> tuple[int, tuple[int, ...], int]:
+    """(address, byte strides, itemsize) of a torch tensor or CuPy array."""
+    if hasattr(x, "data_ptr"):
+        es = x.element_size()
+        return x.data_ptr(), tuple(s * es for s in x.stride()), es
+    return x.data.ptr, tuple(x.strides), x.itemsize
+
+
+class UlyssesP2P:
+    """Push and pull of one :class:`~sfattn.layer.SPAttention`'s Ulysses pieces (see the module)."""
+
+    def __init__(self, layer: Any):
+        rt, plan = layer.rt, layer.plan
+        self.layer, self.gpu = layer, rt.backend.is_gpu
+        U, T, u = plan.U, plan.T, layer.u
+        self.L = layer.shard_len()
+        members = [layer.Ut[j] for j in range(U)]
+        # (piece (j, g) of the caller's heads) <-> member j's buffer slot [g, u]
+        self._slots = [(j, g, members[j]) for j in range(U) for g in range(T)]
+        names = [n for x in "qkv" for n in layer.parts[x]]  # Q, K, V (FP8: and their scales)
+        self._recv = {n: [layer.RU[n][g, u] for j, g, _ in self._slots] for n in names}
+        self._res = [layer.RO[g, u] for j, g, _ in self._slots]
+        if self.gpu:
+            D, Ht, Sl, B = plan.head_dim, layer.Ht, layer.Sl, layer.batch
+            es = np.dtype(storage_dtype(layer.dtype)).itemsize
+            self._heap_strides = (Sl * Ht * D * es, Ht * D * es, D * es)  # [B, Sl, Ht, D] contiguous
+            self._recv_addr = {n: [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._recv[n], self._slots)]
+                               for n in names}
+            if layer.fp8:  # each part's slab in every member's receive buffer, contiguous
+                from .kernels.flash_fp8 import GroupedDst
+                from .local import strides_of
+
+                self._fp8_dst = {n: GroupedDst(self._recv_addr[n], strides_of(self._recv[n][0].shape)) for n in names}
+            self._res_addr = [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._res, self._slots)]
+            self._flag = rt.backend.failure_word
+            self._grid = (B, self.L, Ht, D * es)
+            self._launches: dict = {}
+        else:
+            self._views: dict = {}
+
+    @staticmethod
+    def possible(layer: Any) -> bool:
+        """This rank's side of the condition: every Ulysses member on my machine and mapped, rows
+        the copy kernel can move (16-byte multiples)."""
+        rt, plan = layer.rt, layer.plan
+        me = rt.rank
+        ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut)
+        if rt.backend.is_gpu:
+            ok = ok and plan.head_dim * np.dtype(storage_dtype(layer.dtype)).itemsize % 16 == 0
+        return ok
+
+    # -- GPU: one copy kernel per direction, prepared per set of caller buffers ---------------
+    def _prepared(self, key: tuple, build: Any) -> list:
+        got = self._launches.get(key)
+        if got is None:
+            if len(self._launches) >= 16:  # callers cycle through a few buffers: keep the latest
+                self._launches.clear()
+            got = self._launches[key] = build()
+        return got
+
+    def _launch(self, pieces: list, poison: bool) -> list:
+        from .kernels.flash import HeadsCopy
+
+        B, L, Ht, row = self._grid
+        dev, step = self.layer.rt.backend.device, HeadsCopy.MAXP
+        return [HeadsCopy(pieces[i:i + step], B, L, Ht, row, dev, flag=self._flag if poison else 0)
+                for i in range(0, len(pieces), step)]
+
+    @staticmethod
+    def _readable(x: Any) -> tuple[Any, int, tuple[int, ...], bool]:
+        """``(array, address, byte strides, is x)``: x itself where the copy kernel can address
+        it (16-byte aligned rows, head dim contiguous), else a contiguous copy (rare: odd offsets)."""
+        ptr, st, es = _addr(x)
+        if ptr % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]):
+            return x, ptr, st, True
+        c = x.clone() if hasattr(x, "clone") else x.copy()
+        return (c, *_addr(c)[:2], False)
+
+    def push(self, q: Any, k: Any, v: Any, stream: Any) -> None:
+        """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
+        if not self.gpu:
+            return self._push_host(q, k, v)
+        if self.layer.fp8:
+            from .kernels.flash_fp8 import quantize_grouped
+
+            return quantize_grouped(*self.layer._quantizable(q, k, v), self._fp8_dst)
+        readable = [self._readable(x) for x in (q, k, v)]  # copies stay referenced past the launch
+        addrs = [(a, st) for _, a, st, _ in readable]
+
+        def build() -> list:
+            Ht, T = self.layer.Ht, self.layer.plan.T
+            return self._launch([(a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides)
+                                 for name, (a, st) in zip("qkv", addrs)
+                                 for (j, g, _), dst in zip(self._slots, self._recv_addr[name])], poison=False)
+        for launch in self._prepared(("push", *addrs), build):
+            launch(stream)
+
+    def pull(self, out: Any, stream: Any) -> None:
+        """My output rows of every member's head groups into ``out`` (a BSHD view)."""
+        if not self.gpu:
+            return self._pull_host(out)
+        dst, a, st, direct = self._readable(out)
+
+        def build() -> list:
+            Ht, T = self.layer.Ht, self.layer.plan.T
+            return self._launch([(src, self._heap_strides, a + (j * T + g) * Ht * st[2], st[:3])
+                                 for (j, g, _), src in zip(self._slots, self._res_addr)], poison=True)
+        for launch in self._prepared(("pull", a, st), build):
+            launch(stream)
+        if not direct:
+            if hasattr(out, "copy_"):
+                out.copy_(dst)
+            else:
+                out[...] = dst
+
+    # -- host backend: the same moves as array copies into the peers' mapped arenas -----------
+    def _peer_view(self, buf: Any, pe: int, like: Any) -> Any:
+        key = (id(buf), pe, hasattr(like, "permute"))
+        view = self._views.get(key)
+        if view is None:
+            view = buf.peer(pe)
+            if hasattr(like, "permute"):
+                import torch
+
+                view = torch.from_numpy(view)
+                if self.layer.dtype == "bfloat16":
+                    view = view.view(torch.bfloat16)
+            view = self._views[key] = view[:, :self.L]
+        return view
+
+    def _push_host(self, q: Any, k: Any, v: Any) -> None:
+        if self.layer.fp8:
+            return self._push_host_fp8(q, k, v)
+        for name, x in zip("qkv", (q, k, v)):
+            pieces = self.layer._by_piece(x)
+            for (j, g, pe), buf in zip(self._slots, self._recv[name]):
+                dst = self._peer_view(buf, pe, x)
+                if hasattr(dst, "copy_"):
+                    dst.copy_(pieces[j, g])
+                else:
+                    dst[...] = pieces[j, g]
+
+    def _push_host_fp8(self, q: Any, k: Any, v: Any) -> None:
+        import torch
+
+        for name, pieces in self.layer._fp8_pieces(q, k, v):
+            for (j, g, pe), buf in zip(self._slots, self._recv[name]):
+                key = (id(buf), pe, "fp8")
+                dst = self._views.get(key)
+                if dst is None:
+                    dst = self._views[key] = torch.from_numpy(buf.peer(pe))
+                src = pieces[j, g]
+                dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+
+    def _pull_host(self, out: Any) -> None:
+        Ht, T = self.layer.Ht, self.layer.plan.T
+        for (j, g, pe), buf in zip(self._slots, self._res):
+            h0 = (j * T + g) * Ht
+            src = self._peer_view(buf, pe, out)
+            if hasattr(out, "copy_"):
+                out[:, :, h0:h0 + Ht].copy_(src)
+            else:
+                out[:, :, h0:h0 + Ht] = src
+
