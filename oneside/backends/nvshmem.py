@@ -121,9 +121,8 @@ extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, u64 *words, i
         const u64 sent = words[me] + inc;
         words[me] = sent;
         __threadfence_system();  // this stream's earlier writes before the arrivals
-        for (int j = 0; j < n; ++j)
+        for (int j = 0; j < n; ++j)  // (no fence after: nothing below is ordered against these)
             if (j != me) *(reinterpret_cast<volatile u64 *>(rows[j]) + me) = sent;
-        __threadfence_system();
         wait_next(words, n, me, gen, inc, flag, rec, abort_word, timeout_ns);
     }
     if (poison_n) {
