@@ -121,8 +121,11 @@ extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, u64 *words, i
         const u64 sent = words[me] + inc;
         words[me] = sent;
         __threadfence_system();  // this stream's earlier writes before the arrivals
-        for (int j = 0; j < n; ++j)  // (no fence after: nothing below is ordered against these)
+        for (int j = 0; j < n; ++j)
             if (j != me) *(reinterpret_cast<volatile u64 *>(rows[j]) + me) = sent;
+        // pushes the arrivals out now: without it the peers saw them ~10 us later (20 barriers
+        // back to back, 2 ranks on one H200: 4.4 us each with it, 15 us without)
+        __threadfence_system();
         wait_next(words, n, me, gen, inc, flag, rec, abort_word, timeout_ns);
     }
     if (poison_n) {
