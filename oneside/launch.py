@@ -21,10 +21,16 @@ import uuid
 SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (all bound at once, so the system gives distinct ones)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         a.args = [a.script, *a.args]
     per = a.nproc // a.machines
     base = dict(os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_ENV.items()})
-    base.update(MASTER_ADDR=base.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(_free_port()),
-                ONESIDE_DIST_PORT=str(_free_port()),  # for a torch.distributed group beside oneside
+    master, dist, store = _free_ports(3)
+    base.update(MASTER_ADDR=base.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(master),
+                ONESIDE_DIST_PORT=str(dist),  # for a torch.distributed group beside oneside
+                ONESIDE_STORE_PORT=str(store),  # NVSHMEM's rendezvous (the nvshmem backend's rank 0)
                 ONESIDE_JOB=uuid.uuid4().hex[:12], ONESIDE_MACHINES=str(a.machines),
                 WORLD_SIZE=str(a.nproc), LOCAL_WORLD_SIZE=str(per))
     if a.backend:

@@ -63,3 +63,30 @@ def test_dit_example_tiny_on_two_ranks():
     r = _run("-n", "2", "examples/dit_sp.py", "--model", "flux", "--tiny", "--steps", "2", "--peers", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rel err first step" in r.stdout and "sfattn on 2 ranks" in r.stdout and "(uneven shards)" in r.stdout
+
+
+def test_launcher_gives_each_rendezvous_its_own_free_port(tmp_path):
+    script = tmp_path / "ports.py"
+    script.write_text("import os\n"
+                      "print(os.environ['RANK'], os.environ['MASTER_PORT'], os.environ['ONESIDE_DIST_PORT'],\n"
+                      "      os.environ['ONESIDE_STORE_PORT'], flush=True)\n")
+    r = _run("-n", "2", str(script), timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = sorted(line.split() for line in r.stdout.strip().splitlines())
+    assert len(rows) == 2 and rows[0][1:] == rows[1][1:]  # every rank the same ports
+    assert len(set(rows[0][1:])) == 3, rows  # three distinct ones
+
+
+def test_store_endpoint_under_torchrun_the_launcher_and_by_hand():
+    from oneside.backends.nvshmem import store_endpoint
+
+    base = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    # torchrun: its agent hosts a store at MASTER_PORT; every rank is a client (no port of ours to collide)
+    torchrun = dict(base, TORCHELASTIC_USE_AGENT_STORE="True", ONESIDE_STORE_PORT="4000")
+    assert [store_endpoint(torchrun, r) for r in (0, 1)] == [("10.0.0.1", 29500, False)] * 2
+    # oneside.launch: the free port it picked, hosted by rank 0
+    ours = dict(base, ONESIDE_STORE_PORT="41234")
+    assert [store_endpoint(ours, r) for r in (0, 1)] == [("10.0.0.1", 41234, True), ("10.0.0.1", 41234, False)]
+    # by hand (or torchrun without an agent store): MASTER_PORT + ONESIDE_PORT_OFFSET
+    assert store_endpoint(dict(base, TORCHELASTIC_USE_AGENT_STORE="False"), 0) == ("10.0.0.1", 29501, True)
+    assert store_endpoint(dict(base, ONESIDE_PORT_OFFSET="5"), 1) == ("10.0.0.1", 29505, False)

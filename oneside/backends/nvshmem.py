@@ -1,8 +1,8 @@
 """NVSHMEM backend: GPUs, one symmetric arena from nvshmem4py, transfers through the native shim.
 
 Bootstrap: NVSHMEM's unique-id init, the id handed from rank 0 to the others through a
-``torch.distributed.TCPStore`` at MASTER_ADDR/MASTER_PORT (or mpi4py's broadcast when no
-master address is set). The arena is one ``nvshmem.core.buffer``; views of it are CuPy
+``torch.distributed.TCPStore`` (:func:`store_endpoint`: torchrun's agent store, or one rank 0
+hosts on a free port ``oneside.launch`` picked) or mpi4py's broadcast when no master address is set. The arena is one ``nvshmem.core.buffer``; views of it are CuPy
 arrays and torch tensors with no copy. Two copy engines are available for batches:
 
 * ``ce`` - one ``nvshmemx_{put,get}mem[_nbi]_on_stream`` per transfer, all issued by one
@@ -213,6 +213,19 @@ extern "C" __global__ void oneside_poison(unsigned char *dst, u64 n, const u64 *
 """
 
 
+def store_endpoint(env: dict, rank: int) -> tuple[str, int, bool]:
+    """Where the ranks meet to share NVSHMEM's id: ``(address, port, whether this rank hosts the
+    store)``. Under torchrun its agent's store at MASTER_PORT (every rank a client); else
+    ONESIDE_STORE_PORT (``oneside.launch`` sets a free one) or MASTER_PORT + ONESIDE_PORT_OFFSET
+    (default 1), hosted by rank 0."""
+    addr = env["MASTER_ADDR"]
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return addr, int(env["MASTER_PORT"]), False
+    if env.get("ONESIDE_STORE_PORT"):
+        return addr, int(env["ONESIDE_STORE_PORT"]), rank == 0
+    return addr, int(env["MASTER_PORT"]) + int(env.get("ONESIDE_PORT_OFFSET", "1")), rank == 0
+
+
 def _parse_link(spec: str | None) -> tuple[float, float, float] | None:
     """``"GBPS[,LATENCY_US]"`` -> (bytes/s, seconds, base bytes/s), or None."""
     if not spec:
@@ -269,7 +282,7 @@ class NvshmemBackend:
             raise
         except Exception as e:  # rank 0's store never came up, or a rank never published
             raise CommTimeoutError(f"oneside.init: rank {place.rank} could not get NVSHMEM's id from rank 0 "
-                                   f"within {timeout:.0f} s ({type(e).__name__}: {e})") from e
+                                   f"(timeout {timeout:.0f} s; {type(e).__name__}: {e})") from e
         self._store_barrier("joined")  # NVSHMEM's own init waits for every rank without a timeout
         nv.init(device=self._dev, uid=uid, rank=place.rank, nranks=place.world_size, initializer_method="uid")
         if self.lib.os_my_pe() != place.rank or self.lib.os_n_pes() != place.world_size:
@@ -333,10 +346,19 @@ class NvshmemBackend:
 
             from torch.distributed import TCPStore
 
-            port = int(os.environ["MASTER_PORT"]) + int(os.environ.get("ONESIDE_PORT_OFFSET", "1"))
-            self._store = TCPStore(os.environ["MASTER_ADDR"], port, place.world_size, place.rank == 0,
-                                   timedelta(seconds=self.timeout))
-            key = f"oneside/{place.job}/uid"
+            addr, port, host = store_endpoint(os.environ, place.rank)
+            # this job's keys (torchrun's store outlives a restart of the workers: a new attempt
+            # must not read the last one's id or counters)
+            self._keys = f"oneside/{place.job}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            try:
+                self._store = TCPStore(addr, port, place.world_size, host, timedelta(seconds=self.timeout))
+            except Exception as e:
+                if host and "EADDRINUSE" in str(e):
+                    raise OnesideError(f"oneside.init: rank 0 cannot host the rendezvous store at {addr}:{port}: "
+                                       f"the port is in use; set ONESIDE_STORE_PORT to a free port "
+                                       f"(oneside.launch picks one)") from e
+                raise
+            key = f"{self._keys}/uid"
             if place.rank == 0:
                 uid = nv.get_unique_id()
                 self._store.set(key, uid._data.view(np.uint8).tobytes())
@@ -360,8 +382,8 @@ class NvshmemBackend:
         if place.world_size == 1:
             return (name,)
         if self._store is not None:
-            self._store.set(f"oneside/{place.job}/host/{place.rank}", name)
-            return tuple(self._store.get(f"oneside/{place.job}/host/{r}").decode() for r in range(place.world_size))
+            self._store.set(f"{self._keys}/host/{place.rank}", name)
+            return tuple(self._store.get(f"{self._keys}/host/{r}").decode() for r in range(place.world_size))
         from mpi4py import MPI
 
         return tuple(MPI.COMM_WORLD.allgather(name))
@@ -373,7 +395,7 @@ class NvshmemBackend:
 
                 MPI.COMM_WORLD.Barrier()
             return
-        key = f"oneside/{name}"
+        key = f"{self._keys}/{name}"
         self._store.add(key, 1)
         deadline = time.monotonic() + self.timeout
         while self._store.add(key, 0) < self.world_size:
