@@ -1,1 +1,0 @@
-"""Integrations of sfattn with model libraries (diffusers)."""
