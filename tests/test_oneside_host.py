@@ -240,6 +240,11 @@ def _errors(rt):
         rt.get(x.local, x, -1)
     with pytest.raises(TypeError, match="symmetric"):
         rt.put(np.zeros(16, np.float32), x.local, 0)
+    with pytest.raises(TypeError, match="poison: expected a SymArray"):
+        rt.barrier_all(poison=np.zeros(4, np.float32))  # checked before any signal: no rank waits
+    x.local[...] = 3.0
+    rt.barrier_all(poison=x)  # a symmetric buffer: nothing failed, nothing marked
+    assert (x.local == 3.0).all()
     with pytest.raises(ValueError, match="size mismatch"):
         rt.put(x, np.zeros(3, np.float32), 0)
     with pytest.raises(ValueError, match="C-contiguous"):
