@@ -66,15 +66,16 @@ def test_dit_example_tiny_on_two_ranks():
 
 
 def test_launcher_gives_each_rendezvous_its_own_free_port(tmp_path):
-    script = tmp_path / "ports.py"
-    script.write_text("import os\n"
-                      "print(os.environ['RANK'], os.environ['MASTER_PORT'], os.environ['ONESIDE_DIST_PORT'],\n"
-                      "      os.environ['ONESIDE_STORE_PORT'], flush=True)\n")
-    r = _run("-n", "2", str(script), timeout=60)
+    script = tmp_path / "ports.py"  # each rank writes its own file (two processes share stdout)
+    script.write_text("import os, pathlib, sys\n"
+                      "e = os.environ\n"
+                      "pathlib.Path(sys.argv[1], e['RANK']).write_text(\n"
+                      "    ' '.join(e[k] for k in ('MASTER_PORT', 'ONESIDE_DIST_PORT', 'ONESIDE_STORE_PORT')))\n")
+    r = _run("-n", "2", str(script), str(tmp_path), timeout=60)
     assert r.returncode == 0, r.stderr
-    rows = sorted(line.split() for line in r.stdout.strip().splitlines())
-    assert len(rows) == 2 and rows[0][1:] == rows[1][1:]  # every rank the same ports
-    assert len(set(rows[0][1:])) == 3, rows  # three distinct ones
+    rows = [(tmp_path / str(rank)).read_text().split() for rank in (0, 1)]
+    assert rows[0] == rows[1], rows  # every rank the same ports
+    assert len(set(rows[0])) == 3, rows  # three distinct ones
 
 
 def test_store_endpoint_under_torchrun_the_launcher_and_by_hand():
