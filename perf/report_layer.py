@@ -24,8 +24,7 @@ ALGOS = ["ulysses", "ring", "usp", "tas", "torus"]
 def main(paths: list[Path]) -> str:
     lines, summary, shapes = [], {}, set()
     torus_gain, torus_vs_best = [], []  # emulated-link runs: USP / Torus, min(USP, TAS) / Torus
-    gain_1gpu, vs_best_1gpu = [], []  # the same from 2 virtual machines sharing one GPU (the FP8 issue's study)
-    more_1gpu: dict = {}  # mesh -> [(USP / Torus, best baseline / Torus)]: more virtual machines on GPUs
+    shared: dict = {}  # mesh -> [(USP / Torus, best baseline / Torus)]: virtual machines sharing GPUs, bf16
     torus_ms: dict = {}  # (mesh, link, rpg, precision) -> {shape: Torus ms}, for the FP8 wire key
     for path in paths:
         data = json.loads(path.read_text())
@@ -56,12 +55,9 @@ def main(paths: list[Path]) -> str:
             if link and rpg == 1 and data["meta"]["mesh"] == "2x1" and prec == "bf16":
                 torus_gain.append(row["usp"] / row["torus"])
                 torus_vs_best.append(min(row["usp"], row["tas"]) / row["torus"])
-            if link and rpg == 2 and data["meta"]["mesh"] == "2x1" and prec == "bf16":
-                gain_1gpu.append(row["usp"] / row["torus"])
-                vs_best_1gpu.append(min(row["usp"], row["tas"]) / row["torus"])
-            if link and rpg > 1 and mesh != "2x1" and prec == "bf16" and {"usp", "tas", "torus"} <= set(row):
-                more_1gpu.setdefault(mesh, []).append((row["usp"] / row["torus"],
-                                                       min(row["usp"], row["tas"]) / row["torus"]))
+            if link and rpg > 1 and prec == "bf16" and {"usp", "tas", "torus"} <= set(row):
+                shared.setdefault(mesh, []).append((row["usp"] / row["torus"],
+                                                    min(row["usp"], row["tas"]) / row["torus"]))
         lines.append("")
     summary["layer_bench_shapes"] = len(shapes)
     if torus_gain:
@@ -69,24 +65,21 @@ def main(paths: list[Path]) -> str:
         summary["torus_over_best_baseline_emulated_min"] = round(min(torus_vs_best), 3)
         lines.append(f"Emulated links: Torus over USP at best {max(torus_gain):.3f}x; Torus over the faster of "
                      f"USP and TAS at worst {min(torus_vs_best):.3f}x.")
-    if gain_1gpu:
-        summary["torus_over_usp_emulated_1gpu_best"] = round(max(gain_1gpu), 3)
-        summary["torus_over_best_baseline_emulated_1gpu_min"] = round(min(vs_best_1gpu), 3)
-        lines.append(f"Emulated links, 2 virtual machines sharing one GPU, bf16: Torus over USP at best "
-                     f"{max(gain_1gpu):.3f}x; over the faster of USP and TAS at worst {min(vs_best_1gpu):.3f}x.")
-    for mesh, vals in more_1gpu.items():
-        summary[f"torus_over_usp_emulated_1gpu_best_{mesh}"] = round(max(v[0] for v in vals), 3)
-        summary[f"torus_over_best_baseline_emulated_1gpu_min_{mesh}"] = round(min(v[1] for v in vals), 3)
-        lines.append(f"Emulated links, mesh {mesh} of virtual machines sharing GPUs, bf16: Torus over USP at best "
-                     f"{max(v[0] for v in vals):.3f}x; over the faster of USP and TAS at worst "
-                     f"{min(v[1] for v in vals):.3f}x.")
+    for mesh, vals in shared.items():  # the 2x1 keys (the FP8 issue's study) carry no mesh suffix
+        suffix, who = ("", "2 virtual machines sharing one GPU") if mesh == "2x1" else \
+            (f"_{mesh}", f"mesh {mesh} of virtual machines sharing GPUs")
+        gain, vs_best = max(v[0] for v in vals), min(v[1] for v in vals)
+        summary[f"torus_over_usp_emulated_1gpu_best{suffix}"] = round(gain, 3)
+        summary[f"torus_over_best_baseline_emulated_1gpu_min{suffix}"] = round(vs_best, 3)
+        lines.append(f"Emulated links, {who}, bf16: Torus over USP at best {gain:.3f}x; over the faster of "
+                     f"USP and TAS at worst {vs_best:.3f}x.")
     # FP8 on the wire: Torus in bf16 over Torus in FP8 at each mesh's slowest emulated link (GB/s) measured
     # in both precisions; the key without a mesh is the worst over the meshes
     pairs = sorted((mesh, float(link.split(",")[0]), link, rpg) for (mesh, link, rpg, prec) in torus_ms
                    if prec == "fp8" and (mesh, link, rpg, "bf16") in torus_ms)
     gains = {}
     for mesh in dict.fromkeys(m for m, *_ in pairs):
-        _, _, link, rpg = min(p for p in pairs if p[0] == mesh)[0:4]
+        _, _, link, rpg = min(p for p in pairs if p[0] == mesh)
         bf, f8 = torus_ms[mesh, link, rpg, "bf16"], torus_ms[mesh, link, rpg, "fp8"]
         gains[mesh] = min(bf[s] / f8[s] for s in bf if s in f8)
         summary[f"fp8_wire_over_bf16_emulated_slowest_{mesh}"] = round(gains[mesh], 3)

@@ -10,7 +10,9 @@ medians over ``--reps``; times are microseconds from the earliest rank's first s
   issued one by one;
 * ``kernel``: the in-place kernel alone; ``aligned``: a barrier, then the kernel alone;
 * ``layer``: the whole io call (its CUDA graph); ``layer_xN`` / ``kernel_xN``: N of them back to
-  back (the per-layer cost in a model, where the start skew of one call is paid once).
+  back (the per-layer cost in a model, where the start skew of one call is paid once);
+* ``stamp_x20`` / ``pdl_x20`` / ``quiet_x20`` / ``barrier_x20``: 20 launches, programmatic dependent
+  launches, NVSHMEM quiets and barriers back to back (the cost of each).
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ extern "C" __global__ void stamp_pdl(unsigned long long* t, int i) {
 
 
 def pdl_launcher():
-    """``launch(function pointer, stream, *u64/int32 args)``: a 1x1 launch through cuLaunchKernelEx with
-    programmatic stream serialization (the launch may start before the previous kernel ends)."""
+    """``launch(function pointer, stream, stamps address, index)`` of a stamp kernel: a 1x1 launch through
+    cuLaunchKernelEx with programmatic stream serialization (it may start before the previous kernel ends)."""
     import ctypes as c
 
     class Attr(c.Structure):
@@ -52,9 +54,9 @@ def pdl_launcher():
     attr = Attr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     attr.val[0] = 1
 
-    def launch(fn: int, stream: int, *args) -> None:
+    def launch(fn: int, stream: int, stamps: int, i: int) -> None:
         cfg = Cfg((1, 1, 1), (1, 1, 1), 0, stream, c.pointer(attr), 1)
-        vals = [c.c_uint64(a) if isinstance(a, int) and a > 1 << 31 else c.c_int32(a) for a in args]
+        vals = (c.c_uint64(stamps), c.c_int32(i))
         argv = (c.c_void_p * len(vals))(*[c.addressof(v) for v in vals])
         rc = lib.cuLaunchKernelEx(c.byref(cfg), c.c_void_p(fn), argv, None)
         if rc:
