@@ -166,9 +166,8 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
     """What one FP8 kernel launch computes, in float64 (the state is float64 numpy): Q blocks ``qs``
     (concatenated rows) against K/V blocks ``kvs`` in order, 128-key tiles, logits
     ``q_d . (k_d + mu)``, the running max raised every tile, P rounded to e4m3 after scaling by
-    ``448 vscale / max(vscale over this launch's blocks)``, the row sum and P.V of that rounded P (the
-    kernel sums on the tensor cores; with knob ``LS=0`` it sums unrounded P, < 1e-3 apart), V
-    dequantised. ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
+    ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P, P.V with the
+    dequantised V. ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
     (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
     no key); returns the normalised float64 output ``[B, S_q, H, D]`` when ``finalize``."""
     q = np.concatenate([_f64(x.data) * _rows(x.scale, x.data.shape[1]) for x in qs], axis=1)
@@ -196,9 +195,9 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
             s = qh @ kd[:, :, a:b].transpose(0, 1, 3, 2) * scale
             m_new = np.maximum(m, s.max(axis=3))
             alpha = np.where(np.isneginf(m_new), 1.0, np.exp(m - np.where(np.isneginf(m_new), 0.0, m_new)))
-            p = _e4m3(np.exp(s - m_new[..., None]) * ps) / ps
+            p = np.exp(s - m_new[..., None])
             lsum = lsum * alpha + p.sum(axis=3)
-            acc = acc * alpha[..., None] + p @ vd[:, :, a:b]
+            acc = acc * alpha[..., None] + (_e4m3(p * ps) / ps) @ vd[:, :, a:b]
             m = m_new
     if state is not None:
         state.acc[...] = acc.transpose(0, 2, 1, 3)

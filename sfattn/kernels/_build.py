@@ -41,10 +41,7 @@ MAXQ, MAXKV = 16, 16
 # sm90fp8 (the FP8 kernel): 128-key tiles (the K scale blocks), consumer warpgroups and ring slots
 # per head dim; knobs as for sm90ws where they exist there
 FP8_TILES = {64: (3, 4, 4), 128: (2, 3, 3)}  # head dim -> (consumers, K slots, V slots)
-FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "LS")
-# the row sum of P on the tensor cores (LS=1) per head dim: at 64, three consumer warpgroups of 160
-# registers have no room for its accumulators next to two P register sets (it spills; LS=1 needs DB=0)
-FP8_LS = {64: 0, 128: 1}
+FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB", "PX")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -163,18 +160,13 @@ class KernelConfig:
         return int(o.get("KST", kst)), int(o.get("VST", vst))
 
     @property
-    def fp8_ls(self) -> int:
-        """sm90fp8: 1 where the row sum of P runs on the tensor cores (knob LS)."""
-        return int(dict(self.opts).get("LS", FP8_LS[self.head_dim]))
-
-    @property
     def smem_bytes(self) -> int:
         d = self.head_dim
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
-        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T slots of 128 keys, the ones tile (LS)
+        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T slots of 128 keys
             kst, vst = self.fp8_slots()
-            return self.block_m * d + (kst + vst) * 128 * d + 1024 + 1024 * self.fp8_ls
+            return self.block_m * d + (kst + vst) * 128 * d + 1024
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
             return (self.block_m * d + (kst + vst) * bn * d) * 2 + 1024
@@ -198,8 +190,7 @@ class KernelConfig:
             nc = self.consumers
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
-                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_DB={o.get('DB', 1)}", f"-DWS_PX={o.get('PX', 0)}",
-                    f"-DWS_LS={self.fp8_ls}"]
+                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_DB={o.get('DB', 1)}", f"-DWS_PX={o.get('PX', 0)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",

@@ -54,10 +54,6 @@
 #define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
                  // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
 #endif
-#ifndef WS_LS
-#define WS_LS 1  // 1: the row sum of P on the tensor cores (P times a constant all-ones 8-column B
-                 // tile, one m64n8k32 wgmma per 32 keys next to P.V) instead of 64 FADDs per tile
-#endif
 #define WS_BM (64 * WS_NC)
 #define WS_NT (128 * (WS_NC + 1))
 #define F8_QROW SF_D  // bytes per Q/K row in shared memory (= the swizzle span)
@@ -66,7 +62,6 @@
 #define F8_QBLK 128  // rows per Q scale block
 #define WGMMA_S SF_CAT(sf_wgmma_s8_n, WS_BN)
 #define WGMMA_O SF_CAT(sf_wgmma_e4m3_rs_n, SF_D)
-#define F8_ONE 0x38383838u  // four e4m3 1.0
 
 struct F8Side {  // a per-block side array: pointer and (batch, head) strides in elements
   long long ptr, sb, sh;
@@ -143,7 +138,7 @@ __device__ __forceinline__ float f8_exp2_fma(float x) {
 
 // Softmax of one int32 S tile in place (the C layout of sf_softmax): logits in log2 units are
 // x * c + bq[i] for the accumulator value x; returns in s the e4m3-ready P * pscale (as float bits),
-// updates the running max / sum (in P units; with WS_LS the tensor cores sum P) and alpha.
+// updates the running max / sum (in P units) and alpha.
 template <int NS>
 __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int t, float c,
                                            const float (&bq)[2], float log2_pscale, float inv_pscale,
@@ -178,7 +173,7 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     alpha[i] = (m_new == mr[i]) ? 1.f : sf_exp2(mr[i] - m_use);
     mr[i] = m_new;
     const float add = bias - m_use + log2_pscale;
-    [[maybe_unused]] float sum0 = 0.f, sum1 = 0.f;
+    float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
       const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c, add);
@@ -188,12 +183,10 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
       const float p1 = fma_pipe ? f8_exp2_fma(a1) : sf_exp2(a1);
       s[j][2 * i] = __float_as_uint(p0);
       s[j][2 * i + 1] = __float_as_uint(p1);
-      if (!WS_LS) {
-        sum0 += p0;
-        sum1 += p1;
-      }
+      sum0 += p0;
+      sum1 += p1;
     }
-    if (!WS_LS) lr[i] = lr[i] * alpha[i] + (sum0 + sum1) * inv_pscale;
+    lr[i] = lr[i] * alpha[i] + (sum0 + sum1) * inv_pscale;
   }
 }
 
@@ -224,7 +217,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
   const uint32_t sQ = s0;
   const uint32_t sK = sQ + BM * F8_QROW;
   const uint32_t sV = sK + KST * KTILE;
-  [[maybe_unused]] const uint32_t sOnes = sV + VST * VTILE;  // WS_LS: 8 x 128 e4m3 ones (1 KB)
   const uint32_t bar0 = sf_smem_u32(bars);
   auto kfull = [&](int i) { return bar0 + 8 * i; };
   auto kempty = [&](int i) { return bar0 + 8 * (KST + i); };
@@ -247,10 +239,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     mbar_init(qfull, 1);
     mbar_init(qempty, EMPTY_COUNT);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  if (WS_LS && tid < 256) {  // the ones tile, read by the async proxy (wgmma) from here on
-    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sOnes + 4 * tid), "r"(F8_ONE) : "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
 
@@ -293,10 +281,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     uint32_t pa0[BN / 32][4], pa1[BN / 32][4];
     uint32_t s[NS][4];
     float o[NJ][4], mr[2], lr[2], alpha[2], bq[2];
-    // WS_LS: la[0][0] / la[0][2] = row sums of rows g / g + 8 in units of P times ps_l (the P scale
-    // of the block whose P went in last); every column of the n8 product holds the same sum
-    [[maybe_unused]] float la[1][4];
-    float ps_l = 1.f, ps_prev = 1.f, ps_blk = 1.f;
     int ct = 0;
 
     int it = 0;
@@ -333,7 +317,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;  // scales are > 0 (quant.py)
         log2_ps = __log2f(ps);
         inv_ps = 1.f / ps;
-        ps_blk = ps;
         kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
         ks_next = kscale[0];
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
@@ -352,10 +335,8 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       auto issue_pv = [&](const uint32_t (&pa)[BN / 32][4]) {  // O += P_{ct-1} V_{ct-1}
         const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
 #pragma unroll
-        for (int kk = 0; kk < BN / 32; ++kk) {
+        for (int kk = 0; kk < BN / 32; ++kk)
           WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 32, 16, SBO_V, 1), 1);
-          if (WS_LS) sf_wgmma_e4m3_rs_n8(la, pa[kk], sf_desc(sOnes + kk * 32, 16, 1024, 1), 1);
-        }
         wg_commit();
       };
       auto release_k = [&]() {
@@ -371,27 +352,15 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha);
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
-      auto rescale_o = [&]() {  // before O += P_{ct-1} V_{ct-1}: alpha and P scale of that P
+      auto rescale_o = [&]() {
         reg_fence<NJ>(o);
-        if (WS_LS) reg_fence<1>(la);
-        if (sf_needs_rescale(alpha)) {
-          sf_rescale<NJ>(o, alpha);
-          if (WS_LS) sf_rescale<1>(la, alpha);
-        }
-        if (WS_LS && ps_prev != ps_l) {  // P of a new K/V block: the sum to its P units
-          const float f = ps_prev / ps_l;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) la[0][e] *= f;
-          ps_l = ps_prev;
-        }
+        if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
         reg_fence<NJ>(o);
-        if (WS_LS) reg_fence<1>(la);
       };
       auto pack = [&](uint32_t (&pa)[BN / 32][4]) {
 #pragma unroll
         for (int kk = 0; kk < BN / 32; ++kk) f8_pack_a<NS>(s, kk, pa[kk]);
         reg_fence_u<BN / 32>(pa);
-        ps_prev = ps_blk;  // the P scale of what pa now holds
       };
       auto advance = [&]() {
         reg_fence<NJ>(o);
@@ -428,11 +397,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 
       if (nkv > 0) {
         enter_block();
-        if (WS_LS) {  // the loaded (or zero) row sums in the first block's P units
-          ps_l = ps_prev = ps_blk;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) la[0][e] = lr[e >> 1] * ps_l;
-        }
         mbar_wait(qfull, it & 1);
         if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
         wait_k();
@@ -473,11 +437,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         wg_wait<0>();
         if (arrives) mbar_arrive(vempty((ct - 1) % VST));
         reg_fence<NJ>(o);
-        if (WS_LS) {
-          reg_fence<1>(la);
-          lr[0] = la[0][0] / ps_l;
-          lr[1] = la[0][2] / ps_l;
-        }
         if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
       }
 #pragma unroll

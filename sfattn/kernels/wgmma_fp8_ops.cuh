@@ -24,18 +24,6 @@ __device__ __forceinline__ void sf_wgmma_s8_n128(uint32_t (&d)[16][4], uint64_t 
       : "l"(da), "l"(db), "r"(accum));
 }
 
-// D[64 x 8] (+)= A[64 x 32] * B[32 x 8], e4m3 x e4m3 -> f32; A in registers (the k32 8-bit
-// fragment: per warp, rows g and g + 8, columns 4t..4t+3 and 16+4t..19+4t), B K-major in shared memory.
-__device__ __forceinline__ void sf_wgmma_e4m3_rs_n8(float (&d)[1][4], const uint32_t (&a)[4],
-                                                     uint64_t db, int accum) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accum));
-}
-
 // D[64 x 64] (+)= A[64 x 32] * B[32 x 64], e4m3 x e4m3 -> f32; A in registers (the k32 8-bit
 // fragment: per warp, rows g and g + 8, columns 4t..4t+3 and 16+4t..19+4t), B K-major in shared memory.
 __device__ __forceinline__ void sf_wgmma_e4m3_rs_n64(float (&d)[8][4], const uint32_t (&a)[4],
