@@ -15,14 +15,10 @@ transfers when every peer of the batch is NVLink-mapped, else ``ce``.
 
 Emulated slow links (``$ONESIDE_EMULATE_LINK="GBPS[,LATENCY_US]"``): every transfer between
 ranks of different (virtual) machines is held in its stream until it would have finished on
-a link of that bandwidth and latency: after the real NVLink copy, the stream waits the
+a link of that bandwidth and latency: after the real NVLink copy, a timer kernel waits the
 difference ``n/GBPS + latency - n/base`` (base ``$ONESIDE_EMULATE_BASE_GBPS``, default 395,
 the measured NVLink copy speed); signals that follow such data wait for it, and barrier or
-signal messages across machines pay the latency. A hold needs no SM (``$ONESIDE_EMULATE_HOLD``
-``host``, the default: a host function starts a host timer, a stream memory operation waits for
-it), so it runs beside a compute kernel that occupies every SM; ``kernel`` holds with a one-thread
-timer kernel instead, which queues behind such a kernel (the link's time then follows the compute
-instead of overlapping it). Intra-machine traffic is untouched. What
+signal messages across machines pay the latency. Intra-machine traffic is untouched. What
 is not emulated: link sharing between concurrent transfers and NIC/PCIe contention.
 """
 from __future__ import annotations
@@ -325,16 +321,6 @@ class NvshmemBackend:
         self._timeout_ns = cupy.uint64(int(timeout * 1e9))
         self.per_machine = place.world_size // place.machines
         self.link = _parse_link(os.environ.get("ONESIDE_EMULATE_LINK"))
-        self.hold_mode = os.environ.get("ONESIDE_EMULATE_HOLD", "host")
-        if self.hold_mode not in ("host", "kernel"):
-            raise ValueError(f"ONESIDE_EMULATE_HOLD={self.hold_mode!r}: expected 'host' or 'kernel'")
-        self._hold_words: dict[int, int] = {}  # stream handle -> address of its hold word
-        if self.link is not None and self.hold_mode == "host":
-            rc = self.lib.os_hold_init()
-            if rc:
-                raise OnesideError(f"ONESIDE_EMULATE_HOLD=host: the CUDA driver's host-function and stream "
-                                   f"wait entry points are unavailable (code {rc}); use ONESIDE_EMULATE_HOLD=kernel")
-            self._hold_host = rtm.hostAlloc(4 * 256, 1 | 2)  # portable, mapped: one u32 per stream
         self.engine = os.environ.get("ONESIDE_ENGINE", "auto")
         self._one = self.ffi.new("uint64_t[3]")  # single-transfer fast path
         self._one_pe = self.ffi.new("int32_t[1]")
@@ -575,19 +561,7 @@ class NvshmemBackend:
         return int(t * 1e9)
 
     def _hold(self, ns: int, handle: int) -> None:
-        """Hold stream ``handle`` for ``ns`` nanoseconds from when it reaches this point."""
-        if self.hold_mode == "kernel":
-            self._delay((1,), (1,), (self.cp.uint64(ns),), stream=self._cupy_stream(handle))
-            return
-        word = self._hold_words.get(handle)
-        if word is None:
-            if len(self._hold_words) >= 256:
-                raise OnesideError("emulated link: more than 256 streams carry cross-machine transfers")
-            word = self._hold_words[handle] = self._hold_host + 4 * len(self._hold_words)
-        rc = self.lib.os_hold(handle, word, ns)
-        if rc:
-            raise OnesideError(f"emulated link: holding stream {handle:#x} failed (CUDA error {rc % 100}, "
-                               f"{'host function' if rc < 200 else 'stream wait'})")
+        self._delay((1,), (1,), (self.cp.uint64(ns),), stream=self._cupy_stream(handle))
 
     def issue(self, handle, stream: Any = None, nbi: bool = False) -> None:
         s = self.stream_handle(stream)

@@ -51,7 +51,7 @@ def compile_into(out: Path, verbose: bool = False) -> Path:
     ffi.set_source(
         MODULE, (HERE / "shim.cpp").read_text(), source_extension=".cpp",
         include_dirs=[str(HERE), str(inc), str(cuda), str(cuda / "cccl")],
-        library_dirs=[str(lib)], extra_link_args=["-l:libnvshmem_host.so.3", "-ldl", f"-Wl,-rpath,{lib}"],
+        library_dirs=[str(lib)], extra_link_args=["-l:libnvshmem_host.so.3", f"-Wl,-rpath,{lib}"],
         extra_compile_args=["-O2", "-std=c++17", "-w"])
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="oneside-shim-") as tmp:  # keep only the .so

@@ -2,18 +2,8 @@
 // Python pays one foreign call per batch. Addresses are raw: any byte range of the
 // symmetric heap can be a target, which nvshmem4py's high-level put/get do not allow.
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
-
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <map>
-#include <mutex>
-#include <queue>
-#include <thread>
-#include <vector>
 
 extern "C" {
 #include "shim.h"
@@ -24,59 +14,6 @@ inline cudaStream_t S(uint64_t s) { return reinterpret_cast<cudaStream_t>(s); }
 inline void *P(uint64_t p) { return reinterpret_cast<void *>(p); }
 // oneside's order of signal ops: (set, add).
 const int kOps[2] = {NVSHMEM_SIGNAL_SET, NVSHMEM_SIGNAL_ADD};
-
-// -- holds without an SM (emulated links) -------------------------------------------------
-// A hold of n ns on a stream: a host function (runs when the stream reaches it) clears the
-// stream's word in mapped host memory and asks the timer thread to set it n ns later; a stream
-// memory operation then waits for the word. Neither needs an SM, so a hold runs beside a kernel
-// that occupies every SM (a one-thread timer kernel would queue behind it). Driver entry points
-// come from libcuda at first use (the shim does not link the CUDA driver).
-typedef int (*HostFnLaunch)(void *stream, void (*fn)(void *), void *data);
-typedef int (*WaitValue32)(void *stream, uint64_t addr, uint32_t value, unsigned flags);
-HostFnLaunch g_launch_host_fn = nullptr;
-WaitValue32 g_wait_value32 = nullptr;
-
-struct Release {
-    std::chrono::steady_clock::time_point at;
-    volatile uint32_t *word;
-    bool operator<(const Release &o) const { return at > o.at; }  // earliest first
-};
-
-struct Timer {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::priority_queue<Release> due;
-    Timer() {
-        std::thread([this] {
-            std::unique_lock<std::mutex> lk(mu);
-            for (;;) {
-                if (due.empty()) { cv.wait(lk); continue; }
-                const Release r = due.top();
-                if (std::chrono::steady_clock::now() < r.at) { cv.wait_until(lk, r.at); continue; }
-                due.pop();
-                std::atomic_thread_fence(std::memory_order_seq_cst);
-                *r.word = 1u;
-            }
-        }).detach();  // lives as long as the process
-    }
-};
-Timer *g_timer = nullptr;
-
-struct HoldArg {
-    volatile uint32_t *word;
-    uint64_t ns;
-};
-
-void hold_start(void *p) {  // on the driver's callback thread: no CUDA calls here
-    HoldArg *a = static_cast<HoldArg *>(p);
-    *a->word = 0u;
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    {
-        std::lock_guard<std::mutex> lk(g_timer->mu);
-        g_timer->due.push({std::chrono::steady_clock::now() + std::chrono::nanoseconds(a->ns), a->word});
-    }
-    g_timer->cv.notify_one();
-}
 }  // namespace
 
 extern "C" {
@@ -125,30 +62,6 @@ void os_signal_op(uint64_t sig, uint64_t value, int op, int pe, uint64_t stream)
 }
 
 void os_quiet(uint64_t stream) { nvshmemx_quiet_on_stream(S(stream)); }
-
-int os_hold_init(void) {
-    if (g_timer) return 0;
-    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (!lib) return 1;
-    g_launch_host_fn = reinterpret_cast<HostFnLaunch>(dlsym(lib, "cuLaunchHostFunc"));
-    g_wait_value32 = reinterpret_cast<WaitValue32>(dlsym(lib, "cuStreamWaitValue32_v2"));
-    if (!g_wait_value32) g_wait_value32 = reinterpret_cast<WaitValue32>(dlsym(lib, "cuStreamWaitValue32"));
-    if (!g_launch_host_fn || !g_wait_value32) return 2;
-    g_timer = new Timer();
-    return 0;
-}
-
-int os_hold(uint64_t stream, uint64_t word, uint64_t ns) {
-    // the host function's argument must outlive every run of it (a CUDA graph replays it): one
-    // per (word, ns), kept (a layer uses a handful)
-    static std::map<std::pair<uint64_t, uint64_t>, HoldArg *> args;
-    HoldArg *&a = args[{word, ns}];
-    if (!a) a = new HoldArg{reinterpret_cast<volatile uint32_t *>(word), ns};
-    int rc = g_launch_host_fn(P(stream), hold_start, a);
-    if (rc) return 100 + rc;
-    rc = g_wait_value32(P(stream), word, 1u, 0x0 /* CU_STREAM_WAIT_VALUE_GEQ */);
-    return rc ? 200 + rc : 0;
-}
 
 // First half of oneside's flat barrier (works with several PEs per GPU, unlike NVSHMEM's team
 // barriers): complete my transfers, then add 1 to my word in every member's row. The second

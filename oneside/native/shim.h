@@ -11,7 +11,5 @@ void os_put_signal_batch(int n, const uint64_t *dst, const uint64_t *src, const 
                          const int32_t *pe, uint64_t sig, uint64_t value, int op, uint64_t stream, int nbi);
 void os_signal_op(uint64_t sig, uint64_t value, int op, int pe, uint64_t stream);
 void os_quiet(uint64_t stream);
-int os_hold_init(void);
-int os_hold(uint64_t stream, uint64_t word, uint64_t ns);
 void os_barrier_signal(uint64_t row, const int32_t *members, int n, int me, uint64_t value,
                        uint64_t stream);
