@@ -10,9 +10,9 @@ Reported (rank 0; CUDA events from a common start, medians over ``--reps``), in 
 * ``copy``: the get's copy alone, no link time; ``copy_beside``: the same beside the kernel (the copy
   is a kernel between two processes' buffers: does it start before the compute ends?);
 * ``hold``: the link time alone (a one-thread timer kernel); ``hold_beside``: beside the kernel;
-* ``link_beside``: the emulated transfer as oneside issues it (timer, then copy) beside the kernel,
-  and ``copy_then_hold_beside``: the opposite order. On a real link the transfer ends at
-  max(its link time, 0) from the start, whatever compute does.
+* ``copy_then_hold_beside``: the emulated transfer as oneside issues it (copy, then timer) beside
+  the kernel, and ``hold_then_copy_beside``: the opposite order. On a real link the transfer
+  ends at its link time from the start, whatever compute does.
 """
 from __future__ import annotations
 
@@ -82,12 +82,12 @@ def main() -> int:
     res["copy_beside"] = timed(lambda: be.issue(raw, Bh), True)
     res["hold"] = timed(lambda: be._hold(delay, Bh), False)
     res["hold_beside"] = timed(lambda: be._hold(delay, Bh), True)
-    res["link_beside"] = timed(lambda: rt.get(dst, src, peer, stream=Bh), True)
-    res["copy_then_hold_beside"] = timed(lambda: (be.issue(raw, Bh), be._hold(delay, Bh)), True)
+    res["copy_then_hold_beside"] = timed(lambda: rt.get(dst, src, peer, stream=Bh), True)
+    res["hold_then_copy_beside"] = timed(lambda: (be._hold(delay, Bh), be.issue(raw, Bh)), True)
     if rt.rank == 0:
         print(json.dumps(res, indent=1))
         print(f"kernel {res['kernel']:.2f} ms, hold {res['hold']:.2f}; transfer beside the kernel ends at: "
-              f"timer then copy {res['link_beside']:.2f} ms, copy then timer {res['copy_then_hold_beside']:.2f} ms "
+              f"copy then timer {res['copy_then_hold_beside']:.2f} ms, timer then copy {res['hold_then_copy_beside']:.2f} ms "
               f"(copy alone {res['copy']:.2f}, beside the kernel {res['copy_beside']:.2f})")
         if a.json:
             with open(a.json, "w") as f:

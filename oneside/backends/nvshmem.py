@@ -15,14 +15,14 @@ transfers when every peer of the batch is NVLink-mapped, else ``ce``.
 
 Emulated slow links (``$ONESIDE_EMULATE_LINK="GBPS[,LATENCY_US]"``): every transfer between
 ranks of different (virtual) machines is held in its stream until it would have finished on
-a link of that bandwidth and latency: a one-thread timer kernel waits the difference
-``n/GBPS + latency - n/base`` (base ``$ONESIDE_EMULATE_BASE_GBPS``, default 395, the measured
-NVLink copy speed), then the real copy runs; signals that follow such data wait for it, and
-barrier or signal messages across machines pay the latency. The timer comes first because on
-one GPU (virtual machines sharing it) the copy between two processes' buffers is a copy kernel
-that cannot start while a compute kernel holds every SM, whereas the one-thread timer fits
-beside it: timer then copy lets the link time overlap compute as on a real link (copy then
-timer would serialise them). Intra-machine traffic is untouched. What
+a link of that bandwidth and latency: after the real copy, a one-thread timer kernel waits the
+difference ``n/GBPS + latency - n/base`` (base ``$ONESIDE_EMULATE_BASE_GBPS``, default 395,
+the measured NVLink copy speed); signals that follow such data wait for it, and barrier or
+signal messages across machines pay the latency. Caveat on one GPU (virtual machines sharing
+it): the copy between two processes' buffers runs on SMs, so a copy that becomes ready while a
+compute kernel holds every SM waits for that kernel (the timer kernel fits beside it); whether a
+transfer then overlaps compute depends on which starts first (``perf/emulate_link.py``,
+docs/model.md section 4c). A real link needs no SM. Intra-machine traffic is untouched. What
 is not emulated: link sharing between concurrent transfers and NIC/PCIe contention.
 """
 from __future__ import annotations
@@ -512,7 +512,7 @@ class NvshmemBackend:
         delay = self._link_delay(nbytes, pes)
         if not delay:
             return self._prepare(kind, local, offsets, nbytes, pes, signal, engine or self.engine)
-        # emulated slow link: the hold, then the copy (copy engines), then the signals
+        # emulated slow link: the copy (copy engines), then the hold, then the signals
         tail = [] if signal is None else [(self.heap_base + signal[0], signal[1], _OPS[signal[2]], p) for p in pes]
         return ("slow", self._prepare(kind, local, offsets, nbytes, pes, None, "ce"), delay, tail)
 
@@ -571,8 +571,8 @@ class NvshmemBackend:
         s = self.stream_handle(stream)
         if handle[0] == "slow":
             _, inner, delay, tail = handle
-            self._hold(delay, s)
             self.issue(inner, s, False)
+            self._hold(delay, s)
             for sig, value, op, pe in tail:
                 self.lib.os_signal_op(sig, value, op, pe, s)
             return
