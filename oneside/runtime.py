@@ -445,7 +445,7 @@ class Runtime:
         self.backend.quiet(stream)
 
     def barrier(self, team: Team, stream: Any = None, timeout: float | None = None,
-                tag: int | None = None, poison: SymArray | None = None) -> None:
+                tag: int | None = None, poison: SymArray | None = None, dependent: bool = False) -> None:
         """Barrier over ``team``: prior transfers of each member are complete and visible.
 
         Every member must reach it from the same call site: ``tag`` (a 32-bit int, see
@@ -454,6 +454,10 @@ class Runtime:
         a collective - makes the others raise :class:`CollectiveMismatchError` (on GPUs: the
         wait records it, :meth:`check` raises it and :meth:`poison_if_failed` marks results).
         ``poison``: :meth:`poison_if_failed` on it after the wait, in the barrier's own launch.
+        ``dependent``: launch it as a programmatic dependent launch (:mod:`oneside.pdl`: its block
+        may be scheduled while the kernel before it on ``stream`` finishes; it waits for that
+        kernel before arriving). Where the GPU or the barrier cannot (before Hopper, members not
+        all mapped into this GPU, the host backend) it is an ordinary barrier.
         """
         self.check()
         dst = (0, 0) if poison is None else (self._sym(poison, "poison").ptr, poison.nbytes)
@@ -479,12 +483,12 @@ class Runtime:
         epoch = self._epochs.get(slot, 0) + 1
         self._epochs[slot] = epoch
         self.backend.barrier(slot * self.world_size * 8, team.ranks, me, epoch, self._gen_off + 8 * slot,
-                             stream, timeout, int(tag) & 0xFFFFFFFF, dst)
+                             stream, timeout, int(tag) & 0xFFFFFFFF, dst, dependent)
 
     def barrier_all(self, stream: Any = None, timeout: float | None = None, tag: int | None = None,
-                    poison: SymArray | None = None) -> None:
+                    poison: SymArray | None = None, dependent: bool = False) -> None:
         """:meth:`barrier` over every rank."""
-        self.barrier(self.world, stream, timeout, tag, poison)
+        self.barrier(self.world, stream, timeout, tag, poison, dependent)
 
     def sync(self, stream: Any = None, timeout: float | None = None) -> None:
         """Block the host until ``stream`` (GPU; None: the current stream) has finished.

@@ -39,28 +39,16 @@ extern "C" __global__ void stamp_pdl(unsigned long long* t, int i) {
 
 
 def pdl_launcher():
-    """``launch(function pointer, stream, stamps address, index)`` of a stamp kernel: a 1x1 launch through
-    cuLaunchKernelEx with programmatic stream serialization (it may start before the previous kernel ends)."""
+    """``launch(function pointer, stream, stamps address, index)`` of a stamp kernel: a 1x1
+    programmatic dependent launch (:mod:`oneside.pdl`: it may start before the previous kernel ends)."""
     import ctypes as c
 
-    class Attr(c.Structure):
-        _fields_ = [("id", c.c_int), ("pad", c.c_char * 4), ("val", c.c_ubyte * 64)]
-
-    class Cfg(c.Structure):
-        _fields_ = [("g", c.c_uint * 3), ("b", c.c_uint * 3), ("smem", c.c_uint), ("stream", c.c_void_p),
-                    ("attrs", c.POINTER(Attr)), ("n", c.c_uint)]
-
-    lib = c.CDLL("libcuda.so.1")
-    attr = Attr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.val[0] = 1
+    from oneside import pdl
 
     def launch(fn: int, stream: int, stamps: int, i: int) -> None:
-        cfg = Cfg((1, 1, 1), (1, 1, 1), 0, stream, c.pointer(attr), 1)
         vals = (c.c_uint64(stamps), c.c_int32(i))
         argv = (c.c_void_p * len(vals))(*[c.addressof(v) for v in vals])
-        rc = lib.cuLaunchKernelEx(c.byref(cfg), c.c_void_p(fn), argv, None)
-        if rc:
-            raise RuntimeError(f"cuLaunchKernelEx: CUresult {rc}")
+        pdl.launch(fn, (1, 1, 1), (1, 1, 1), 0, stream, c.addressof(argv))
     return launch
 
 

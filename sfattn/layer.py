@@ -423,7 +423,10 @@ class SPAttention:
         members = [self.Ut[i] for i in range(plan.U)]
         q, k, v, o = ([PeerBlock(self.IO[x], p, h0, Ht, Sl if x in "qo" else self.lens[p]) for p in members]
                       for x in "qkvo")
-        run = self.local.prepare(q, k, v, self.states[0], self.scale, init=True, finalize=True, out=o)
+        # the kernel and the barrier after it as programmatic dependent launches: each may be
+        # scheduled while the grid before it finishes (~1 us per boundary)
+        dep = {"dependent": True} if isinstance(self.local, GpuAttention) else {}
+        run = self.local.prepare(q, k, v, self.states[0], self.scale, init=True, finalize=True, out=o, **dep)
         self._io_run = rt.chaos.wrap(run) if rt.chaos is not None else run
 
     def _is_io(self, q: Any, k: Any, v: Any) -> bool:
@@ -585,7 +588,7 @@ class SPAttention:
         rt.barrier_all(C, tag=tag)  # every member's inputs written, its last call's output read
         self._io_run(C)
         # every member's output complete, nobody reads my inputs; NaN output if a wait failed
-        rt.barrier_all(C, tag=tag + 1, poison=self.IO["o"])
+        rt.barrier_all(C, tag=tag + 1, poison=self.IO["o"], dependent=True)
 
     def _exchange_compute(self, C: Any) -> None:
         """Everything between pack and unpack, issued on the caller's stream ``C``."""

@@ -200,7 +200,9 @@ class GpuAttention:
 
         return TensorDesc(a.ptr, tuple(shape), strides_of(a.shape), _KERNEL_DTYPES[a.dtype], self.device)
 
-    def prepare(self, q, k, v, state, scale, init, finalize, out=None):
+    def prepare(self, q, k, v, state, scale, init, finalize, out=None, dependent: bool = False):
+        """As :meth:`HostAttention.prepare`; ``dependent``: launch as a programmatic dependent launch
+        where the kernel allows it (:meth:`sfattn.kernels.AttnLaunch.__call__`)."""
         from .kernels import AttnLaunch
 
         if is_fp8(q[0]):
@@ -215,7 +217,10 @@ class GpuAttention:
                                 init=init, finalize=finalize)
 
         def run(stream: Any = None) -> None:
-            launch(init=init, finalize=finalize, stream=stream)
+            if dependent:
+                launch(init=init, finalize=finalize, stream=stream, dependent=True)
+            else:
+                launch(init=init, finalize=finalize, stream=stream)
         return run
 
     def direct(self, q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False) -> None:

@@ -4,7 +4,9 @@ A barrier reached from different call sites on the two ranks: the GPU-side waits
 mismatch instead of matching the wrong rounds, ``sync()`` raises it on both ranks, a buffer
 passed to ``poison_if_failed`` is NaN, and the failure is sticky (``check()`` raises again). A
 barrier's ``poison=`` leaves its buffer alone while no wait failed and sets every byte after one
-(an odd length at an odd address: the kernel's unaligned head and tail).
+(an odd length at an odd address: the kernel's unaligned head and tail). A barrier launched as a
+programmatic dependent launch (``dependent=True``) right behind a long kernel that writes a
+buffer: the peer reads that buffer after the barrier and finds every value written.
 """
 from __future__ import annotations
 
@@ -25,6 +27,19 @@ def main() -> None:
     rt.barrier_all(s)
     rt.sync(s)
     assert (b.local == 7).all(), "a barrier's poison= marked a buffer while no wait had failed"
+    big = rt.alloc((1 << 24,), "float32")  # 64 MiB: its fill takes ~30 us
+    got = cp.empty((1 << 24,), cp.float32)
+    for it in range(3):
+        with s:
+            big.local.fill(float(10 * it + rt.rank + 1))
+        rt.barrier_all(s, dependent=True, poison=y)
+        rt.get(got, big, 1 - rt.rank, stream=s)
+        rt.sync(s)
+        want = float(10 * it + (1 - rt.rank) + 1)
+        assert bool((got == want).all()), f"a dependent barrier let the peer read before the fill ended ({it})"
+        rt.barrier_all(s)
+    rt.sync(s)
+    assert (b.local == 7).all(), "a dependent barrier's poison= marked a buffer while no wait had failed"
     if rt.rank == 0:  # mismatched: the wait records it, then poisons y in the same launch
         rt.barrier_all(s, poison=y)
     else:

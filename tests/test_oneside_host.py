@@ -245,6 +245,12 @@ def _errors(rt):
     x.local[...] = 3.0
     rt.barrier_all(poison=x)  # a symmetric buffer: nothing failed, nothing marked
     assert (x.local == 3.0).all()
+    x.local[...] = me + 1.0
+    rt.barrier_all(dependent=True)  # no GPU: an ordinary barrier (the peers' writes are visible)
+    y = np.empty((4, 4), np.float32)
+    rt.get(y, x, (me + 1) % n)
+    assert (y == (me + 1) % n + 1.0).all()
+    rt.barrier_all()
     with pytest.raises(ValueError, match="size mismatch"):
         rt.put(x, np.zeros(3, np.float32), 0)
     with pytest.raises(ValueError, match="C-contiguous"):

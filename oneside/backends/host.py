@@ -331,9 +331,9 @@ class HostBackend:
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
                 stream: Any = None, timeout: float | None = None, tag: int = 0,
-                poison: tuple[int, int] = (0, 0)) -> None:
+                poison: tuple[int, int] = (0, 0), dependent: bool = False) -> None:
         """Flat barrier: tell every member, then wait for every member (a failure raises here, so
-        ``poison`` has nothing to mark).
+        ``poison`` has nothing to mark; ``dependent`` means nothing without a GPU).
 
         A word holds ``epoch | site_sum << 32`` (the sum of this rank's call-site tags on this
         team so far); a member whose word shows this epoch with another sum came from another

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import pdl
 from ..bootstrap import Placement
 from ..errors import CollectiveMismatchError, CommTimeoutError, OnesideError, PeerDeadError
 
@@ -121,6 +122,11 @@ extern "C" __global__ void oneside_barrier_mapped(const u64 *rows, u64 *words, i
                                                   u64 *gen, u64 inc, u64 *flag, u64 *rec,
                                                   const u64 *abort_word, u64 timeout_ns,
                                                   unsigned char *poison, u64 poison_n) {
+#if __CUDA_ARCH__ >= 900
+    // launched as a programmatic dependent launch (oneside.pdl): the previous grid on the stream
+    // is complete and its writes visible past this point (a no-op otherwise)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     if (threadIdx.x == 0) {
         const u64 sent = words[me] + inc;
         words[me] = sent;
@@ -305,6 +311,10 @@ class NvshmemBackend:
         self._wait = waits.get_function("oneside_wait")
         self._wait_gen = waits.get_function("oneside_wait_next")
         self._barrier_mapped = waits.get_function("oneside_barrier_mapped")
+        fn = self._barrier_mapped
+        self._barrier_mapped_fn = int(fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr)  # CUfunction
+        # programmatic dependent launches (barrier(dependent=True)): Hopper and later
+        self.pdl = int(cupy.cuda.Device(self.device).compute_capability) >= 90
         # barriers over teams mapped into this GPU: one kernel of plain stores and the wait
         # (ONESIDE_MAPPED_BARRIER=0: NVSHMEM signals + the wait kernel, as across machines)
         self.mapped_barrier = os.environ.get("ONESIDE_MAPPED_BARRIER", "1") != "0"
@@ -709,11 +719,12 @@ class NvshmemBackend:
 
     def barrier(self, row_offset: int, members: Sequence[int], my_index: int, epoch: int, gen_offset: int,
                 stream: Any = None, timeout: float | None = None, tag: int = 0,
-                poison: tuple[int, int] = (0, 0)) -> None:
+                poison: tuple[int, int] = (0, 0), dependent: bool = False) -> None:
         """Quiet, add ``1 + tag << 32`` to my word at every member (native call), wait for the next
         round of every member's word (kernel; the round count and the sum of call-site tags live
         on the GPU, so graphs replay it; a member with another sum at this round is a mismatch).
-        ``poison`` (address, bytes): the wait kernel then does :meth:`poison_if_failed` on it."""
+        ``poison`` (address, bytes): the wait kernel then does :meth:`poison_if_failed` on it.
+        ``dependent``: the mapped barrier's kernel as a programmatic dependent launch (Hopper+)."""
         key = (tuple(members), row_offset)
         if key not in self._members:
             mine = self.rank // self.per_machine
@@ -729,7 +740,16 @@ class NvshmemBackend:
         if rows is not None:  # every member mapped, on this machine: quiet, then one kernel
             cp = self.cp
             self.lib.os_quiet(h)
-            self._barrier_mapped((1,), (POISON_THREADS if poison[1] else 1,),
+            threads = POISON_THREADS if poison[1] else 1
+            if dependent and self.pdl:
+                u64, i32 = ctypes.c_uint64, ctypes.c_int32
+                vals = (u64(rows.data.ptr), u64(row), i32(len(m)), i32(my_index), u64(self.heap_base + gen_offset),
+                        u64(inc), u64(int(self._flag_ptr)), u64(int(self._rec_ptr)), u64(int(self._abort_ptr)),
+                        u64(int(self._timeout(timeout))), u64(poison[0]), u64(poison[1]))
+                argv = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+                pdl.launch(self._barrier_mapped_fn, (1, 1, 1), (threads, 1, 1), 0, h, ctypes.addressof(argv))
+                return
+            self._barrier_mapped((1,), (threads,),
                                  (rows, cp.uint64(row), cp.int32(len(m)), cp.int32(my_index),
                                   cp.uint64(self.heap_base + gen_offset), cp.uint64(inc), self._flag_ptr,
                                   self._rec_ptr, self._abort_ptr, self._timeout(timeout),

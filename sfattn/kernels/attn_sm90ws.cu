@@ -157,6 +157,9 @@ __device__ __forceinline__ void ws_load_tile(uint32_t sbase, const sf_elem* g, l
 #endif
 extern "C" __global__ void __launch_bounds__(WS_NT, 1) WS_CLUSTER_ATTR
 sf_attn_sm90ws(const __grid_constant__ SfParams p) {
+  // a programmatic dependent launch (AttnLaunch(dependent=True)): the previous grid on the stream
+  // is complete and its writes are visible past this point (a no-op for an ordinary launch)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
   constexpr int NJ = D / 8, NS = BN / 8;
   constexpr uint32_t TILE = BN * D * 2;

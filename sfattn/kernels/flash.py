@@ -307,8 +307,11 @@ class AttnLaunch:
             raise ValueError(f"more than {MAXKV} non-empty k/v blocks need a state (chained "
                              f"launches)")
 
-    def __call__(self, *, init: bool = False, finalize: bool = False, stream: Any = None) -> None:
-        """Launch: ``init`` starts from an empty state, ``finalize`` writes out (and lse)."""
+    def __call__(self, *, init: bool = False, finalize: bool = False, stream: Any = None,
+                 dependent: bool = False) -> None:
+        """Launch: ``init`` starts from an empty state, ``finalize`` writes out (and lse).
+        ``dependent``: the first launch as a programmatic dependent launch (:mod:`oneside.pdl`;
+        the sm90ws kernel only, which waits for the previous grid before reading anything)."""
         if finalize and not self.has_out:
             raise ValueError("finalize=True needs out (pass it when preparing the launch)")
         if not self.has_state and not (init and finalize):
@@ -318,6 +321,7 @@ class AttnLaunch:
         drv = _cupy().cuda.driver
         sp = _stream_ptr(stream, self.torch_inputs, self.device)
         k = self.kernel
+        dependent = dependent and k.cfg.impl == "sm90ws"
         for p, _argv, argp, (gx, gy, gz), first, last in self._launches:
             if gx == 0:
                 continue
@@ -325,7 +329,11 @@ class AttnLaunch:
             flags |= (_STATE if self.has_state else 0) | (_LSE if (self.has_lse and finalize and last)
                                                           else 0)
             p[3] = flags  # the driver copies the parameters at launch: reuse is safe
-            drv.launchKernel(k.fptr, gx, gy, gz, k.threads, 1, 1, k.smem, sp, argp, 0)
+            if dependent and first:
+                from oneside import pdl
+                pdl.launch(k.fptr, (gx, gy, gz), (k.threads, 1, 1), k.smem, sp, argp)
+            else:
+                drv.launchKernel(k.fptr, gx, gy, gz, k.threads, 1, 1, k.smem, sp, argp, 0)
 
 
 class HeadsCopy:
