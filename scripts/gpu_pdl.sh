@@ -19,7 +19,7 @@ for rep in 1 2; do
       perf/bench_fixed.py --shapes flux1024 --reps ${FIXED_REPS:-21} --json "$OUT/fixed_base_$rep.json")
   fi
 done
-step chaos_io 150 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes 1x2 1x3 \
+step chaos_io 150 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes ${CHAOS_MESHES:-1x2 1x3} --heap 128MiB \
   --calls ${CHAOS_CALLS:-300} --chaos 0.05,200 --io --out "$OUT/chaos_io_gpu.json"
 echo quit | nvidia-cuda-mps-control 2>/dev/null || true
 grep "ok:" "$OUT/io_1x2.log" 2>/dev/null | tail -4
