@@ -17,7 +17,7 @@ want timeline && step timeline 120 python3 -m oneside.launch -n 2 --backend nvsh
 want fixed && step fixed_2 150 python3 -m oneside.launch -n 2 --backend nvshmem perf/bench_fixed.py \
   --shapes flux1024 flux2048 --reps ${FIXED_REPS:-21} --json "$OUT/fixed_2_io.json" --summary "$OUT/summary_gpu.json"
 want chaos && step chaos_io 150 python3 perf/chaos.py soak --backend nvshmem --dtype bfloat16 --meshes 1x2 1x3 \
-  --calls ${CHAOS_CALLS:-600} --chaos 0.05,200 --io --write --out "$OUT/chaos_io_gpu.json" --summary "$OUT/summary_gpu.json"
+  --calls ${CHAOS_CALLS:-600} --chaos 0.05,200 --heap 128MiB --io --write --out "$OUT/chaos_io_gpu.json" --summary "$OUT/summary_gpu.json"
 want e2e && step e2e ${E2E_TIMEOUT:-330} python3 -m oneside.launch -n 2 --backend nvshmem examples/dit_sp.py \
   --model flux --size 1024 --ranks-per-gpu 2 --peers --compile --cuda-graph --steps ${E2E_STEPS:-8} ${E2E_ARGS:-} \
   --json "$OUT/e2e_flux1024_graph.json" --summary "$OUT/summary_gpu.json"
