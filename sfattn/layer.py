@@ -365,6 +365,10 @@ class SPAttention:
                 steps.append(("wait", ev, s))
 
         holders = [r, *peers]  # ring members in compute order: my own K/V first
+        # one kernel between the call's two barriers (T = R = 1): it and the last barrier are
+        # programmatic dependent launches, as in the io call
+        self._dependent = T == 1 and R == 1 and isinstance(L, GpuAttention)
+        dep = {"dependent": True} if self._dependent else {}
         for p in src:  # Pull Q stages: chunk p against the stationary chunk t
             wait(("q", p) if p != t else None, lane[p])
             for n_rr, rr in enumerate(holders):
@@ -372,7 +376,7 @@ class SPAttention:
                 wait(ev, lane[p])
                 fin = T == 1 and n_rr == R - 1
                 steps.append(("run", L.prepare(q_blocks(p), ks, vs, self.states[p], self.scale, init=n_rr == 0,
-                                               finalize=fin, out=out_blocks(p) if fin else None), lane[p]))
+                                               finalize=fin, out=out_blocks(p) if fin else None, **dep), lane[p]))
         for j, pk in enumerate(src[1:], start=1):  # Pull KV stages: every Q chunk against chunk pk
             last = j == T - 1
             order = [p for p in src if p != t] + [t] if last else src
@@ -640,14 +644,15 @@ class SPAttention:
             self._wait(C, "pushed")
         # results of a call whose waits failed are NaN, never plausible numbers: the last barrier
         # poisons them in its launch
+        dep = self._dependent
         if self.p2p is not None:  # the pull reads the members' results (and poisons itself)
-            rt.barrier_all(C, tag=tag + 1)
+            rt.barrier_all(C, tag=tag + 1, dependent=dep)
         elif U > 1:
-            rt.barrier_all(C, tag=tag + 1)
+            rt.barrier_all(C, tag=tag + 1, dependent=dep)
             self.ulysses_back.issue(C)
             rt.barrier(self.Ut, C, tag=tag + 2, poison=self.FO)
         else:
-            rt.barrier_all(C, tag=tag + 1, poison=self.RO)
+            rt.barrier_all(C, tag=tag + 1, poison=self.RO, dependent=dep)
 
     def _issue(self, part: Any, C: Any) -> None:
         """``part(C)``: eagerly, or with graphs on from the second call, as its CUDA graph
