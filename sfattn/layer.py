@@ -30,6 +30,9 @@ from .p2p import UlyssesP2P
 from .plan import Plan
 
 
+PRECISIONS = (None, "fp8", "fp8-accurate")
+
+
 def _swap12(x: Any) -> Any:
     """BHSD <-> BSHD view (numpy, CuPy or torch; no copy)."""
     return x.transpose(1, 2) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
@@ -68,7 +71,9 @@ class SPAttention:
     the FP8 kernel computes (the float64 emulation of that kernel on the host backend); the
     output keeps ``dtype``. With ``p2p`` the quantisers write straight into the members' receive
     buffers. Needs ``local='kernel'``; on GPUs bf16/fp16 layers, head dim 64 or 128, Hopper.
-    docs/fp8.md gives its accuracy.
+    ``'fp8-accurate'``: Q and K as with ``'fp8'``, V kept in ``dtype`` and P.V computed in 16-bit:
+    ~0.014 from exact attention instead of ~0.04, Q and K's bytes halved (V's not); the put exchange
+    (no ``p2p``). docs/fp8.md gives their accuracy.
     ``io_buffers``: also allocate this rank's Q, K, V and output in the symmetric heap, in the
     caller's layout: :attr:`io` holds them (``{'q', 'k', 'v', 'o'}``, torch tensors of this
     rank's shard). A caller that writes its projections into ``io['q'|'k'|'v']`` and calls
@@ -91,9 +96,11 @@ class SPAttention:
             raise ValueError(f"batch={batch}: expected >= 1")
         if layout not in ("bshd", "bhsd"):
             raise ValueError(f"layout={layout!r}: expected 'bshd' or 'bhsd'")
-        if precision not in (None, "fp8"):
-            raise ValueError(f"precision={precision!r}: expected None (the layer's dtype) or 'fp8'")
-        self.fp8 = precision == "fp8"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected None (the layer's dtype), 'fp8' or 'fp8-accurate'")
+        self.precision = precision
+        self.fp8 = precision in ("fp8", "fp8-accurate")  # Q.K in int8, everything that goes with it
+        self.pv16 = precision == "fp8-accurate"        # P.V in 16-bit, V in the layer's dtype
         W, S = rt.world_size, plan.seq_len
         self.lens = self.split(S, W) if lens is None else self._check_lens(lens, S, W)
         self.layout = layout
@@ -163,7 +170,7 @@ class SPAttention:
         # each of Q, K, V travels as one or more parts (FP8: data and its scales), every part
         # with the same leading axes in every buffer; part names: "q", "k", "v" or (FP8) "q", "qs",
         # "k", "ks", "mu", "vt", "vs"
-        parts = self._parts(B, Sl, Ht, D, self.dtype, self.fp8)
+        parts = self._parts(B, Sl, Ht, D, self.dtype, self.fp8, self.pv16)
         self.parts = {x: [n for n, _, _ in parts[x]] for x in "qkv"}
         every = [spec for x in "qkv" for spec in parts[x]]
 
@@ -243,7 +250,8 @@ class SPAttention:
         rows = max(lens) if lens is not None else -(-plan.seq_len // plan.world_size)
         T, U, R = plan.T, plan.U, plan.R
         Ht = plan.heads // (U * T)
-        parts = SPAttention._parts(batch, rows, Ht, plan.head_dim, dtype, precision == "fp8")
+        parts = SPAttention._parts(batch, rows, Ht, plan.head_dim, dtype, precision in ("fp8", "fp8-accurate"),
+                                   precision == "fp8-accurate")
 
         def al(shape: tuple, dt: str) -> int:
             return -(-math.prod(shape) * itemsize(dt) // ALIGN) * ALIGN
@@ -255,36 +263,39 @@ class SPAttention:
         return n + ALIGN  # signals
 
     @staticmethod
-    def _parts(B: int, Sl: int, Ht: int, D: int, dtype: str, fp8: bool) -> dict[str, list[tuple]]:
+    def _parts(B: int, Sl: int, Ht: int, D: int, dtype: str, fp8: bool, pv16: bool = False
+               ) -> dict[str, list[tuple]]:
         """``(name, shape, dtype)`` of the parts of one piece of Q, K and V (module docstring of
         :mod:`sfattn.quant` for the FP8 ones: per 128-row block scales, K's mean, V transposed with
-        its keys rounded up to 32)."""
+        its keys rounded up to 32 - or, ``pv16``, V as it is)."""
         piece = (B, Sl, Ht, D)
         if not fp8:
             return {x: [(x, piece, dtype)] for x in "qkv"}
         nb = -(-Sl // 128)
+        v = [("v", piece, dtype)] if pv16 else [("vt", (B, Ht, D, -(-Sl // 32) * 32), "uint8"), ("vs", (B, Ht), "float32")]
         return {"q": [("q", piece, "int8"), ("qs", (B, Ht, nb), "float32")],
                 "k": [("k", piece, "int8"), ("ks", (B, Ht, nb), "float32"), ("mu", (B, Ht, D), "float32")],
-                "v": [("vt", (B, Ht, D, -(-Sl // 32) * 32), "uint8"), ("vs", (B, Ht), "float32")]}
+                "v": v}
 
     def _check_fp8(self, local: str) -> None:
+        pr = repr(self.precision)
         if local != "kernel":
-            raise ValueError(f"precision='fp8' needs local='kernel' (the FP8 kernel), got local={local!r}")
+            raise ValueError(f"precision={pr} needs local='kernel' (the FP8 kernel), got local={local!r}")
         if self.rt.backend.is_gpu:
             from .kernels.flash import HEAD_DIMS, _device_cc
 
             cc = _device_cc(self.rt.backend.device)
             if cc // 10 != 9:
-                raise ValueError(f"precision='fp8': the FP8 kernel runs on Hopper GPUs (sm_90), this one is "
+                raise ValueError(f"precision={pr}: the FP8 kernel runs on Hopper GPUs (sm_90), this one is "
                                  f"sm_{cc}")
             if self.dtype not in ("bfloat16", "float16"):
-                raise ValueError(f"precision='fp8': the FP8 kernel writes bfloat16 or float16 outputs, the "
+                raise ValueError(f"precision={pr}: the FP8 kernel writes bfloat16 or float16 outputs, the "
                                  f"layer's dtype is {self.dtype!r}")
             if self.plan.head_dim not in HEAD_DIMS:
-                raise ValueError(f"precision='fp8': head_dim {self.plan.head_dim} is not supported by the FP8 "
+                raise ValueError(f"precision={pr}: head_dim {self.plan.head_dim} is not supported by the FP8 "
                                  f"kernel (supported: {HEAD_DIMS})")
         elif not self.dtype.startswith(("float", "bfloat")):
-            raise ValueError(f"precision='fp8' quantises floating-point inputs, the layer's dtype is {self.dtype!r}")
+            raise ValueError(f"precision={pr} quantises floating-point inputs, the layer's dtype is {self.dtype!r}")
 
     # -- plan-time preparation ----------------------------------------------------------
     def shard_len(self, rank: int | None = None) -> int:
@@ -481,10 +492,11 @@ class SPAttention:
             from .kernels.flash_fp8 import GroupedDst, quantize_grouped
 
             groups = self._row_views.get("fp8 groups")
-            if groups is None:  # one head group per destination, made once
+            if groups is None:  # one head group per destination, made once (a 16-bit V: the tensor)
+                views = {n: self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:])
+                         for x in "qkv" for n in self.parts[x]}
                 groups = self._row_views["fp8 groups"] = {
-                    n: GroupedDst.of(self._send_views[n].torch().reshape(U * T, *self._send_views[n].shape[2:]))
-                    for x in "qkv" for n in self.parts[x]}
+                    n: t if n == "v" else GroupedDst.of(t) for n, t in views.items()}
             quantize_grouped(*self._quantizable(q, k, v), groups)
             return
         for name, src in self._fp8_pieces(q, k, v):
@@ -510,10 +522,11 @@ class SPAttention:
 
         U, T, Ht = self.plan.U, self.plan.T, self.Ht
         qt, kt, vt = (as_torch(x, self.rt.backend.device if self.gpu else None) for x in (q, k, v))
-        fq, fkv = quantize_q(qt), quantize_kv(kt, vt)
+        fq, fkv = quantize_q(qt), quantize_kv(kt, vt, pv="16" if self.pv16 else "e4m3")
+        vparts = (("v", fkv.v, 2),) if self.pv16 else (("vt", fkv.vt.view(torch.uint8), 1), ("vs", fkv.vscale, 1))
         return [(name, x.unflatten(h, (U, T, Ht)).movedim((h, h + 1), (0, 1)))
                 for name, x, h in (("q", fq.data, 2), ("qs", fq.scale, 1), ("k", fkv.k, 2), ("ks", fkv.kscale, 1),
-                                   ("mu", fkv.mu, 1), ("vt", fkv.vt.view(torch.uint8), 1), ("vs", fkv.vscale, 1))]
+                                   ("mu", fkv.mu, 1), *vparts)]
 
     def _unpack(self, out: Any) -> None:
         """The reverse: [U, T, B, Sl, Ht, D] (FO after the reverse Ulysses, or RO when there is
@@ -699,7 +712,8 @@ class SPAttention:
         else:
             o = _swap12(out) if self.layout == "bhsd" else out
         try:
-            self.local.direct(q, k, v, o, self.scale, self.rt.backend.stream_handle(None), fp8=self.fp8)
+            self.local.direct(q, k, v, o, self.scale, self.rt.backend.stream_handle(None), fp8=self.fp8,
+                              pv="16" if self.pv16 else "e4m3")
         except ValueError:
             self._direct = False
             return None

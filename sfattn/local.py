@@ -102,6 +102,10 @@ def fp8_blocks(q: Sequence[Any], k: Sequence[Any], v: Sequence[Any], cut: Callab
     for kb, vb in zip(k, v):
         kp, n = rows(kb, "k")
         vp = _rows(vb)[0]
+        if "v" in vp:  # a 16-bit V (precision='fp8-accurate')
+            kvs.append(Fp8KV(data(kp["k"], n), scales(kp["ks"], n), cut(kp["mu"], kp["mu"].shape), None, None,
+                             v=data(vp["v"], n)))
+            continue
         vt = vp["vt"]
         kvs.append(Fp8KV(data(kp["k"], n), scales(kp["ks"], n), cut(kp["mu"], kp["mu"].shape),
                          cut(vt, (*vt.shape[:3], -(-n // 32) * 32)), cut(vp["vs"], vp["vs"].shape)))
@@ -223,10 +227,11 @@ class GpuAttention:
                 launch(init=init, finalize=finalize, stream=stream)
         return run
 
-    def direct(self, q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False) -> None:
+    def direct(self, q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False,
+               pv: str = "e4m3") -> None:
         """Plain attention of the caller's BSHD tensors into ``out`` (one rank: no heap, no state;
-        ``fp8``: quantised first, the FP8 kernel). Raises ValueError where the kernel cannot read
-        them (head dim, alignment, strides)."""
+        ``fp8``: quantised first, the FP8 kernel, ``pv`` as for :func:`sfattn.quant.quantize_kv`).
+        Raises ValueError where the kernel cannot read them (head dim, alignment, strides)."""
         from .kernels import attn_blocks
 
         if fp8:
@@ -234,7 +239,7 @@ class GpuAttention:
             from .quant import quantize_kv, quantize_q
 
             q, k, v, out = (as_torch(x, self.device) for x in (q, k, v, out))
-            attn_blocks_fp8([quantize_q(q)], [quantize_kv(k, v)], None, scale, init=True, finalize=True,
+            attn_blocks_fp8([quantize_q(q)], [quantize_kv(k, v, pv=pv)], None, scale, init=True, finalize=True,
                             out=[out], stream=stream)
             return
         attn_blocks([q], [k], [v], None, scale, init=True, finalize=True, out=[out], stream=stream)

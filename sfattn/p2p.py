@@ -74,10 +74,11 @@ class UlyssesP2P:
     @staticmethod
     def possible(layer: Any) -> bool:
         """This rank's side of the condition: every Ulysses member on my machine and mapped, rows
-        the copy kernel can move (16-byte multiples)."""
+        the copy kernel can move (16-byte multiples); not with a 16-bit V in FP8 (``'fp8-accurate'``:
+        the put exchange)."""
         rt, plan = layer.rt, layer.plan
         me = rt.rank
-        ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut)
+        ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut) and not layer.pv16
         if rt.backend.is_gpu:
             ok = ok and plan.head_dim * np.dtype(storage_dtype(layer.dtype)).itemsize % 16 == 0
         return ok

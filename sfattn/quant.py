@@ -9,7 +9,8 @@ The rank that owns a block of tokens quantises it once (the module docstring of
   scale per (batch, head, 128-key block); V as e4m3, transposed to ``[B, H, D, Sp]`` (``Sp``: the
   keys rounded up to 32, zeros after them) with the keys of every 32-key group in the order
   :data:`V_PERM` (the order in which the kernel's P fragment meets them), one scale per (batch,
-  head).
+  head) - or, for ``precision="fp8-accurate"`` (``quantize_kv(..., pv="16")``), V as it is (bf16 or
+  fp16 ``[B, S, H, D]``): P.V then runs in 16-bit, ~0.01 from exact attention instead of ~0.04.
 
 These are plain tensors, so every transfer of the algorithms can move them as bytes.
 :func:`attention_fp8_emulated` is the float64 ground truth of the kernel for given operands (the
@@ -60,12 +61,14 @@ class Fp8Q:
 class Fp8KV:
     """A quantised K/V block of ``len`` keys: ``k`` int8 ``[B, S, H, D]`` (K - mu), ``kscale`` fp32
     ``[B, H, ceil(S / 128)]``, ``mu`` fp32 ``[B, H, D]``, ``vt`` float8_e4m3fn ``[B, H, D, Sp]``
-    (V transposed, keys permuted per 32-key group by :data:`V_PERM`), ``vscale`` fp32 ``[B, H]``."""
+    (V transposed, keys permuted per 32-key group by :data:`V_PERM`), ``vscale`` fp32 ``[B, H]`` -
+    or ``vt`` and ``vscale`` None and ``v`` V itself, 16-bit ``[B, S, H, D]`` (P.V in 16-bit)."""
     k: torch.Tensor
     kscale: torch.Tensor
     mu: torch.Tensor
-    vt: torch.Tensor
-    vscale: torch.Tensor
+    vt: torch.Tensor | None
+    vscale: torch.Tensor | None
+    v: torch.Tensor | None = None
 
     @property
     def len(self) -> int:
@@ -118,20 +121,25 @@ def quantize_q(q: torch.Tensor, *, fused: bool | None = None) -> Fp8Q:
     return Fp8Q(_int8_blocks(q, scale), scale)
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None) -> Fp8KV:
-    """``k``, ``v`` ``[B, S, H, D]`` of one block -> :class:`Fp8KV` (smoothed K, transposed V).
-    ``fused`` as for :func:`quantize_q`."""
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, fused: bool | None = None, pv: str = "e4m3") -> Fp8KV:
+    """``k``, ``v`` ``[B, S, H, D]`` of one block -> :class:`Fp8KV` (smoothed K; ``pv='e4m3'``: V
+    transposed to e4m3, ``pv='16'``: V kept as it is, for a 16-bit P.V). ``fused`` as for
+    :func:`quantize_q`."""
     _check(k, "k")
     _check(v, "v")
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if pv not in ("e4m3", "16"):
+        raise ValueError(f"pv={pv!r}: expected 'e4m3' (P.V in FP8) or '16' (P.V in V's 16-bit dtype)")
     if _fused(fused, k, v):
         from .kernels.flash_fp8 import quantize_kv_cuda
-        return quantize_kv_cuda(k, v)
+        return quantize_kv_cuda(k, v, pv)
     B, S, H, D = k.shape
     mu = k.float().mean(dim=1) if S else k.new_zeros((B, H, D), dtype=torch.float32)   # [B, H, D]
     kc = k.float() - mu[:, None]
     kscale = _block_scales(kc, 127.0)
+    if pv == "16":
+        return Fp8KV(_int8_blocks(kc, kscale), kscale, mu.contiguous(), None, None, v=v)
     sp = -(-S // 32) * 32
     vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, sp - S))
     perm = torch.as_tensor(V_PERM, device=v.device)
@@ -148,6 +156,7 @@ def _e4m3(x: np.ndarray) -> np.ndarray:
     return t.to(torch.float8_e4m3fn).to(torch.float64).numpy()
 
 
+_TORCH_OF_NP = {"u2": torch.bfloat16, "f2": torch.float16, "f4": torch.float32, "f8": torch.float64}
 _E4M3_OF_BYTE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64).numpy()
 
 
@@ -157,6 +166,8 @@ def _f64(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().to(torch.float64).numpy()
     x = np.asarray(x)
+    if x.dtype == np.uint16:  # bfloat16 bits (numpy has no bfloat16)
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(torch.float64).numpy()
     return _E4M3_OF_BYTE[x] if x.dtype == np.uint8 else x.astype(np.float64)
 
 
@@ -167,7 +178,8 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
     (concatenated rows) against K/V blocks ``kvs`` in order, 128-key tiles, logits
     ``q_d . (k_d + mu)``, the running max raised every tile, P rounded to e4m3 after scaling by
     ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P, P.V with the
-    dequantised V. ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
+    dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is; a launch
+    holds one kind). ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
     (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
     no key); returns the normalised float64 output ``[B, S_q, H, D]`` when ``finalize``."""
     q = np.concatenate([_f64(x.data) * _rows(x.scale, x.data.shape[1]) for x in qs], axis=1)
@@ -179,17 +191,29 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
         m, lsum = _f64(state.m), _f64(state.l)
         acc = _f64(state.acc).transpose(0, 2, 1, 3)
     live = [kv for kv in kvs if kv.k.shape[1] > 0]
-    vmax = np.max([_f64(kv.vscale) for kv in live], axis=0) if live else None   # [B, H]
+    if len({kv.v is None for kv in live}) > 1:
+        raise ValueError("kvs: every K/V block of a launch has V in e4m3 (vt) or every one a 16-bit v")
+    vmax = np.max([_f64(kv.vscale) for kv in live], axis=0) if live and live[0].v is None else None  # [B, H]
     inv = np.argsort(V_PERM)
     for kv in live:
         n = kv.k.shape[1]
         kd = (_f64(kv.k) * _rows(kv.kscale, n)).transpose(0, 2, 1, 3) + _f64(kv.mu)[:, :, None, :]
-        vs = _f64(kv.vscale)
-        vt = _f64(kv.vt)                                          # [B, H, D, Sp]
-        sp = vt.shape[-1]
-        vt = vt.reshape(B, H, D, sp // 32, 32)[..., inv].reshape(B, H, D, sp)   # keys in order
-        vd = vt.transpose(0, 1, 3, 2)[:, :, :n] * vs[:, :, None, None]
-        ps = (E4M3_MAX * vs / vmax)[:, :, None, None]
+        if kv.v is not None:  # P rounded to V's dtype (the kernel packs it so), V as it is
+            vd = _f64(kv.v).transpose(0, 2, 1, 3)[:, :, :n]
+            vdt = kv.v.dtype if isinstance(kv.v, torch.Tensor) else _TORCH_OF_NP[np.asarray(kv.v).dtype.str[1:]]
+
+            def rnd(p: np.ndarray, vdt=vdt) -> np.ndarray:
+                return torch.from_numpy(p).to(vdt).to(torch.float64).numpy()
+        else:
+            vs = _f64(kv.vscale)
+            vt = _f64(kv.vt)                                          # [B, H, D, Sp]
+            sp = vt.shape[-1]
+            vt = vt.reshape(B, H, D, sp // 32, 32)[..., inv].reshape(B, H, D, sp)   # keys in order
+            vd = vt.transpose(0, 1, 3, 2)[:, :, :n] * vs[:, :, None, None]
+            ps = (E4M3_MAX * vs / vmax)[:, :, None, None]
+
+            def rnd(p: np.ndarray, ps=ps) -> np.ndarray:
+                return _e4m3(p * ps) / ps
         for a in range(0, n, BLOCK):
             b = min(a + BLOCK, n)
             s = qh @ kd[:, :, a:b].transpose(0, 1, 3, 2) * scale
@@ -197,7 +221,7 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
             alpha = np.where(np.isneginf(m_new), 1.0, np.exp(m - np.where(np.isneginf(m_new), 0.0, m_new)))
             p = np.exp(s - m_new[..., None])
             lsum = lsum * alpha + p.sum(axis=3)
-            acc = acc * alpha[..., None] + (_e4m3(p * ps) / ps) @ vd[:, :, a:b]
+            acc = acc * alpha[..., None] + rnd(p) @ vd[:, :, a:b]
             m = m_new
     if state is not None:
         state.acc[...] = acc.transpose(0, 2, 1, 3)

@@ -176,6 +176,41 @@ def test_grouped_quantisation_equals_the_plain_one(G):
         quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([640], [128, 4099])])
+def test_fp8_accurate_matches_its_emulation(D, qlens, kvlens):
+    """precision='fp8-accurate' (the PV=16 kernel: V in bf16, P.V a 16-bit wgmma): the emulation to
+    the output's rounding, ~0.014 from exact attention, chained launches equal to one; the inputs in
+    bf16, so K is quantised by the fused CUDA quantisers (pv='16': V used in place)."""
+    g = _g(3 * D + sum(qlens) + sum(kvlens))
+    B, H = 2, 3
+    S, N = sum(qlens), sum(kvlens)
+    q, k, v = (_rand(sh, g).to(torch.bfloat16) for sh in ((B, S, H, D), (B, N, H, D), (B, N, H, D)))
+    k = k + (3.0 * _rand((1, 1, H, D), g)).to(torch.bfloat16)
+    qs = [quantize_q(x) for x in q.split(qlens, dim=1)]
+    kvs = [quantize_kv(a, b, pv="16") for a, b in zip(k.split(kvlens, dim=1), v.split(kvlens, dim=1))]
+    assert all(kv.vt is None and kv.v is not None for kv in kvs)
+    outs = [torch.full((B, n, H, D), float("nan"), device="cuda", dtype=torch.bfloat16) for n in qlens]
+    scale = 1 / math.sqrt(D)
+    Fp8Launch(qs, kvs, None, scale, out=outs, init=True, finalize=True)(init=True, finalize=True)
+    torch.cuda.synchronize()
+    o = torch.cat(outs, dim=1)
+    assert torch.isfinite(o).all()
+    assert _relerr(o, attention_fp8_emulated(qs, kvs, scale)) < 6e-3
+    assert _relerr(o, _exact(q, k, v, scale)) < 0.025
+    st = K.empty_state(B, S, H, D, like=q)
+    st.acc.fill_(float("nan"))
+    two = [torch.full_like(x, float("nan")) for x in outs]
+    attn_blocks_fp8(qs, kvs[:1], st, scale, init=True)
+    attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=two)
+    torch.cuda.synchronize()
+    assert _relerr(torch.cat(two, dim=1), o) < 6e-3
+    with pytest.raises(ValueError, match="not a mix"):
+        Fp8Launch(qs, [kvs[0], quantize_kv(k[:, :9], v[:, :9])], None, scale, out=outs, init=True, finalize=True)
+    with pytest.raises(TypeError, match="dtype"):
+        Fp8Launch(qs, [quantize_kv(k, v.half(), pv="16")], None, scale, out=outs, init=True, finalize=True)
+
+
 def test_fp8_bad_inputs_raise_clear_errors():
     g = _g(3)
     q = _rand((1, 256, 2, 128), g)

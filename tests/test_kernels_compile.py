@@ -30,7 +30,8 @@ def test_all_configurations_compile_without_spills(tmp_path):
         [_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=o) for d in (64, 128)
          for o in ((("KST", 2), ("VST", 2)), (("PERSIST", 1),))] + \
         [_build.KernelConfig("sm90fp8", 64, "bf16", "sm_90a", opts=(("NC", 2), ("DB", 0))),
-         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),))]
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),))] + \
+        [_build.KernelConfig("sm90fp8", d, dt, "sm_90a", opts=(("PV", 16),)) for d in (64, 128) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
     for cfg, out, res in results:
@@ -70,8 +71,16 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
         assert "cvt.rn.satfinite.e4m3x2.f32" in text and "ex2.approx.ftz.f32" in text
         assert ".param .align 64 .b8 sf_attn_sm90fp8_param_0[%d]" % (8 * cfg.param_slots) in text
         assert cfg.smem_bytes == cfg.block_m * d + sum(cfg.fp8_slots()) * 128 * d + 1024
+        # precision="fp8-accurate" (PV=16): the same int8 Q.K, P.V as a 16-bit wgmma, V in 16-bit slots
+        c16 = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=(("PV", 16),))
+        t16 = _build.compile_kernel(c16, tmp_path / f"f{d}pv16.ptx", fmt="ptx").read_text()
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in t16
+        assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16" in t16 and "e4m3" not in t16
+        assert c16.smem_bytes == c16.block_m * d + (c16.fp8_slots()[0] + 2 * c16.fp8_slots()[1]) * 128 * d + 1024
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
+    with pytest.raises(ValueError, match="PV"):
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PV", 4),)).smem_bytes
 
 
 @needs_nvcc

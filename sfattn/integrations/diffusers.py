@@ -55,7 +55,7 @@ import torch
 
 import oneside
 
-from ..layer import SPAttention
+from ..layer import PRECISIONS, SPAttention
 from ..plan import make_plan
 
 log = logging.getLogger("sfattn")
@@ -209,10 +209,10 @@ class ContextParallelAttention:
                  ulysses_degree: int | None = None, local: str = "kernel", precision: str | None = None):
         if local not in _LOCALS:
             raise ValueError(f"local={local!r}: expected one of {_LOCALS} (see sfattn.SPAttention)")
-        if precision not in (None, "fp8"):
-            raise ValueError(f"precision={precision!r}: expected None (the model's dtype) or 'fp8'")
-        if precision == "fp8" and local != "kernel":
-            raise ValueError(f"precision='fp8' needs local='kernel' (the FP8 kernel), got local={local!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected None (the model's dtype), 'fp8' or 'fp8-accurate'")
+        if precision is not None and local != "kernel":
+            raise ValueError(f"precision={precision!r} needs local='kernel' (the FP8 kernel), got local={local!r}")
         pc = getattr(transformer, "_parallel_config", None)
         cp = getattr(pc, "context_parallel_config", None)
         if cp is None:
@@ -466,7 +466,7 @@ class ContextParallelAttention:
     def plans(self) -> list[str]:
         """One line per layer built so far: tokens, shard lengths and the plan."""
         return [f"{sum(k[0])} tokens {list(k[0])} x {k[2]}h x {k[3]}: {layer.plan.algorithm} "
-                f"T={layer.plan.T} U={layer.plan.U} R={layer.plan.R} ({k[6]}{', fp8' if layer.fp8 else ''})"
+                f"T={layer.plan.T} U={layer.plan.U} R={layer.plan.R} ({k[6]}{', ' + layer.precision if layer.precision else ''})"
                 for k, layer in self._layers.items()]
 
     def close(self) -> None:
@@ -550,9 +550,10 @@ def enable(transformer: torch.nn.Module, rt: oneside.Runtime, *, algorithm: str 
     """Run ``transformer``'s context-parallel attention on sfattn (after ``enable_parallelism``).
 
     ``algorithm`` / ``ulysses_degree``: force the plan (default: the planner's choice per shape);
-    ``local``: ``'kernel'`` (the fused kernel), ``'torch'`` or ``'fa3'``; ``precision='fp8'``:
-    the layers quantise Q/K/V to FP8 and attend with the FP8 kernel (``SPAttention``'s
-    ``precision``; layers the kernel cannot take stay exact). Returns the instance (``.plans()``
+    ``local``: ``'kernel'`` (the fused kernel), ``'torch'`` or ``'fa3'``; ``precision='fp8'``
+    or ``'fp8-accurate'``: the layers quantise Q/K (and V with ``'fp8'``) and attend with the FP8
+    kernel (``SPAttention``'s ``precision``; layers the kernel cannot take stay exact). Returns the
+    instance (``.plans()``
     lists the layers built); undo with :func:`disable`.
     """
     return ContextParallelAttention(transformer, rt, algorithm, ulysses_degree, local, precision)

@@ -41,7 +41,7 @@ MAXQ, MAXKV = 16, 16
 # sm90fp8 (the FP8 kernel): 128-key tiles (the K scale blocks), consumer warpgroups and ring slots
 # per head dim; knobs as for sm90ws where they exist there
 FP8_TILES = {64: (3, 4, 4), 128: (2, 3, 3)}  # head dim -> (consumers, K slots, V slots)
-FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB", "PX")
+FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV")  # PV=16: P.V in 16-bit (fp8-accurate)
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -153,6 +153,14 @@ class KernelConfig:
         return {"fa2": 16 * FA2_NW, "sm90ws": 64 * self.consumers, "sm90fp8": 64 * self.consumers,
                 "merge": 0, "heads": 0, "quant": 0}[self.impl]
 
+    @property
+    def fp8_pv_bytes(self) -> int:
+        """sm90fp8: bytes per V element (1: e4m3, 2: 16-bit V for a 16-bit P.V, knob PV=16)."""
+        pv = int(dict(self.opts).get("PV", 8))
+        if pv not in (8, 16):
+            raise ValueError(f"sm90fp8 PV (the P.V precision) must be 8 or 16, got {pv}")
+        return pv // 8
+
     def fp8_slots(self) -> tuple[int, int]:
         """sm90fp8: (K ring slots, V ring slots)."""
         o = dict(self.opts)
@@ -164,9 +172,9 @@ class KernelConfig:
         d = self.head_dim
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
-        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T slots of 128 keys
+        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T (or 16-bit V) slots of 128 keys
             kst, vst = self.fp8_slots()
-            return self.block_m * d + (kst + vst) * 128 * d + 1024
+            return self.block_m * d + (kst + vst * self.fp8_pv_bytes) * 128 * d + 1024
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
             return (self.block_m * d + (kst + vst) * bn * d) * 2 + 1024
@@ -190,7 +198,10 @@ class KernelConfig:
             nc = self.consumers
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
-                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_DB={o.get('DB', 1)}", f"-DWS_PX={o.get('PX', 0)}"]
+                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
+                    # two P register sets do not fit three head-dim-64 consumers with 16-bit P (spills)
+                    f"-DWS_DB={o.get('DB', 0 if (self.head_dim, self.fp8_pv_bytes) == (64, 2) else 1)}",
+                    f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",

@@ -18,12 +18,18 @@
 // load/store), so chaining, the running state and the log-sum-exp are those of the bf16 kernels.
 // The running max is raised whenever a tile exceeds it (no slack: P must stay <= 1 for its e4m3
 // scale). Head dim 128 (128-byte swizzled Q/K rows) and 64 (64-byte swizzle).
+// F8_PV16=1 (precision="fp8-accurate"): V stays bf16/fp16 [B, S, H, D] and loads like the bf16
+// kernels' V (64-channel panels, 128-byte swizzle); P goes to 16-bit in registers, unscaled (in
+// [0, 1]), and O += P.V is a 16-bit wgmma (k16 steps): O is in true units throughout.
 #define SF_TMA 1
 #ifndef SF_RESCALE_THR
 #define SF_RESCALE_THR 0
 #endif
 #include "sm90_common.cuh"
 #include "wgmma_fp8_ops.cuh"
+#ifndef F8_PV16
+#define F8_PV16 0  // (the 16-bit wgmma wrappers come with sm90_common.cuh)
+#endif
 #include <stddef.h>
 
 #ifndef WS_BN
@@ -61,7 +67,13 @@
                                           // byte offset 16: unused by swizzled K-major operands)
 #define F8_QBLK 128  // rows per Q scale block
 #define WGMMA_S SF_CAT(sf_wgmma_s8_n, WS_BN)
+#if F8_PV16
+#define WGMMA_O SF_CAT(sf_wgmma_rs_n, SF_D)
+#define F8_PK 16  // keys per P fragment (k16 16-bit wgmma)
+#else
 #define WGMMA_O SF_CAT(sf_wgmma_e4m3_rs_n, SF_D)
+#define F8_PK 32  // keys per P fragment (k32 8-bit wgmma)
+#endif
 
 struct F8Side {  // a per-block side array: pointer and (batch, head) strides in elements
   long long ptr, sb, sh;
@@ -205,10 +217,22 @@ __device__ __forceinline__ void f8_pack_a(const uint32_t (&s)[NS][4], int kk, ui
 #undef F_
 }
 
+// P (C layout, floats in s) of keys 16kk..16kk+15 as the A fragment of a k16 16-bit wgmma: the C
+// layout of n8 chunks 2kk, 2kk+1 is the A layout (as sf_pack_a of the bf16 kernels)
+template <int NS>
+__device__ __forceinline__ void f8_pack_a16(const uint32_t (&s)[NS][4], int kk, uint32_t (&a)[4]) {
+#define F_(jj, e) __uint_as_float(s[jj][e])
+  a[0] = sf_pack2(F_(2 * kk, 0), F_(2 * kk, 1));
+  a[1] = sf_pack2(F_(2 * kk, 2), F_(2 * kk, 3));
+  a[2] = sf_pack2(F_(2 * kk + 1, 0), F_(2 * kk + 1, 1));
+  a[3] = sf_pack2(F_(2 * kk + 1, 2), F_(2 * kk + 1, 3));
+#undef F_
+}
+
 extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __grid_constant__ F8Params pp) {
   constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
   constexpr int NJ = D / 8, NS = BN / 8;
-  constexpr uint32_t KTILE = BN * D, VTILE = D * BN;  // bytes
+  constexpr uint32_t KTILE = BN * D, VTILE = D * BN * (F8_PV16 ? 2 : 1);  // bytes
   constexpr uint32_t SBO_QK = 8 * F8_QROW, SBO_V = 8 * BN;
   const SfParams& p = pp.base;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -264,7 +288,13 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
             tma_load_4d(sK + ks * KTILE, &p.tk[kb], 0, n0, h, b, kfull(ks));
             if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
             mbar_expect_tx(vfull(vs), VTILE);
+#if F8_PV16
+#pragma unroll
+            for (int pn = 0; pn < D / 64; ++pn)  // 64-channel panels of BN rows
+              tma_load_4d(sV + vs * VTILE + pn * BN * 128, &p.tv[kb], pn * 64, n0, h, b, vfull(vs));
+#else
             tma_load_4d(sV + vs * VTILE, &p.tv[kb], n0, 0, h, b, vfull(vs));
+#endif
           }
         }
       }
@@ -278,7 +308,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     const uint32_t qdesc_base = sQ + c * 64 * F8_QROW;
     const int my_bar = 1 + c, next_bar = 1 + (c + 1) % WS_NC;
     const bool arrives = lane == 0;
-    uint32_t pa0[BN / 32][4], pa1[BN / 32][4];
+    uint32_t pa0[BN / F8_PK][4], pa1[BN / F8_PK][4];
     uint32_t s[NS][4];
     float o[NJ][4], mr[2], lr[2], alpha[2], bq[2];
     int ct = 0;
@@ -292,12 +322,16 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       const int lr0 = qrow0 + c * 64 + warp * 16 + (lane >> 2);
       const long long srow = qb.row0 + lr0;
       const int nrow_ok = min(2, max(0, ((int)qb.len - lr0 + 7) / 8));
+#if F8_PV16
+      const float o_unit = 1.f;  // P unscaled, V in true units
+#else
       // V scales of this (batch, head): P is scaled by 448 * vs[kb] / vmax, O is in vmax / 448 units
       float vmax = 0.f;
       for (int kb = 0; kb < nkv; ++kb)
         vmax = fmaxf(vmax, reinterpret_cast<const float*>(pp.vs[kb].ptr)[b * pp.vs[kb].sb + h * pp.vs[kb].sh]);
       if (!(vmax > 0.f)) vmax = 1.f;
       const float o_unit = vmax * (1.f / 448.f);
+#endif
       sf_load_state<NJ>(p, b, h, srow, nrow_ok, t, o, mr, lr);
       if (!(p.flags & SF_INIT)) {
 #pragma unroll
@@ -313,10 +347,12 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       float log2_ps = 0.f, inv_ps = 1.f, ks_next = 0.f;
       const float* kscale = nullptr;
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
+#if !F8_PV16
         const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
         const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;  // scales are > 0 (quant.py)
         log2_ps = __log2f(ps);
         inv_ps = 1.f / ps;
+#endif
         kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
         ks_next = kscale[0];
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
@@ -332,11 +368,15 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
                   sf_desc(kbase + kk * 32, 16, SBO_QK, F8_LAYOUT), kk > 0);
         wg_commit();
       };
-      auto issue_pv = [&](const uint32_t (&pa)[BN / 32][4]) {  // O += P_{ct-1} V_{ct-1}
+      auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P_{ct-1} V_{ct-1}
         const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
 #pragma unroll
-        for (int kk = 0; kk < BN / 32; ++kk)
+        for (int kk = 0; kk < BN / F8_PK; ++kk)
+#if F8_PV16  // V rows K-major in 64-channel panels (MN-major B operand), as in the bf16 kernels
+          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
+#else
           WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 32, 16, SBO_V, 1), 1);
+#endif
         wg_commit();
       };
       auto release_k = [&]() {
@@ -357,10 +397,13 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
         reg_fence<NJ>(o);
       };
-      auto pack = [&](uint32_t (&pa)[BN / 32][4]) {
+      auto pack = [&](uint32_t (&pa)[BN / F8_PK][4]) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 32; ++kk) f8_pack_a<NS>(s, kk, pa[kk]);
-        reg_fence_u<BN / 32>(pa);
+        for (int kk = 0; kk < BN / F8_PK; ++kk) {
+          if (F8_PV16) f8_pack_a16<NS>(s, kk, pa[kk]);
+          else f8_pack_a<NS>(s, kk, pa[kk]);
+        }
+        reg_fence_u<BN / F8_PK>(pa);
       };
       auto advance = [&]() {
         reg_fence<NJ>(o);
@@ -375,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         ++ct;
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
-      auto step = [&](const uint32_t (&pin)[BN / 32][4], uint32_t (&pout)[BN / 32][4]) {
+      auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
         wait_k();
         named_sync(my_bar);
         wg_fence();
@@ -427,11 +470,11 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         wg_fence();
         if (in1) {  // the last P to pa0: one wgmma site (no compiler-injected warpgroup.arrive)
 #pragma unroll
-          for (int kk = 0; kk < BN / 32; ++kk)
+          for (int kk = 0; kk < BN / F8_PK; ++kk)
 #pragma unroll
             for (int e = 0; e < 4; ++e) pa0[kk][e] = pa1[kk][e];
         }
-        reg_fence_u<BN / 32>(pa0);
+        reg_fence_u<BN / F8_PK>(pa0);
         issue_pv(pa0);
         named_arrive(next_bar);
         wg_wait<0>();

@@ -40,7 +40,9 @@ def _side(x: Any, name: str, shape: tuple, dev: int) -> TensorDesc:
 
 class Fp8Launch(AttnLaunch):
     """A prepared FP8 attention call (see :class:`~sfattn.kernels.AttnLaunch`): ``q_blocks`` a list
-    of :class:`Fp8Q`, ``kv_blocks`` a list of :class:`Fp8KV`; ``out`` bf16 or fp16."""
+    of :class:`Fp8Q`, ``kv_blocks`` a list of :class:`Fp8KV`; ``out`` bf16 or fp16. K/V blocks with
+    a 16-bit ``v`` (all of them or none) run P.V in that dtype (the kernel's ``PV=16`` build; ``v``
+    must have ``out``'s dtype)."""
 
     def __init__(self, q_blocks: Sequence[Fp8Q], kv_blocks: Sequence[Fp8KV], state: AttnState | None,
                  scale: float, *, out: Sequence[Any] | None = None, lse: Any | None = None,
@@ -61,17 +63,29 @@ class Fp8Launch(AttnLaunch):
             if d.ndim != 4 or (d.shape[0], d.shape[2], d.shape[3]) != (B, H, D):
                 raise ValueError(f"q_blocks[{i}].data has shape {d.shape}, expected [B={B}, S, H={H}, D={D}]")
             _check_io(d, f"q_blocks[{i}].data", "int8", 16)
+        self.pv16 = bool(kv_blocks) and kv_blocks[0].v is not None
+        if any((kv.v is not None) != self.pv16 for kv in kv_blocks):
+            raise ValueError("kv_blocks: every block has V in e4m3 (vt) or every one a 16-bit v, not a mix")
         kd, vd = [], []
         for i, kv in enumerate(kv_blocks):
-            k, vt = as_desc(kv.k, f"kv_blocks[{i}].k"), as_desc(kv.vt, f"kv_blocks[{i}].vt")
+            k = as_desc(kv.k, f"kv_blocks[{i}].k")
             if k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
                 raise ValueError(f"kv_blocks[{i}].k has shape {k.shape}, expected [B={B}, S, H={H}, D={D}]")
             _check_io(k, f"kv_blocks[{i}].k", "int8", 16)
-            sp = -(-k.shape[1] // 32) * 32
-            if vt.ndim != 4 or vt.shape[:3] != (B, H, D) or vt.shape[3] < sp or vt.shape[3] % 32:
-                raise ValueError(f"kv_blocks[{i}].vt has shape {vt.shape}, expected [B={B}, H={H}, D={D}, "
-                                 f"Sp] with Sp >= {sp} a multiple of 32")
-            _check_io(vt, f"kv_blocks[{i}].vt", "e4m3", 16)
+            if self.pv16:
+                vt = as_desc(kv.v, f"kv_blocks[{i}].v")
+                if vt.shape != k.shape:
+                    raise ValueError(f"kv_blocks[{i}].v has shape {vt.shape}, expected {k.shape} (as k)")
+                if vt.dtype not in ("bf16", "fp16"):
+                    raise TypeError(f"kv_blocks[{i}].v has dtype {vt.dtype}, expected bf16 or fp16")
+                _check_io(vt, f"kv_blocks[{i}].v", vt.dtype, 16)
+            else:
+                vt = as_desc(kv.vt, f"kv_blocks[{i}].vt")
+                sp = -(-k.shape[1] // 32) * 32
+                if vt.ndim != 4 or vt.shape[:3] != (B, H, D) or vt.shape[3] < sp or vt.shape[3] % 32:
+                    raise ValueError(f"kv_blocks[{i}].vt has shape {vt.shape}, expected [B={B}, H={H}, D={D}, "
+                                     f"Sp] with Sp >= {sp} a multiple of 32")
+                _check_io(vt, f"kv_blocks[{i}].vt", "e4m3", 16)
             kd.append(k)
             vd.append(vt)
         devs = {d.device for d in [*qd, *kd, *vd]}
@@ -82,7 +96,8 @@ class Fp8Launch(AttnLaunch):
         self._ks = [_side(x.kscale, f"kv_blocks[{i}].kscale", (B, H, -(-kd[i].shape[1] // BLOCK)), dev)
                     for i, x in enumerate(kv_blocks)]
         self._mu = [_side(x.mu, f"kv_blocks[{i}].mu", (B, H, D), dev) for i, x in enumerate(kv_blocks)]
-        self._vs = [_side(x.vscale, f"kv_blocks[{i}].vscale", (B, H), dev) for i, x in enumerate(kv_blocks)]
+        self._vs = [None if self.pv16 else _side(x.vscale, f"kv_blocks[{i}].vscale", (B, H), dev)
+                    for i, x in enumerate(kv_blocks)]
         S = sum(d.shape[1] for d in qd)
         st = _state_descs(state)
         if st is not None:
@@ -111,8 +126,13 @@ class Fp8Launch(AttnLaunch):
             _check_io(ld, "lse", "fp32", 1)
         self.device, self.torch_inputs = dev, True
         self.B, self.S, self.H, self.D = B, S, H, D
-        self.dtype = od[0].dtype if od else "bf16"
+        self.dtype = od[0].dtype if od else (vd[0].dtype if self.pv16 and vd else "bf16")
+        if self.pv16 and any(v.dtype != self.dtype for v in vd):
+            raise TypeError(f"kv_blocks: a 16-bit v must have the output's dtype {self.dtype}, got "
+                            f"{sorted({v.dtype for v in vd})}")
         self.impl = impl or "sm90fp8"
+        if self.pv16:  # the PV=16 build of the kernel
+            self.impl += (":" if ":" not in self.impl else ",") + "PV=16"
         self.kernel = get_kernel(self.impl, D, self.dtype, dev)
         if self.kernel.cfg.impl != "sm90fp8":
             raise ValueError(f"impl={self.impl!r} is not the FP8 kernel ('sm90fp8[:knobs]')")
@@ -122,6 +142,8 @@ class Fp8Launch(AttnLaunch):
     def _kv_maps(self, j, k, v, rows):
         B, S, H, D = k.shape
         tk = _tma.byte_map(k.ptr, [D, S, H, B], [k.strides[1], k.strides[2], k.strides[0]], [D, rows, 1, 1])
+        if self.pv16:  # V rows in 16-bit, as the bf16 kernels load them
+            return tk, _tma.tensor_map(v, rows)
         _, _, _, sp = v.shape
         tv = _tma.byte_map(v.ptr, [sp, D, H, B], [v.strides[2], v.strides[1], v.strides[0]], [128, D, 1, 1])
         return tk, tv
@@ -137,7 +159,8 @@ class Fp8Launch(AttnLaunch):
                                   (self._vs, _SIDE0 + 3 * (mq + 2 * mkv), kvidx)):
             for j, i in enumerate(idx):
                 d = arrays[i]
-                p[base + 3 * j:base + 3 * j + 3] = (d.ptr, d.strides[0], d.strides[1])
+                if d is not None:  # (no V scales with a 16-bit V)
+                    p[base + 3 * j:base + 3 * j + 3] = (d.ptr, d.strides[0], d.strides[1])
 
 
 _cache: dict = {}
@@ -154,7 +177,7 @@ def attn_blocks_fp8(q_blocks: Sequence[Fp8Q], kv_blocks: Sequence[Fp8KV], state:
     ptr = lambda t: None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()))  # noqa: E731
     try:
         key = (tuple((ptr(x.data), ptr(x.scale)) for x in q_blocks),
-               tuple((ptr(x.k), ptr(x.kscale), ptr(x.mu), ptr(x.vt), ptr(x.vscale)) for x in kv_blocks),
+               tuple((ptr(x.k), ptr(x.kscale), ptr(x.mu), ptr(x.vt), ptr(x.vscale), ptr(x.v)) for x in kv_blocks),
                None if state is None else (ptr(state.acc), ptr(state.m), ptr(state.l)),
                None if out is None else tuple(map(ptr, out)), ptr(lse), float(scale), impl, init, finalize)
     except (TypeError, AttributeError):
@@ -275,7 +298,7 @@ def _q_into(q: Any, data: Any, scale: Any, ght: int) -> None:
 
 def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
     """K - mu to int8 (``parts['k']``, ``['ks']``, ``['mu']``) and V to transposed e4m3 (``['vt']``,
-    ``['vs']``), grouped as in :func:`quantize_grouped`."""
+    ``['vs']``) or, with a ``parts['v']``, V copied as it is, grouped as in :func:`quantize_grouped`."""
     import torch
 
     B, S, H, D = k.shape
@@ -286,6 +309,10 @@ def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
     _run("sf_colsum", k, (splits, H, B), D, _ptr(part), ctypes.c_int(_SPLIT_ROWS))
     _run("sf_quant_i8", k, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(part), ctypes.c_int(splits),
          _dst(parts["mu"]).arg(0, 1), _dst(parts["k"]).arg(0, 1, 2), _dst(parts["ks"]).arg(0, 1), ctypes.c_int(ght))
+    if "v" in parts:  # fp8-accurate: V stays 16-bit; one strided copy per head group (none given: none)
+        for g, dst in enumerate(parts["v"]):
+            dst[:, :S].copy_(v[:, :, g * ght:(g + 1) * ght])
+        return
     vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
     _run("sf_absmax_v", v, (splits, H, B), _QTHREADS, _ptr(vpart), ctypes.c_int(_SPLIT_ROWS))
     _run("sf_quant_vt", v, (-(-S // 32), H, B), D, _ptr(vpart), ctypes.c_int(splits), _dst(parts["vt"]).arg(0, 1, 2),
@@ -298,7 +325,8 @@ def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
     gets head ``h % Ht``) - a sequence-parallel layer's send buffers, one group per destination:
     ``parts['q']``, ``['k']`` int8 ``[G, B, >= S, Ht, D]``; ``['qs']``, ``['ks']`` fp32 ``[G, B, Ht,
     >= ceil(S / 128)]``; ``['mu']`` fp32 ``[G, B, Ht, D]``; ``['vt']`` uint8 (e4m3 bytes) ``[G, B, Ht, D,
-    >= ceil(S / 32) * 32]``; ``['vs']`` fp32 ``[G, B, Ht]``; last dims contiguous. A part may instead
+    >= ceil(S / 32) * 32]``; ``['vs']`` fp32 ``[G, B, Ht]`` - or, for a 16-bit P.V, ``['v']`` in
+    v's dtype ``[G, B, >= S, Ht, D]`` instead of ``vt`` and ``vs``; last dims contiguous. A part may instead
     be a :class:`GroupedDst` (groups anywhere in the address space, e.g. mapped peers' buffers; not
     checked beyond its group count). Values as :func:`sfattn.quant.quantize_q` / ``quantize_kv``;
     entries past S are left as they are."""
@@ -312,8 +340,11 @@ def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
         raise ValueError(f"parts: {G} head groups do not split {H} heads (at most {QMAXG} groups)")
     ght = H // G
     nb, sp = -(-S // BLOCK), -(-S // 32) * 32
+    vparts = {"v": (G, B, S, ght, D)} if "v" in parts else {"vt": (G, B, ght, D, sp), "vs": (G, B, ght)}
+    if "v" in parts and isinstance(parts["v"], GroupedDst):
+        raise ValueError("parts['v']: a 16-bit V is copied by torch: pass a tensor, not a GroupedDst")
     _check_parts(parts, {"q": (G, B, S, ght, D), "k": (G, B, S, ght, D), "qs": (G, B, ght, nb),
-                         "ks": (G, B, ght, nb), "mu": (G, B, ght, D), "vt": (G, B, ght, D, sp), "vs": (G, B, ght)})
+                         "ks": (G, B, ght, nb), "mu": (G, B, ght, D), **vparts})
     _q_into(q, parts["q"], parts["qs"], ght)
     _kv_into(k, v, parts, ght)
 
@@ -329,9 +360,10 @@ def quantize_q_cuda(q: Any) -> Fp8Q:
     return Fp8Q(data, scale)
 
 
-def quantize_kv_cuda(k: Any, v: Any) -> Fp8KV:
+def quantize_kv_cuda(k: Any, v: Any, pv: str = "e4m3") -> Fp8KV:
     """:func:`sfattn.quant.quantize_kv` for CUDA bf16/fp16 tensors: four kernels (partial sums of
-    K, partial maxima of V, K - mu to int8, V to transposed e4m3)."""
+    K, partial maxima of V, K - mu to int8, V to transposed e4m3); ``pv='16'``: the first and third,
+    V kept as it is."""
     import torch
 
     B, S, H, D = k.shape
@@ -339,6 +371,9 @@ def quantize_kv_cuda(k: Any, v: Any) -> Fp8KV:
     k8 = torch.empty((B, S, H, D), dtype=torch.int8, device=dev)
     kscale = torch.empty((B, H, -(-S // BLOCK)), dtype=torch.float32, device=dev)
     mu = torch.zeros((B, H, D), dtype=torch.float32, device=dev)
+    if pv == "16":
+        _kv_into(k, v, {"k": k8[None], "ks": kscale[None], "mu": mu[None], "v": ()}, H)  # v is used in place
+        return Fp8KV(k8, kscale, mu, None, None, v=v)
     vt = torch.empty((B, H, D, -(-S // 32) * 32), dtype=torch.uint8, device=dev)
     vscale = torch.ones((B, H), dtype=torch.float32, device=dev)
     _kv_into(k, v, {"k": k8[None], "ks": kscale[None], "mu": mu[None], "vt": vt[None], "vs": vscale[None]}, H)
