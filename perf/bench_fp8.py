@@ -104,6 +104,10 @@ def _measure(shape, args, fa3) -> dict:
         fp8 = Fp8Launch(qs, kvs, None, scale, out=[out], init=True, finalize=True)
         fp8(init=True, finalize=True)
         res[f"fp8_relerr_{kind}"] = relerr(out) if torch.isfinite(out).all() else float("nan")
+        out.fill_(float("nan"))  # precision='fp8-accurate': int8 Q.K, 16-bit P.V
+        acc = Fp8Launch(qs, [quantize_kv(k, v, pv="16")], None, scale, out=[out], init=True, finalize=True)
+        acc(init=True, finalize=True)
+        res[f"fp8acc_relerr_{kind}"] = relerr(out) if torch.isfinite(out).all() else float("nan")
         K.AttnLaunch([q], [k], [v], None, scale, out=[out], init=True, finalize=True)(init=True, finalize=True)
         res[f"bf16_relerr_{kind}"] = relerr(out)
         if fa3 is not None:
@@ -111,7 +115,8 @@ def _measure(shape, args, fa3) -> dict:
             res[f"fa3fp8_relerr_{kind}"] = relerr(r[0] if isinstance(r, tuple) else r)
     # timing on the last (outlier) tensors: the kernels' times do not depend on the data
     bf16 = K.AttnLaunch([q], [k], [v], None, scale, out=[out], init=True, finalize=True)
-    fns = {"bf16": lambda: bf16(init=True, finalize=True), "fp8": lambda: fp8(init=True, finalize=True)}
+    fns = {"bf16": lambda: bf16(init=True, finalize=True), "fp8": lambda: fp8(init=True, finalize=True),
+           "fp8acc": lambda: acc(init=True, finalize=True)}
     for impl in args.impls:
         if impl != "sm90fp8":
             launch = Fp8Launch(qs, kvs, None, scale, out=[out], init=True, finalize=True, impl=impl)
@@ -143,19 +148,22 @@ def summary_keys(rows: list[dict]) -> dict:
             out["fp8_over_fa3fp8_d128_s16k"] = r["fp8"] / r["fa3fp8"]
         if r.get("fp8_4blk"):
             out["fp8_4block_overhead"] = r["fp8"] / r["fp8_4blk"] - 1
+    if r and r.get("fp8acc"):
+        out["fp8_accurate_over_bf16_d128_s16k"] = r["fp8acc"] / r["bf16"]
     if r64 and r64.get("fp8"):
         out["fp8_over_bf16_d64_s16k"] = r64["fp8"] / r64["bf16"]
     for kind in ("gauss", "outlier"):
-        errs = [x[f"fp8_relerr_{kind}"] for x in rows if x.get(f"fp8_relerr_{kind}") is not None]
-        if errs:
-            out[f"fp8_relerr_{kind}"] = max(errs)
+        for col, key in (("fp8", "fp8"), ("fp8acc", "fp8_accurate")):
+            errs = [x[f"{col}_relerr_{kind}"] for x in rows if x.get(f"{col}_relerr_{kind}") is not None]
+            if errs:
+                out[f"{key}_relerr_{kind}"] = max(errs)
     return {k: round(v, 4) for k, v in out.items()}
 
 
 def write_docs(data: dict) -> None:
     docs = ROOT / "docs"
     rows = data["rows"]
-    cols = [c for c in ("bf16", "fa3", "fp8", "fp8_4blk", "fa3fp8", *sorted({k for r in rows for k in r
+    cols = [c for c in ("bf16", "fa3", "fp8", "fp8acc", "fp8_4blk", "fa3fp8", *sorted({k for r in rows for k in r
             if k.startswith("sm90fp8:")})) if any(r.get(c) for r in rows)]
     try:
         import matplotlib
@@ -179,15 +187,16 @@ def write_docs(data: dict) -> None:
              f"Device: {data['device']}, torch {data['torch']}; TFLOP/s (interleaved medians, same "
              f"tensors); `fp8` = `sm90fp8` on quantised operands (quantiser time in `quant ms`), "
              f"`fp8_4blk` the keys in 4 blocks, `fa3fp8` = FlashAttention-3 on e4m3 casts with unit "
-             f"scales. Errors vs float64 on {REF_ROWS} rows.", "",
+             f"scales; `fp8acc` = precision='fp8-accurate' (int8 Q.K, bf16 P.V). Errors vs float64 on "
+             f"{REF_ROWS} rows.", "",
              f"Command: `{data['command']}` ({data['date']}); docs: "
              f"`python perf/bench_fp8.py --from-json docs/perf/fp8.json`.", "",
              "| B | S | H | D | " + " | ".join(cols) + " | fp8 / bf16 | fp8 / FA3-fp8 | quant ms | "
-             "err gauss (fp8, FA3-fp8, bf16) | err outlier (fp8, FA3-fp8, bf16) |",
+             "err gauss (fp8, fp8acc, FA3-fp8, bf16) | err outlier (fp8, fp8acc, FA3-fp8, bf16) |",
              "|---|---|---|---|" + "---|" * len(cols) + "---|---|---|---|---|"]
     f = lambda x, fmt="%.0f": fmt % x if x is not None else "-"  # noqa: E731
     for r in rows:
-        e = lambda kind: ", ".join(f(r.get(f"{p}_relerr_{kind}"), "%.3g") for p in ("fp8", "fa3fp8", "bf16"))  # noqa: E731
+        e = lambda kind: ", ".join(f(r.get(f"{p}_relerr_{kind}"), "%.3g") for p in ("fp8", "fp8acc", "fa3fp8", "bf16"))  # noqa: E731
         lines.append(f"| {r['batch']} | {r['seq']} | {r['heads']} | {r['head_dim']} | "
                      + " | ".join(f(r.get(c)) for c in cols)
                      + f" | {f(r['fp8'] / r['bf16'] if r.get('fp8') else None, '%.2f')}"

@@ -285,6 +285,23 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     with pytest.raises(ValueError, match=r"kv_blocks\[0\].vt"):
         Fp8Launch([q], [Fp8KV(kvs[0].k, kvs[0].kscale, kvs[0].mu, t(9 << 24, (B, H, D, 992), "e4m3"),
                               kvs[0].vscale)], None, 0.25, out=[out], init=True, finalize=True)
+    # precision='fp8-accurate': V as bf16 rows (the bf16 kernels' map: 64-channel boxes of 128 rows),
+    # the PV=16 build, no V scales
+    calls.clear()
+    kv16 = [Fp8KV(x.k, x.kscale, x.mu, None, None, v=t((7 << 24) + (i << 20), x.k.shape, "bf16"))
+            for i, x in enumerate(kvs)]
+    launch = Fp8Launch([q], kv16, None, 0.25, out=[out], init=True, finalize=True)
+    (p, *_), = launch._launches
+    assert dict(launch.kernel.cfg.opts).get("PV") == 16 and launch.pv16
+    assert side(3, 1) == [0, 0, 0] and side(1, 1) == [(5 << 24) + 1 << 16, H, 1]
+    by_ptr = {c[0]: c for c in calls}
+    assert by_ptr[(7 << 24) + (2 << 20)][1:] == (9, [D, 77, H, B], [H * D * 2, D * 2, 77 * H * D * 2],
+                                                  [64, 128, 1, 1], 3)
+    with pytest.raises(ValueError, match="not a mix"):
+        Fp8Launch([q], [kv16[0], kvs[2]], None, 0.25, out=[out], init=True, finalize=True)
+    with pytest.raises(TypeError, match="output's dtype"):
+        Fp8Launch([q], [Fp8KV(x.k, x.kscale, x.mu, None, None, v=t(8 << 24, x.k.shape, "fp16")) for x in kvs[:1]],
+                  None, 0.25, out=[out], init=True, finalize=True)
 
 
 def test_heads_copy_refuses_unaligned_pieces_before_any_launch():
