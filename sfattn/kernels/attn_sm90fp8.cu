@@ -399,10 +399,12 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       };
       auto pack = [&](uint32_t (&pa)[BN / F8_PK][4]) {
 #pragma unroll
-        for (int kk = 0; kk < BN / F8_PK; ++kk) {
-          if (F8_PV16) f8_pack_a16<NS>(s, kk, pa[kk]);
-          else f8_pack_a<NS>(s, kk, pa[kk]);
-        }
+        for (int kk = 0; kk < BN / F8_PK; ++kk)
+#if F8_PV16
+          f8_pack_a16<NS>(s, kk, pa[kk]);
+#else
+          f8_pack_a<NS>(s, kk, pa[kk]);
+#endif
         reg_fence_u<BN / F8_PK>(pa);
       };
       auto advance = [&]() {
