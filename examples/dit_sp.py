@@ -26,8 +26,9 @@ ranks - diffusers' hooks split the inputs and gather the output - with the atten
   where it can run: NCCL (one rank per GPU), or gloo with equal shards (Ulysses).
 
 Rank 0 compares the first step's output and the final latents with the reference (relative max
-error; bf16/fp16 must stay under 2e-2) and prints each median step time. ``--precision fp8`` adds
-``sfattn-fp8`` (sfattn with FP8 attention, docs/fp8.md): its errors are reported against the
+error; bf16/fp16 must stay under 2e-2) and prints each median step time. ``--precision fp8`` (or
+``fp8-accurate``) adds ``sfattn-fp8`` (sfattn with that FP8 precision, docs/fp8.md): its errors are
+reported against the
 reference and against sfattn's own final latents (``final_vs_sfattn``), and must stay under
 FP8_TOLERANCE.
 """
@@ -187,8 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed model calls before them")
     ap.add_argument("--algorithm", default=None, help="sfattn algorithm (default: the planner's choice)")
     ap.add_argument("--local", choices=("kernel", "torch", "fa3"), default="kernel", help="sfattn local attention")
-    ap.add_argument("--precision", choices=("fp8",), default=None,
-                    help="also run sfattn with precision='fp8' (sfattn-fp8): its final latents are compared with "
+    ap.add_argument("--precision", choices=("fp8", "fp8-accurate"), default=None,
+                    help="also run sfattn with this precision (sfattn-fp8): its final latents are compared with "
                          "sfattn's in the model's dtype as well as with the 1-GPU reference")
     ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS),
                     help="baselines beside sfattn (each skipped with a note where it cannot run)")
@@ -384,7 +385,7 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
         rt.barrier_all()
         rt.sync()
-        fp8 = ["sfattn-fp8"] if a.precision == "fp8" else []
+        fp8 = ["sfattn-fp8"] if a.precision else []
         for name in ("sfattn", *fp8, *a.peers):
             why = None if name in ("sfattn", "sfattn-fp8") else peer_problem(name, a, W, uneven, gpu, nccl)
             if why is not None:
@@ -396,7 +397,7 @@ def run(rt: oneside.Runtime, a: argparse.Namespace) -> dict[str, Any]:
             inst = None
             if name in ("sfattn", "sfattn-fp8"):
                 inst = sfd.enable(model, rt, algorithm=a.algorithm, local=a.local,
-                                  precision="fp8" if name == "sfattn-fp8" else None)
+                                  precision=a.precision if name == "sfattn-fp8" else None)
             elif name == "usp":
                 inst = USPAttention(model, rt, cfg["num_attention_heads"], a.usp_ulysses)
             else:
@@ -476,7 +477,8 @@ def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
     """Summary keys from the runs that define them; says what it did. Full-width Flux 4096^2 on 2
     GPUs: e2e_flux4096_2gpu_speedup (and _over_usp); full-width Flux 1024^2, compiled, 2 ranks
     sharing one GPU: e2e_flux1024_2ranks_1gpu_over_1rank (same compute as 1 rank: our overhead);
-    any GPU run with --precision fp8: e2e_fp8_final_relerr_vs_bf16, e2e_fp8_over_bf16."""
+    any GPU run with --precision fp8: e2e_fp8_final_relerr_vs_bf16, e2e_fp8_over_bf16 (with
+    fp8-accurate: the same keys as e2e_fp8_accurate_*)."""
     full = a.model == "flux" and not a.tiny and a.depth is None and a.heads is None
     values: dict[str, Any] = {}
     why = []
@@ -494,10 +496,11 @@ def write_summary(a: argparse.Namespace, res: dict[str, Any], path: str) -> str:
     elif "sfattn-fp8" not in res["ms"]:
         why.append("not full-width Flux at 4096^2 on 2 GPUs, nor compiled at 1024^2 on 2 ranks sharing a GPU")
     if res["ok"] and "sfattn-fp8" in res["ms"] and res["device"] != "cpu" and not a.tiny:
-        values["e2e_fp8_final_relerr_vs_bf16"] = round(res["rel_norm"]["fp8_vs_sfattn"], 5)
-        values["e2e_fp8_over_bf16"] = round(res["fp8_over_sfattn"], 3)
-        values["e2e_fp8_setting"] = (f"{a.model} {a.height}x{a.width}, {res['ranks']} ranks"
-                                     f"{' sharing one GPU' if res['shared_gpu'] else ''}, {a.steps} steps")
+        k = "e2e_fp8_" if a.precision == "fp8" else "e2e_fp8_accurate_"
+        values[f"{k}final_relerr_vs_bf16"] = round(res["rel_norm"]["fp8_vs_sfattn"], 5)
+        values[f"{k}over_bf16"] = round(res["fp8_over_sfattn"], 3)
+        values[f"{k}setting"] = (f"{a.model} {a.height}x{a.width}, {res['ranks']} ranks"
+                                 f"{' sharing one GPU' if res['shared_gpu'] else ''}, {a.steps} steps")
     elif "sfattn-fp8" in res["ms"] and not values:
         why.append("the FP8 keys come from GPU runs of a full-size model")
     if why or not values:

@@ -43,10 +43,11 @@ def test_every_family_with_uneven_tokens_matches_one_rank(model, world):
     assert "usp skipped" in " ".join(r["notes"])
 
 
-def test_fp8_precision_beside_the_models_dtype():
-    """--precision fp8: sfattn-fp8 (FP8 layers, the float64 emulation of the FP8 kernel here) runs on
-    the same shards; its latents differ from sfattn's by the FP8 error, not by nothing."""
-    r = _run(2, ["--model", "flux", "--peers", "--precision", "fp8"])
+@pytest.mark.parametrize("precision", ["fp8", "fp8-accurate"])
+def test_fp8_precision_beside_the_models_dtype(precision):
+    """--precision fp8 / fp8-accurate: sfattn-fp8 (FP8 layers, the float64 emulation of the FP8 kernel
+    here) runs on the same shards; its latents differ from sfattn's by the FP8 error, not by nothing."""
+    r = _run(2, ["--model", "flux", "--peers", "--precision", precision])
     assert set(r["ms"]) == {"1gpu", "sfattn", "sfattn-fp8"}
     e = r["rel_err"]["sfattn-fp8"]
     assert 1e-6 < e["final_vs_sfattn"] < 0.02 and 1e-6 < e["first_step"] < 0.02, e
