@@ -155,11 +155,11 @@ def test_fp8_heap_bytes_halves_the_data():
 
 def _heap_fp8(rt):
     out = []
-    for algo in ("ulysses", "usp", "torus"):
+    for algo, prec in (("ulysses", "fp8"), ("usp", "fp8"), ("torus", "fp8"), ("torus", "fp8-accurate")):
         plan = make_plan(rt.mesh, 12, 301, 16, algo)
         before = rt.heap_used
-        layer = SPAttention(rt, plan, 2, "float32", precision="fp8")
-        out.append((rt.heap_used - before, SPAttention.heap_bytes(plan, 2, "float32", precision="fp8")))
+        layer = SPAttention(rt, plan, 2, "float32", precision=prec)
+        out.append((rt.heap_used - before, SPAttention.heap_bytes(plan, 2, "float32", precision=prec)))
         layer.close()
     return out
 
