@@ -169,7 +169,7 @@ class SPAttention:
         self._bufs: list[oneside.SymArray] = []
         # each of Q, K, V travels as one or more parts (FP8: data and its scales), every part
         # with the same leading axes in every buffer; part names: "q", "k", "v" or (FP8) "q", "qs",
-        # "k", "ks", "mu", "vt", "vs"
+        # "k", "ks", "mu", "vt", "vs" ("v" instead of "vt", "vs" for fp8-accurate)
         parts = self._parts(B, Sl, Ht, D, self.dtype, self.fp8, self.pv16)
         self.parts = {x: [n for n, _, _ in parts[x]] for x in "qkv"}
         every = [spec for x in "qkv" for spec in parts[x]]
@@ -272,7 +272,8 @@ class SPAttention:
         if not fp8:
             return {x: [(x, piece, dtype)] for x in "qkv"}
         nb = -(-Sl // 128)
-        v = [("v", piece, dtype)] if pv16 else [("vt", (B, Ht, D, -(-Sl // 32) * 32), "uint8"), ("vs", (B, Ht), "float32")]
+        v = [("v", piece, dtype)] if pv16 else \
+            [("vt", (B, Ht, D, -(-Sl // 32) * 32), "uint8"), ("vs", (B, Ht), "float32")]
         return {"q": [("q", piece, "int8"), ("qs", (B, Ht, nb), "float32")],
                 "k": [("k", piece, "int8"), ("ks", (B, Ht, nb), "float32"), ("mu", (B, Ht, D), "float32")],
                 "v": v}
