@@ -10,7 +10,7 @@ whole sequence, measured in the same run. Writes ``layer_<M>x<G>[_link<GBPS>_<US
 (``_rpgK`` when K ranks share one GPU, e.g. ``-n 4 --machines 4`` on 2 GPUs: K = 2, so such a
 result never passes for a run on real machines; ``meta.ranks_per_gpu`` says it too; ``_fp8`` with
 ``--precision fp8``: the layers quantise on the owning rank and move FP8 bytes, the FP8 kernel
-computes); then run ``perf/report_layer.py`` for the table and the summary keys.
+computes; ``_fp8acc`` with ``--precision fp8-accurate``); then run ``perf/report_layer.py`` for the table and the summary keys.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oneside  # noqa: E402
-from common import median_ms  # noqa: E402
+from common import PRECISION_TAGS, median_ms  # noqa: E402
 import sfattn  # noqa: E402
 from sfattn.plan import PlanError  # noqa: E402
 
@@ -34,10 +34,9 @@ def ranks_per_gpu(world_size: int, gpus: int) -> int:
 
 
 def result_name(mesh: str, link: str | None, rpg: int, precision: str = "bf16") -> str:
-    """``layer_<mesh>[_link<GBPS>_<US>][_rpg<K>][_fp8].json`` (the rpg tag only when K > 1)."""
+    """``layer_<mesh>[_link<GBPS>_<US>][_rpg<K>][_fp8|_fp8acc].json`` (the rpg tag only when K > 1)."""
     tag = f"_link{link.replace(',', '_')}" if link else ""
-    return (f"layer_{mesh}{tag}" + (f"_rpg{rpg}" if rpg > 1 else "") + ("_fp8" if precision == "fp8" else "")
-            + ".json")
+    return f"layer_{mesh}{tag}" + (f"_rpg{rpg}" if rpg > 1 else "") + PRECISION_TAGS[precision] + ".json"
 
 
 SHAPES = {"flux3072": (36864 + 512, 24, 128), "flux4096": (65536 + 512, 24, 128),
@@ -50,8 +49,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--algos", default=",".join(sfattn.ALGORITHMS))
     ap.add_argument("--heap", default="24GiB", help="symmetric heap per rank")
-    ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                    help="fp8: SPAttention(precision='fp8'), bf16 inputs and outputs")
+    ap.add_argument("--precision", choices=tuple(PRECISION_TAGS), default="bf16",
+                    help="fp8 / fp8-accurate: SPAttention(precision=...), bf16 inputs and outputs")
     args = ap.parse_args()
     rt = oneside.init(heap_size=args.heap, timeout=300)
     me = rt.rank
@@ -88,7 +87,7 @@ def main() -> None:
             except PlanError:
                 continue
             layer = sfattn.SPAttention(rt, plan, 1, "bfloat16",
-                                       precision="fp8" if args.precision == "fp8" else None)
+                                       precision=None if args.precision == "bf16" else args.precision)
             L = layer.shard_len()
             q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
             ms = median_ms(lambda: sfattn.attention(q, k, v, layer))

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+# result-file suffix of a layer benchmark's precision (bench_layer.py, report_layer.py)
+PRECISION_TAGS = {"bf16": "", "fp8": "_fp8", "fp8-accurate": "_fp8acc"}
 
 
 def time_cuda(fn: Callable[[], Any], stream, iters: int, reps: int = 5, warmup: int = 3) -> float:

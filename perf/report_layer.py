@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import update_summary  # noqa: E402
+from common import PRECISION_TAGS, update_summary  # noqa: E402
 
 ALGOS = ["ulysses", "ring", "usp", "tas", "torus"]
 
@@ -33,11 +33,11 @@ def main(paths: list[Path]) -> str:
         rpg = int(data["meta"].get("ranks_per_gpu") or 1)
         prec = data["meta"].get("precision", "bf16")
         tag = mesh + (f"_link{link.replace(',', '_')}" if link else "") + (f"_rpg{rpg}" if rpg > 1 else "") \
-            + ("_fp8" if prec == "fp8" else "")
+            + PRECISION_TAGS.get(prec, "_" + prec)
         title = f"Mesh {mesh}" + (f", emulated inter-machine link {link} (GB/s, us; a 64 MiB put measured "
                                   f"{data['meta']['emulated_put_GBps']:.1f} GB/s)" if link else "")
         title += f", {rpg} ranks per GPU (virtual machines sharing GPUs: not a real {mesh} run)" if rpg > 1 else ""
-        title += ", precision='fp8'" if prec == "fp8" else ""
+        title += f", precision={prec!r}" if prec != "bf16" else ""
         lines += [f"{title} ({data['meta']['ranks']} ranks on {data['meta']['gpus']} x {data['meta']['device']}); "
                   f"`{data['meta']['command']}`", "",
                   "| shape | " + " | ".join(ALGOS) + " | SDPA cuDNN, 1 GPU | best speed-up over 1 GPU |",

@@ -5,7 +5,8 @@
 #           tests/test_kernels_gpu.py
 #   layers  tests/gpu_sfattn.py's FP8 part (GPU_SFATTN_ONLY=fp8) on 1 rank, 1x2 and 2x2
 #   study   perf/bench_layer.py on 2 emulated machines (--machines 2, one rank each) at the links of
-#           $FP8L_LINKS (GB/s,us; default "40,10 20,10 10,10"), bf16 and fp8, shapes $FP8L_SHAPES
+#           $FP8L_LINKS (GB/s,us; default "40,10 20,10 10,10"), precisions $FP8L_PRECISIONS (default
+#           "bf16 fp8"; fp8-accurate too), shapes $FP8L_SHAPES
 #           (default flux3072), algorithms usp, tas, torus, on $FP8L_MACHINES machines (default 2; 4 runs
 #           $FP8L_SHAPES4, default flux3072); then perf/report_layer.py
 #   e2e     examples/dit_sp.py --precision fp8, 2 ranks sharing the GPU: Flux 2048^2 and Wan (33
@@ -40,7 +41,7 @@ if want study; then
     shapes=${FP8L_SHAPES:-flux3072}
     [ "$m" -gt 2 ] && shapes=${FP8L_SHAPES4:-flux3072}
     for link in ${FP8L_LINKS:-40,10 20,10 10,10}; do
-      for prec in bf16 fp8; do
+      for prec in ${FP8L_PRECISIONS:-bf16 fp8}; do
         ONESIDE_EMULATE_LINK=$link step study_${m}m_${link/,/_}_$prec 200 python3 -m oneside.launch -n $m --machines $m \
           --backend nvshmem perf/bench_layer.py --out "$OUT" --shapes $shapes --algos usp,tas,torus \
           --precision $prec --heap $((48 / m))GiB

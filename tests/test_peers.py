@@ -90,6 +90,7 @@ def test_bench_layer_names_shared_gpu_runs():
     assert bench.result_name("2x1", "40,10", 1) == "layer_2x1_link40_10.json"
     assert bench.result_name("1x2", None, 1) == "layer_1x2.json"
     assert bench.result_name("2x1", "10,10", 2, "fp8") == "layer_2x1_link10_10_rpg2_fp8.json"
+    assert bench.result_name("2x1", "10,10", 2, "fp8-accurate") == "layer_2x1_link10_10_rpg2_fp8acc.json"
 
 
 def test_gpu_peers_script():
