@@ -26,6 +26,16 @@ from sfattn.local import fa3_forward
 from sfattn.plan import PlanError
 
 
+def mesh_plans(rt, H, S, D):
+    """(algorithm, plan) for every algorithm the mesh allows at these shapes."""
+    for algo in sfattn.ALGORITHMS:
+        try:
+            plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
+        except PlanError:
+            continue
+        yield algo, plan
+
+
 def reference(q, k, v, scale):
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double())
@@ -39,11 +49,7 @@ def fp8_checks(rt, dev, say) -> None:
         g = torch.Generator(device=dev).manual_seed(7 * S)
         q, k, v = (torch.randn(2, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
         k += 3 * torch.randn(1, 1, H, D, device=dev, dtype=torch.bfloat16, generator=g)  # outlier channels
-        for algo in sfattn.ALGORITHMS:
-            try:
-                plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
-            except PlanError:
-                continue
+        for algo, plan in mesh_plans(rt, H, S, D):
             layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, precision=prec)
             ref = reference(q, k, v, layer.scale)
             cuts = [0]
@@ -92,11 +98,7 @@ def io_checks(rt, dev, say) -> None:
     the exchange on copies, bitwise, over calls with fresh inputs and inside a caller's graph."""
     me = rt.rank
     for H, S, D, layout in ((24, 1031, 128, "bshd"), (6, 517, 64, "bhsd")):
-        for algo in sfattn.ALGORITHMS:
-            try:
-                plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
-            except PlanError:
-                continue
+        for algo, plan in mesh_plans(rt, H, S, D):
             layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, io_buffers=True)
             io = layer.io
             g = torch.Generator(device=dev).manual_seed(S + me)
@@ -157,12 +159,8 @@ def main() -> None:
         g = torch.Generator(device=dev).manual_seed(H * S)
         q, k, v = (torch.randn(2, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
         locals_ = ("kernel", "torch") + (("fa3",) if fa3_forward() is not None else ())
-        for algo, local in [(a, lc) for a in sfattn.ALGORITHMS for lc in locals_]:
+        for (algo, plan), local in [(ap, lc) for ap in mesh_plans(rt, H, S, D) for lc in locals_]:
             if only and f"{algo}/{local}" not in only:
-                continue
-            try:
-                plan = sfattn.make_plan(rt.mesh, H, S, D, algo)
-            except PlanError:
                 continue
             layer = sfattn.SPAttention(rt, plan, 2, "bfloat16", layout=layout, local=local,
                                        cuda_graph=graph)

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from oneside import pdl
+
 from ..reference import AttnState, check_blocks
 from . import _build, _tma
 from ._build import MAXKV, MAXQ, KernelConfig
@@ -330,7 +332,6 @@ class AttnLaunch:
                                                           else 0)
             p[3] = flags  # the driver copies the parameters at launch: reuse is safe
             if dependent and first:
-                from oneside import pdl
                 pdl.launch(k.fptr, (gx, gy, gz), (k.threads, 1, 1), k.smem, sp, argp)
             else:
                 drv.launchKernel(k.fptr, gx, gy, gz, k.threads, 1, 1, k.smem, sp, argp, 0)
