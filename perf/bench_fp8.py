@@ -117,9 +117,13 @@ def _measure(shape, args, fa3) -> dict:
     bf16 = K.AttnLaunch([q], [k], [v], None, scale, out=[out], init=True, finalize=True)
     fns = {"bf16": lambda: bf16(init=True, finalize=True), "fp8": lambda: fp8(init=True, finalize=True),
            "fp8acc": lambda: acc(init=True, finalize=True)}
+    kv16 = [quantize_kv(k, v, pv="16")]
     for impl in args.impls:
-        if impl != "sm90fp8":
-            launch = Fp8Launch(qs, kvs, None, scale, out=[out], init=True, finalize=True, impl=impl)
+        if impl != "sm90fp8":  # a PV=16 variant runs on the 16-bit V of precision='fp8-accurate'
+            pv16 = "PV=16" in impl
+            launch = Fp8Launch(qs, kv16 if pv16 else kvs, None, scale, out=[out], init=True, finalize=True,
+                               impl=impl.replace(",PV=16", "").replace("PV=16,", "").replace(":PV=16", "")
+                               if pv16 else impl)
             fns[impl] = lambda launch=launch: launch(init=True, finalize=True)
     cut = [S * i // 4 for i in range(5)]
     kv4 = [quantize_kv(k[:, a:b], v[:, a:b]) for a, b in zip(cut, cut[1:])]

@@ -21,6 +21,9 @@ from sfattn.kernels.flash_fp8 import Fp8Launch, attn_blocks_fp8  # noqa: E402
 from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q  # noqa: E402
 
 IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB=0", "sm90fp8:PX=2"]
+# (impl, head dim): every knob at both head dims, 192-key tiles at 128 (at 64 their registers spill)
+IMPL_DIMS = [(i, d) for i in IMPLS for d in (64, 128)] + \
+    [("sm90fp8:BN=192", 128), ("sm90fp8:BN=192,PERSIST=1", 128)]
 
 
 def _g(seed):
@@ -42,8 +45,7 @@ def _relerr(x, ref):
     return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("impl,D", IMPL_DIMS)
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([1], [1]), ([640], [128, 4099])])
 def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
     g = _g(D + sum(qlens) + 7 * sum(kvlens))
@@ -176,9 +178,9 @@ def test_grouped_quantisation_equals_the_plain_one(G):
         quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=192,VST=2,DB=0", 128)])
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([640], [128, 4099])])
-def test_fp8_accurate_matches_its_emulation(D, qlens, kvlens):
+def test_fp8_accurate_matches_its_emulation(impl, D, qlens, kvlens):
     """precision='fp8-accurate' (the PV=16 kernel: V in bf16, P.V a 16-bit wgmma): the emulation to
     the output's rounding, ~0.014 from exact attention, chained launches equal to one; the inputs in
     bf16, so K is quantised by the fused CUDA quantisers (pv='16': V used in place)."""
@@ -192,7 +194,7 @@ def test_fp8_accurate_matches_its_emulation(D, qlens, kvlens):
     assert all(kv.vt is None and kv.v is not None for kv in kvs)
     outs = [torch.full((B, n, H, D), float("nan"), device="cuda", dtype=torch.bfloat16) for n in qlens]
     scale = 1 / math.sqrt(D)
-    Fp8Launch(qs, kvs, None, scale, out=outs, init=True, finalize=True)(init=True, finalize=True)
+    Fp8Launch(qs, kvs, None, scale, out=outs, impl=impl, init=True, finalize=True)(init=True, finalize=True)
     torch.cuda.synchronize()
     o = torch.cat(outs, dim=1)
     assert torch.isfinite(o).all()
@@ -201,8 +203,8 @@ def test_fp8_accurate_matches_its_emulation(D, qlens, kvlens):
     st = K.empty_state(B, S, H, D, like=q)
     st.acc.fill_(float("nan"))
     two = [torch.full_like(x, float("nan")) for x in outs]
-    attn_blocks_fp8(qs, kvs[:1], st, scale, init=True)
-    attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=two)
+    attn_blocks_fp8(qs, kvs[:1], st, scale, init=True, impl=impl)
+    attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=two, impl=impl)
     torch.cuda.synchronize()
     assert _relerr(torch.cat(two, dim=1), o) < 6e-3
     with pytest.raises(ValueError, match="not a mix"):

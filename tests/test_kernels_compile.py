@@ -30,7 +30,10 @@ def test_all_configurations_compile_without_spills(tmp_path):
         [_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=o) for d in (64, 128)
          for o in ((("KST", 2), ("VST", 2)), (("PERSIST", 1),))] + \
         [_build.KernelConfig("sm90fp8", 64, "bf16", "sm_90a", opts=(("NC", 2), ("DB", 0))),
-         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),))] + \
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),)),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192),)),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("PERSIST", 1))),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("DB", 0), ("PV", 16), ("VST", 2)))] + \
         [_build.KernelConfig("sm90fp8", d, dt, "sm_90a", opts=(("PV", 16),)) for d in (64, 128) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
@@ -81,6 +84,10 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
     with pytest.raises(ValueError, match="PV"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PV", 4),)).smem_bytes
+    with pytest.raises(ValueError, match="BN"):
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 160),)).smem_bytes
+    with pytest.raises(ValueError, match="shared memory.*KST, VST"):  # 16-bit V at 192 keys: 3 + 3 slots do not fit
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("PV", 16)))
 
 
 @needs_nvcc
@@ -282,6 +289,15 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     assert by_ptr[1 << 24][1:] == (0, [D, 300, H, B], [H * D, D, 300 * H * D], [D, cfg.block_m, 1, 1], sw)
     assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, 128, 1, 1], sw)
     assert by_ptr[(5 << 24) + 3 << 16][1:] == (0, [96, D, H, B], [96, D * 96, H * D * 96], [128, D, 1, 1], 3)
+    # 192-key tiles (BN=192): K boxes of 192 rows, V^T in panels of 64 keys with the 64-byte swizzle
+    calls.clear()
+    launch = Fp8Launch([q], kvs, None, 0.25, out=[out], impl="sm90fp8:BN=192", init=True, finalize=True)
+    assert launch.kernel.cfg.fp8_bn == 192
+    by_ptr = {c[0]: c for c in calls}
+    assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, 192, 1, 1], sw)
+    assert by_ptr[(5 << 24) + 3 << 16][1:] == (0, [96, D, H, B], [96, D * 96, H * D * 96], [64, D, 1, 1], 2)
+    with pytest.raises(ValueError, match="BN"):
+        Fp8Launch([q], kvs, None, 0.25, out=[out], impl="sm90fp8:BN=160", init=True, finalize=True)
     with pytest.raises(ValueError, match=r"kv_blocks\[0\].vt"):
         Fp8Launch([q], [Fp8KV(kvs[0].k, kvs[0].kscale, kvs[0].mu, t(9 << 24, (B, H, D, 992), "e4m3"),
                               kvs[0].vscale)], None, 0.25, out=[out], init=True, finalize=True)

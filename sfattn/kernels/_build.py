@@ -38,10 +38,13 @@ WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2",
 # sm90ws per head dim: blocks per cluster
 WS_CLUSTER = {64: 1, 128: 1}
 MAXQ, MAXKV = 16, 16
-# sm90fp8 (the FP8 kernel): 128-key tiles (the K scale blocks), consumer warpgroups and ring slots
-# per head dim; knobs as for sm90ws where they exist there
+SMEM_MAX = 227 * 1024  # dynamic shared memory per block on sm_90
+# sm90fp8 (the FP8 kernel): keys per K/V tile (BN: 128, 192 or 256; every 64-key group lies in one
+# 128-key K scale block), consumer warpgroups and ring slots per head dim; knobs as for sm90ws where
+# they exist there
 FP8_TILES = {64: (3, 4, 4), 128: (2, 3, 3)}  # head dim -> (consumers, K slots, V slots)
-FP8_KNOBS = ("NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV")  # PV=16: P.V in 16-bit (fp8-accurate)
+FP8_BN = (128, 192, 256)
+FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV")  # PV=16: P.V in 16-bit (fp8-accurate)
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -71,6 +74,13 @@ class KernelConfig:
     arch: str  # e.g. 'sm_90a', 'sm_80'
     bn: int = 0  # sm90ws only: keys per K/V tile (0: WS_TILES default)
     opts: tuple = ()  # sm90ws only: extra (name, value) knobs, see WS_KNOBS
+
+    def __post_init__(self) -> None:
+        if self.impl == "sm90fp8" and self.smem_bytes > SMEM_MAX:
+            kst, vst = self.fp8_slots()
+            raise ValueError(f"sm90fp8 with BN={self.fp8_bn}, KST={kst}, VST={vst} at head dim {self.head_dim} "
+                             f"needs {self.smem_bytes} bytes of shared memory, more than {SMEM_MAX}: "
+                             f"take fewer ring slots (KST, VST)")
 
     @property
     def tma(self) -> bool:
@@ -161,6 +171,14 @@ class KernelConfig:
             raise ValueError(f"sm90fp8 PV (the P.V precision) must be 8 or 16, got {pv}")
         return pv // 8
 
+    @property
+    def fp8_bn(self) -> int:
+        """sm90fp8: keys per K/V tile (knob BN)."""
+        bn = int(dict(self.opts).get("BN", 128))
+        if bn not in FP8_BN:
+            raise ValueError(f"sm90fp8 BN (keys per K/V tile) must be one of {FP8_BN}, got {bn}")
+        return bn
+
     def fp8_slots(self) -> tuple[int, int]:
         """sm90fp8: (K ring slots, V ring slots)."""
         o = dict(self.opts)
@@ -172,9 +190,9 @@ class KernelConfig:
         d = self.head_dim
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
-        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T (or 16-bit V) slots of 128 keys
+        if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T (or 16-bit V) slots of BN keys
             kst, vst = self.fp8_slots()
-            return self.block_m * d + (kst + vst * self.fp8_pv_bytes) * 128 * d + 1024
+            return self.block_m * d + (kst + vst * self.fp8_pv_bytes) * self.fp8_bn * d + 1024
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
             return (self.block_m * d + (kst + vst) * bn * d) * 2 + 1024
@@ -198,7 +216,7 @@ class KernelConfig:
             nc = self.consumers
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
-                    f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
+                    f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
                     # two P register sets do not fit three head-dim-64 consumers with 16-bit P (spills)
                     f"-DWS_DB={o.get('DB', 0 if (self.head_dim, self.fp8_pv_bytes) == (64, 2) else 1)}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]

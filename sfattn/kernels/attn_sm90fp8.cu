@@ -33,7 +33,7 @@
 #include <stddef.h>
 
 #ifndef WS_BN
-#define WS_BN 128  // keys per K/V tile: the K scale block
+#define WS_BN 128  // keys per K/V tile: 128, 192 or 256 (64-key groups, each inside one K scale block)
 #endif
 #ifndef WS_KST
 #define WS_KST 3
@@ -50,9 +50,14 @@
 #ifndef WS_NC
 #define WS_NC 2
 #endif
-#if WS_BN != 128
-#error "the FP8 kernel's K/V tiles are the 128-key scale blocks"
+#if WS_BN % 64 != 0 || WS_BN > 256
+#error "the FP8 kernel's K/V tiles are 64-key groups (128, 192 or 256 keys)"
 #endif
+#define F8_NG (WS_BN / 64)  // 64-key groups per tile: each lies in one 128-key K scale block
+#define F8_KBLK 128         // keys per K scale block
+// V^T tiles (e4m3) load as panels of F8_VP keys x D channels: 128-byte rows (128-byte swizzle)
+// when the tile is a multiple of 128 keys, else 64-byte rows (64-byte swizzle)
+#define F8_VP (WS_BN % 128 == 0 ? 128 : 64)
 #if SF_RESCALE_THR != 0
 #error "the FP8 kernel quantises P in [0, 1]: no rescale slack"
 #endif
@@ -149,12 +154,14 @@ __device__ __forceinline__ float f8_exp2_fma(float x) {
 }
 
 // Softmax of one int32 S tile in place (the C layout of sf_softmax): logits in log2 units are
-// x * c + bq[i] for the accumulator value x; returns in s the e4m3-ready P * pscale (as float bits),
-// updates the running max / sum (in P units) and alpha.
+// x * c[g] + bq[i] for the accumulator value x of a key in 64-key group g (c[g] >= 0: the group's
+// K scale times Q's); returns in s the e4m3-ready P * pscale (as float bits), updates the running
+// max / sum (in P units) and alpha.
 template <int NS>
-__device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int t, float c,
+__device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int t, const float (&c)[NS / 8],
                                            const float (&bq)[2], float log2_pscale, float inv_pscale,
                                            float (&mr)[2], float (&lr)[2], float (&alpha)[2]) {
+  constexpr int NG = NS / 8;
 #pragma unroll
   for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -168,28 +175,32 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    float bias[NG], m_tile = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < NS; j += 2) {
-      mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
-      if (j + 1 < NS)
+    for (int g = 0; g < NG; ++g) {  // the group's max, then in logit units (c[g] >= 0: monotone)
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int j = 8 * g; j < 8 * g + 8; j += 2) {
+        mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
         mx1 = fmaxf(mx1, fmaxf(__uint_as_float(s[j + 1][2 * i]), __uint_as_float(s[j + 1][2 * i + 1])));
+      }
+      bias[g] = bq[i] - F8_MAGIC_F * c[g];                    // logit = f * c[g] + bias[g]
+      m_tile = fmaxf(m_tile, fmaf(fmaxf(mx0, mx1), c[g], bias[g]));  // -inf for all-masked keys
     }
-    float mx = fmaxf(mx0, mx1);
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float bias = bq[i] - F8_MAGIC_F * c;           // logit = f * c + bias
-    const float m_tile = fmaf(mx, c, bias);              // -inf for an all-masked row
+    m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 1));
+    m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 2));
     const float m_new = fmaxf(mr[i], m_tile);
     const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
     alpha[i] = (m_new == mr[i]) ? 1.f : sf_exp2(mr[i] - m_use);
     mr[i] = m_new;
-    const float add = bias - m_use + log2_pscale;
+    float add[NG];
+#pragma unroll
+    for (int g = 0; g < NG; ++g) add[g] = bias[g] - m_use + log2_pscale;
     float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
-      const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c, add);
-      const float a1 = fmaf(__uint_as_float(s[j][2 * i + 1]), c, add);
+      const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c[j / 8], add[j / 8]);
+      const float a1 = fmaf(__uint_as_float(s[j][2 * i + 1]), c[j / 8], add[j / 8]);
       const bool fma_pipe = j % 8 >= 8 - WS_PX * 8 / NS;  // spread over the tile
       const float p0 = fma_pipe ? f8_exp2_fma(a0) : sf_exp2(a0);
       const float p1 = fma_pipe ? f8_exp2_fma(a1) : sf_exp2(a1);
@@ -233,7 +244,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
   constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
   constexpr int NJ = D / 8, NS = BN / 8;
   constexpr uint32_t KTILE = BN * D, VTILE = D * BN * (F8_PV16 ? 2 : 1);  // bytes
-  constexpr uint32_t SBO_QK = 8 * F8_QROW, SBO_V = 8 * BN;
+  constexpr uint32_t SBO_QK = 8 * F8_QROW;
   const SfParams& p = pp.base;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t bars[2 * KST + 2 * VST + 2];
@@ -293,7 +304,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
             for (int pn = 0; pn < D / 64; ++pn)  // 64-channel panels of BN rows
               tma_load_4d(sV + vs * VTILE + pn * BN * 128, &p.tv[kb], pn * 64, n0, h, b, vfull(vs));
 #else
-            tma_load_4d(sV + vs * VTILE, &p.tv[kb], n0, 0, h, b, vfull(vs));
+#pragma unroll
+            for (int pn = 0; pn < BN / F8_VP; ++pn)  // V^T panels of F8_VP keys x D channels
+              tma_load_4d(sV + vs * VTILE + pn * D * F8_VP, &p.tv[kb], n0 + pn * F8_VP, 0, h, b, vfull(vs));
 #endif
           }
         }
@@ -344,8 +357,13 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
           b * pp.qs[qi].sb + h * pp.qs[qi].sh + qr / F8_QBLK] : 0.f;
       const float cq = qscale * sl2;
       int ckb = 0, cn0 = 0;
-      float log2_ps = 0.f, inv_ps = 1.f, ks_next = 0.f;
+      float log2_ps = 0.f, inv_ps = 1.f, ks_next[F8_NG];
       const float* kscale = nullptr;
+      auto load_kscales = [&]() {  // the K scale of each 64-key group of the tile at cn0 (a group
+        const int last = (int)p.kv[ckb].len - 1;  // past the block's end reads the last block's)
+#pragma unroll
+        for (int g = 0; g < F8_NG; ++g) ks_next[g] = kscale[min(cn0 + 64 * g, last) / F8_KBLK];
+      };
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
 #if !F8_PV16
         const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
@@ -354,7 +372,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         inv_ps = 1.f / ps;
 #endif
         kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
-        ks_next = kscale[0];
+        load_kscales();
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
 
@@ -375,7 +393,8 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #if F8_PV16  // V rows K-major in 64-channel panels (MN-major B operand), as in the bf16 kernels
           WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
 #else
-          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 32, 16, SBO_V, 1), 1);
+          WGMMA_O(o, pa[kk], sf_desc(vbase + (kk * 32 / F8_VP) * D * F8_VP + kk * 32 % F8_VP, 16,
+                                     8 * F8_VP, F8_VP == 128 ? 1 : 2), 1);
 #endif
         wg_commit();
       };
@@ -388,7 +407,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       auto softmax = [&]() {
         reg_fence_u<NS>(s);
         const int nvalid = (int)p.kv[ckb].len - cn0;
-        const float ck = cq * ks_next;  // loaded a tile ahead: no global load in front of exp2
+        float ck[F8_NG];  // loaded a tile ahead: no global load in front of exp2
+#pragma unroll
+        for (int g = 0; g < F8_NG; ++g) ck[g] = cq * ks_next[g];
         f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha);
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
@@ -415,7 +436,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
           cn0 = 0;
           if (ckb < nkv) enter_block();
         } else {
-          ks_next = kscale[cn0 / BN];
+          load_kscales();
         }
         ++ct;
       };

@@ -257,7 +257,7 @@ class AttnLaunch:
         kvgroups = [kvs[i:i + MAXKV] for i in range(0, len(kvs), MAXKV)] or [[]]
         self._launches = []  # (params, argv, argv address, grid, first kv group, last kv group)
         cfg = self.kernel.cfg
-        rows = (128 if cfg.impl == "sm90fp8" else cfg.ws_tiles()[0]) if cfg.tma else 0
+        rows = (cfg.fp8_bn if cfg.impl == "sm90fp8" else cfg.ws_tiles()[0]) if cfg.tma else 0
         for qg in qgroups:
             for gi, kg in enumerate(kvgroups):
                 p = np.zeros(cfg.param_slots, dtype=np.int64)

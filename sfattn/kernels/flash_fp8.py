@@ -144,8 +144,9 @@ class Fp8Launch(AttnLaunch):
         tk = _tma.byte_map(k.ptr, [D, S, H, B], [k.strides[1], k.strides[2], k.strides[0]], [D, rows, 1, 1])
         if self.pv16:  # V rows in 16-bit, as the bf16 kernels load them
             return tk, _tma.tensor_map(v, rows)
-        _, _, _, sp = v.shape
-        tv = _tma.byte_map(v.ptr, [sp, D, H, B], [v.strides[2], v.strides[1], v.strides[0]], [128, D, 1, 1])
+        _, _, _, sp = v.shape  # V^T panels of 128 keys (128-byte swizzle), or of 64 for 192-key tiles
+        panel = 128 if rows % 128 == 0 else 64
+        tv = _tma.byte_map(v.ptr, [sp, D, H, B], [v.strides[2], v.strides[1], v.strides[0]], [panel, D, 1, 1])
         return tk, tv
 
     def _q_map(self, i, q, rows):
