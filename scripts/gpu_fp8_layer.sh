@@ -11,7 +11,7 @@
 #           $FP8L_SHAPES4, default flux3072); then perf/report_layer.py
 #   e2e     examples/dit_sp.py --precision fp8, 2 ranks sharing the GPU: Flux 2048^2 and Wan (33
 #           frames of 480x832; FP8L_E2E picks: "flux wan"), sfattn in bf16 and in FP8 against the
-#           1-rank reference
+#           1-rank reference; FP8L_E2E_PRECISIONS (default "fp8"; "fp8 fp8-accurate") for Flux
 # FP8L_STEPS picks steps (default all). Results: $OUT/*.json, $OUT/report.md, logs.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 STEP_SHOW='PASSED|passed|ok:|Error|error|ms  \('
@@ -58,9 +58,13 @@ PY
 fi
 if want e2e; then
   cp docs/perf/summary.json "$OUT/summary_e2e.json"
-  [[ " ${FP8L_E2E:-flux wan} " == *" flux "* ]] && step e2e_flux2048 400 python3 -m oneside.launch -n 2 --backend nvshmem \
-    examples/dit_sp.py --model flux --size 2048 --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} \
-    --json "$OUT/e2e_fp8_flux2048.json" --summary "$OUT/summary_e2e.json"
+  if [[ " ${FP8L_E2E:-flux wan} " == *" flux "* ]]; then
+    for prec in ${FP8L_E2E_PRECISIONS:-fp8}; do
+      step e2e_flux2048_$prec 400 python3 -m oneside.launch -n 2 --backend nvshmem \
+        examples/dit_sp.py --model flux --size 2048 --ranks-per-gpu 2 --peers --precision $prec --steps ${FP8L_E2E_STEPS:-8} \
+        --json "$OUT/e2e_${prec/-/_}_flux2048.json" --summary "$OUT/summary_e2e.json"
+    done
+  fi
   [[ " ${FP8L_E2E:-flux wan} " == *" wan "* ]] && step e2e_wan 400 python3 -m oneside.launch -n 2 --backend nvshmem \
     examples/dit_sp.py --model wan --ranks-per-gpu 2 --peers --precision fp8 --steps ${FP8L_E2E_STEPS:-8} \
     --json "$OUT/e2e_fp8_wan.json"

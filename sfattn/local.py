@@ -155,14 +155,16 @@ class HostAttention:
 
     def _prepare_fp8(self, q, k, v, state, scale, init, finalize, out):
         """FP8 blocks: the float64 emulation of the FP8 kernel (:mod:`sfattn.quant`), per launch."""
+        from .kernels.flash_fp8 import fp8_tile
         from .quant import attn_blocks_fp8_emulated
 
         qs, kvs = fp8_blocks(q, k, v, lambda a, shape: a.local[tuple(slice(0, n) for n in shape)])
+        tile = fp8_tile(qs[0].data.shape[3], bool(kvs) and kvs[0].v is not None)  # the GPU kernel's tiles
         bf16 = None if out is None else self._bf16(out[0])
         outs = None if out is None else [self.view(b) for b in out]
 
         def run(stream: Any = None) -> None:
-            o = attn_blocks_fp8_emulated(qs, kvs, state, scale, init=init, finalize=finalize)
+            o = attn_blocks_fp8_emulated(qs, kvs, state, scale, init=init, finalize=finalize, tile=tile)
             r0 = 0
             for x, ob in zip(qs, outs if finalize else ()):
                 n = x.data.shape[1]

@@ -173,9 +173,9 @@ def _f64(x: Any) -> np.ndarray:
 
 def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: AttnState | None,
                              scale: float, *, init: bool = False, finalize: bool = False,
-                             out: Sequence[Any] | None = None) -> np.ndarray | None:
+                             out: Sequence[Any] | None = None, tile: int = BLOCK) -> np.ndarray | None:
     """What one FP8 kernel launch computes, in float64 (the state is float64 numpy): Q blocks ``qs``
-    (concatenated rows) against K/V blocks ``kvs`` in order, 128-key tiles, logits
+    (concatenated rows) against K/V blocks ``kvs`` in order, ``tile``-key tiles (the kernel's BN), logits
     ``q_d . (k_d + mu)``, the running max raised every tile, P rounded to e4m3 after scaling by
     ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P, P.V with the
     dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is; a launch
@@ -214,8 +214,8 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
 
             def rnd(p: np.ndarray, ps=ps) -> np.ndarray:
                 return _e4m3(p * ps) / ps
-        for a in range(0, n, BLOCK):
-            b = min(a + BLOCK, n)
+        for a in range(0, n, tile):
+            b = min(a + tile, n)
             s = qh @ kd[:, :, a:b].transpose(0, 1, 3, 2) * scale
             m_new = np.maximum(m, s.max(axis=3))
             alpha = np.where(np.isneginf(m_new), 1.0, np.exp(m - np.where(np.isneginf(m_new), 0.0, m_new)))
@@ -239,12 +239,12 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
     return o
 
 
-def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: float | None = None
-                           ) -> np.ndarray:
-    """float64 ``[B, S_q, H, D]``: what the FP8 kernel computes for Q blocks ``qs`` (concatenated)
-    against K/V blocks ``kvs`` in one launch (:func:`attn_blocks_fp8_emulated`)."""
+def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: float | None = None,
+                           tile: int = BLOCK) -> np.ndarray:
+    """float64 ``[B, S_q, H, D]``: what the FP8 kernel with ``tile``-key tiles computes for Q blocks
+    ``qs`` (concatenated) against K/V blocks ``kvs`` in one launch (:func:`attn_blocks_fp8_emulated`)."""
     scale = 1.0 / math.sqrt(qs[0].data.shape[3]) if scale is None else scale
-    return attn_blocks_fp8_emulated(qs, kvs, None, scale, init=True, finalize=True)
+    return attn_blocks_fp8_emulated(qs, kvs, None, scale, init=True, finalize=True, tile=tile)
 
 
 def _rows(scale: Any, n: int) -> np.ndarray:

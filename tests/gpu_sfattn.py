@@ -42,6 +42,7 @@ def reference(q, k, v, scale):
 
 
 def fp8_checks(rt, dev, say) -> None:
+    from sfattn.kernels.flash_fp8 import fp8_tile
     from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q
 
     for H, S, D, layout, prec in [(24, 1031, 128, "bshd", "fp8"), (6, 517, 64, "bhsd", "fp8"),
@@ -83,7 +84,7 @@ def fp8_checks(rt, dev, say) -> None:
                 shards = [[x[:, a:b] for x in (q, k, v)] for a, b in zip(cuts[:-1], cuts[1:])]
                 e = attention_fp8_emulated([quantize_q(x[0]) for x in shards],
                                            [quantize_kv(x[1], x[2], pv="16" if layer.pv16 else "e4m3")
-                                            for x in shards], layer.scale)
+                                            for x in shards], layer.scale, tile=fp8_tile(D, layer.pv16))
                 e = torch.from_numpy(e[:, lo:lo + L]).to(dev)
                 emu = ((o.double() - e).norm() / e.norm()).item()
                 assert emu < 1e-2, (algo, H, S, D, emu)

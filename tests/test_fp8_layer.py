@@ -19,6 +19,7 @@ import torch
 
 from oneside import Mesh
 from ranks import all_ok, run_ranks
+from sfattn.kernels.flash_fp8 import fp8_tile
 from sfattn.layer import SPAttention
 from sfattn.plan import ALGORITHMS, PlanError, make_plan
 from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q
@@ -59,7 +60,7 @@ def _fp8_layers(rt, H: int, S: int, B: int, D: int, lens=None, outlier: float = 
             shards = [[torch.from_numpy(x[:, a:b]) for x in (q, k, v)] for a, b in zip(cuts[:-1], cuts[1:])]
             e = attention_fp8_emulated([quantize_q(s[0]) for s in shards],
                                        [quantize_kv(s[1], s[2], pv="16" if layer.pv16 else "e4m3") for s in shards],
-                                       layer.scale)
+                                       layer.scale, tile=fp8_tile(D, layer.pv16))
             if L:
                 err = max(err, _relerr(o, ref[:, lo:lo + L]))
                 emu = max(emu, _relerr(o, e[:, lo:lo + L]))

@@ -31,9 +31,9 @@ def test_all_configurations_compile_without_spills(tmp_path):
          for o in ((("KST", 2), ("VST", 2)), (("PERSIST", 1),))] + \
         [_build.KernelConfig("sm90fp8", 64, "bf16", "sm_90a", opts=(("NC", 2), ("DB", 0))),
          _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),)),
-         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192),)),
-         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("PERSIST", 1))),
-         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("DB", 0), ("PV", 16), ("VST", 2)))] + \
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128),)),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128), ("PERSIST", 1))),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128), ("PV", 16)))] + \
         [_build.KernelConfig("sm90fp8", d, dt, "sm_90a", opts=(("PV", 16),)) for d in (64, 128) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
@@ -69,17 +69,20 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
     for d in (64, 128):
         cfg = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a")
         text = _build.compile_kernel(cfg, tmp_path / f"f{d}.ptx", fmt="ptx").read_text()
-        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in text
+        bn = cfg.fp8_bn  # 192-key tiles at head dim 128, 128 at 64
+        assert bn == {64: 128, 128: 192}[d]
+        assert f"wgmma.mma_async.sync.aligned.m64n{bn}k32.s32.s8.s8" in text
         assert f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in text
         assert "cvt.rn.satfinite.e4m3x2.f32" in text and "ex2.approx.ftz.f32" in text
         assert ".param .align 64 .b8 sf_attn_sm90fp8_param_0[%d]" % (8 * cfg.param_slots) in text
-        assert cfg.smem_bytes == cfg.block_m * d + sum(cfg.fp8_slots()) * 128 * d + 1024
+        assert cfg.smem_bytes == cfg.block_m * d + sum(cfg.fp8_slots()) * bn * d + 1024
         # precision="fp8-accurate" (PV=16): the same int8 Q.K, P.V as a 16-bit wgmma, V in 16-bit slots
         c16 = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=(("PV", 16),))
         t16 = _build.compile_kernel(c16, tmp_path / f"f{d}pv16.ptx", fmt="ptx").read_text()
-        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in t16
+        assert f"wgmma.mma_async.sync.aligned.m64n{bn}k32.s32.s8.s8" in t16
         assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16" in t16 and "e4m3" not in t16
-        assert c16.smem_bytes == c16.block_m * d + (c16.fp8_slots()[0] + 2 * c16.fp8_slots()[1]) * 128 * d + 1024
+        assert c16.smem_bytes == c16.block_m * d + (c16.fp8_slots()[0] + 2 * c16.fp8_slots()[1]) * bn * d + 1024
+        assert c16.smem_bytes <= _build.SMEM_MAX and c16.fp8_slots()[1] == (2 if d == 128 else 4)
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
     with pytest.raises(ValueError, match="PV"):
@@ -87,7 +90,7 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
     with pytest.raises(ValueError, match="BN"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 160),)).smem_bytes
     with pytest.raises(ValueError, match="shared memory.*KST, VST"):  # 16-bit V at 192 keys: 3 + 3 slots do not fit
-        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("PV", 16)))
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 192), ("PV", 16), ("VST", 3)))
 
 
 @needs_nvcc
@@ -287,21 +290,24 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     by_ptr = {c[0]: c for c in calls}
     sw = 3 if D == 128 else 2
     assert by_ptr[1 << 24][1:] == (0, [D, 300, H, B], [H * D, D, 300 * H * D], [D, cfg.block_m, 1, 1], sw)
-    assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, 128, 1, 1], sw)
-    assert by_ptr[(5 << 24) + 3 << 16][1:] == (0, [96, D, H, B], [96, D * 96, H * D * 96], [128, D, 1, 1], 3)
-    # 192-key tiles (BN=192): K boxes of 192 rows, V^T in panels of 64 keys with the 64-byte swizzle
-    calls.clear()
-    launch = Fp8Launch([q], kvs, None, 0.25, out=[out], impl="sm90fp8:BN=192", init=True, finalize=True)
-    assert launch.kernel.cfg.fp8_bn == 192
-    by_ptr = {c[0]: c for c in calls}
-    assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, 192, 1, 1], sw)
-    assert by_ptr[(5 << 24) + 3 << 16][1:] == (0, [96, D, H, B], [96, D * 96, H * D * 96], [64, D, 1, 1], 2)
+    # K boxes of BN rows; V^T in panels of 128 keys (128-byte swizzle), of 64 (64-byte) for 192-key tiles
+    for impl, bn in ((None, {64: 128, 128: 192}[D]), (f"sm90fp8:BN={192 if D == 64 else 128}", None)):
+        calls.clear()
+        _tma._cache.clear()
+        launch = Fp8Launch([q], kvs, None, 0.25, out=[out], impl=impl, init=True, finalize=True)
+        bn = bn or launch.kernel.cfg.fp8_bn
+        assert launch.kernel.cfg.fp8_bn == bn
+        by_ptr = {c[0]: c for c in calls}
+        assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, bn, 1, 1], sw)
+        vp = 128 if bn == 128 else 64
+        assert by_ptr[(5 << 24) + 3 << 16][1:] == (0, [96, D, H, B], [96, D * 96, H * D * 96], [vp, D, 1, 1],
+                                                   3 if vp == 128 else 2)
     with pytest.raises(ValueError, match="BN"):
         Fp8Launch([q], kvs, None, 0.25, out=[out], impl="sm90fp8:BN=160", init=True, finalize=True)
     with pytest.raises(ValueError, match=r"kv_blocks\[0\].vt"):
         Fp8Launch([q], [Fp8KV(kvs[0].k, kvs[0].kscale, kvs[0].mu, t(9 << 24, (B, H, D, 992), "e4m3"),
                               kvs[0].vscale)], None, 0.25, out=[out], init=True, finalize=True)
-    # precision='fp8-accurate': V as bf16 rows (the bf16 kernels' map: 64-channel boxes of 128 rows),
+    # precision='fp8-accurate': V as bf16 rows (the bf16 kernels' map: 64-channel boxes of BN rows),
     # the PV=16 build, no V scales
     calls.clear()
     kv16 = [Fp8KV(x.k, x.kscale, x.mu, None, None, v=t((7 << 24) + (i << 20), x.k.shape, "bf16"))
@@ -312,7 +318,7 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     assert side(3, 1) == [0, 0, 0] and side(1, 1) == [(5 << 24) + 1 << 16, H, 1]
     by_ptr = {c[0]: c for c in calls}
     assert by_ptr[(7 << 24) + (2 << 20)][1:] == (9, [D, 77, H, B], [H * D * 2, D * 2, 77 * H * D * 2],
-                                                  [64, 128, 1, 1], 3)
+                                                  [64, launch.kernel.cfg.fp8_bn, 1, 1], 3)
     with pytest.raises(ValueError, match="not a mix"):
         Fp8Launch([q], [kv16[0], kvs[2]], None, 0.25, out=[out], init=True, finalize=True)
     with pytest.raises(TypeError, match="output's dtype"):

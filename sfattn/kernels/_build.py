@@ -39,11 +39,14 @@ WS_KNOBS = ("KST", "VST", "PP", "EA", "PR", "CR", "TMA", "PERSIST", "NC", "EX2",
 WS_CLUSTER = {64: 1, 128: 1}
 MAXQ, MAXKV = 16, 16
 SMEM_MAX = 227 * 1024  # dynamic shared memory per block on sm_90
-# sm90fp8 (the FP8 kernel): keys per K/V tile (BN: 128, 192 or 256; every 64-key group lies in one
-# 128-key K scale block), consumer warpgroups and ring slots per head dim; knobs as for sm90ws where
+# sm90fp8 (the FP8 kernel): keys per K/V tile (BN: 128 or 192; every 64-key group lies in one
+# 128-key K scale block; 256 would spill), consumer warpgroups and ring slots per head dim; knobs as for sm90ws where
 # they exist there
 FP8_TILES = {64: (3, 4, 4), 128: (2, 3, 3)}  # head dim -> (consumers, K slots, V slots)
-FP8_BN = (128, 192, 256)
+FP8_BN = (128, 192)
+# head dim -> default keys per tile (192 at 128: +5 % e4m3 P.V, +8 % 16-bit P.V at 16k on an H200,
+# docs/fp8.md; at 64 the three consumers' registers spill with 192)
+FP8_BN_DEFAULT = {64: 128, 128: 192}
 FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV")  # PV=16: P.V in 16-bit (fp8-accurate)
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
@@ -174,7 +177,7 @@ class KernelConfig:
     @property
     def fp8_bn(self) -> int:
         """sm90fp8: keys per K/V tile (knob BN)."""
-        bn = int(dict(self.opts).get("BN", 128))
+        bn = int(dict(self.opts).get("BN", FP8_BN_DEFAULT[self.head_dim]))
         if bn not in FP8_BN:
             raise ValueError(f"sm90fp8 BN (keys per K/V tile) must be one of {FP8_BN}, got {bn}")
         return bn
@@ -183,7 +186,21 @@ class KernelConfig:
         """sm90fp8: (K ring slots, V ring slots)."""
         o = dict(self.opts)
         _, kst, vst = FP8_TILES[self.head_dim]
-        return int(o.get("KST", kst)), int(o.get("VST", vst))
+        kst, vst = int(o.get("KST", kst)), int(o.get("VST", vst))
+        if "VST" not in o:  # by default as many V slots (>= 2) as fit (16-bit V at 192 keys: 2)
+            while vst > 2 and self._fp8_smem(kst, vst) > SMEM_MAX:
+                vst -= 1
+        return kst, vst
+
+    def _fp8_smem(self, kst: int, vst: int) -> int:
+        return self.block_m * self.head_dim + (kst + vst * self.fp8_pv_bytes) * self.fp8_bn * self.head_dim + 1024
+
+    @property
+    def fp8_db(self) -> int:
+        """sm90fp8: 1 when P fragments alternate between two register sets (knob DB); not by default
+        where a 16-bit P would spill (three head-dim-64 consumers, or tiles of more than 128 keys)."""
+        dflt = 0 if self.fp8_pv_bytes == 2 and (self.head_dim == 64 or self.fp8_bn > 128) else 1
+        return int(dict(self.opts).get("DB", dflt))
 
     @property
     def smem_bytes(self) -> int:
@@ -191,8 +208,7 @@ class KernelConfig:
         if self.impl == "fa2":
             return (16 * FA2_NW * d + 4 * FA2_BN * d) * 2
         if self.impl == "sm90fp8":  # bytes: Q tile, K and V^T (or 16-bit V) slots of BN keys
-            kst, vst = self.fp8_slots()
-            return self.block_m * d + (kst + vst * self.fp8_pv_bytes) * self.fp8_bn * d + 1024
+            return self._fp8_smem(*self.fp8_slots())
         if self.impl == "sm90ws":
             bn, kst, vst = self.ws_tiles()
             return (self.block_m * d + (kst + vst) * bn * d) * 2 + 1024
@@ -217,8 +233,7 @@ class KernelConfig:
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
-                    # two P register sets do not fit three head-dim-64 consumers with 16-bit P (spills)
-                    f"-DWS_DB={o.get('DB', 0 if (self.head_dim, self.fp8_pv_bytes) == (64, 2) else 1)}",
+                    f"-DWS_DB={self.fp8_db}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

@@ -33,7 +33,7 @@
 #include <stddef.h>
 
 #ifndef WS_BN
-#define WS_BN 128  // keys per K/V tile: 128, 192 or 256 (64-key groups, each inside one K scale block)
+#define WS_BN 128  // keys per K/V tile: 128 or 192 (64-key groups, each inside one K scale block)
 #endif
 #ifndef WS_KST
 #define WS_KST 3
@@ -50,8 +50,8 @@
 #ifndef WS_NC
 #define WS_NC 2
 #endif
-#if WS_BN % 64 != 0 || WS_BN > 256
-#error "the FP8 kernel's K/V tiles are 64-key groups (128, 192 or 256 keys)"
+#if WS_BN != 128 && WS_BN != 192
+#error "the FP8 kernel's K/V tiles are 128 or 192 keys (64-key groups)"
 #endif
 #define F8_NG (WS_BN / 64)  // 64-key groups per tile: each lies in one 128-key K scale block
 #define F8_KBLK 128         // keys per K scale block

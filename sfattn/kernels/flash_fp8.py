@@ -20,7 +20,7 @@ from . import _build, _tma
 from ._desc import TensorDesc, as_desc
 from .flash import HEAD_DIMS, AttnLaunch, _check_io, _cupy, _state_descs, get_kernel
 
-__all__ = ["Fp8Launch", "attn_blocks_fp8", "quantize_q_cuda", "quantize_kv_cuda", "quantize_grouped", "GroupedDst"]
+__all__ = ["Fp8Launch", "attn_blocks_fp8", "fp8_tile", "quantize_q_cuda", "quantize_kv_cuda", "quantize_grouped", "GroupedDst"]
 
 _SIDE0 = _build.TABLE_SLOTS + _build.MAPS_SLOTS
 
@@ -36,6 +36,21 @@ def _side(x: Any, name: str, shape: tuple, dev: int) -> TensorDesc:
     if d.device != dev:
         raise ValueError(f"{name} is on device {d.device}, the blocks on device {dev}")
     return d
+
+
+def fp8_tile(head_dim: int, pv16: bool = False, impl: str | None = None) -> int:
+    """Keys per K/V tile of the FP8 kernel ``impl`` (default ``'sm90fp8'``) at this head dim: the
+    ``tile`` of its float64 emulation (:func:`sfattn.quant.attn_blocks_fp8_emulated`); 128 at head
+    dims the kernel does not take (the host backend's emulation there). Needs no GPU."""
+    from .flash import _parse_impl
+    if head_dim not in _build.FP8_TILES:
+        return BLOCK
+    base, _bn, opts = _parse_impl(impl or "sm90fp8")
+    if base != "sm90fp8":
+        raise ValueError(f"impl={impl!r} is not the FP8 kernel ('sm90fp8[:knobs]')")
+    if pv16:
+        opts = tuple(sorted({**dict(opts), "PV": 16}.items()))
+    return _build.KernelConfig(base, head_dim, "bf16", "sm_90a", 0, opts).fp8_bn
 
 
 class Fp8Launch(AttnLaunch):
