@@ -159,7 +159,7 @@ class HostAttention:
         from .quant import attn_blocks_fp8_emulated
 
         qs, kvs = fp8_blocks(q, k, v, lambda a, shape: a.local[tuple(slice(0, n) for n in shape)])
-        tile = fp8_tile(qs[0].data.shape[3], bool(kvs) and kvs[0].v is not None)  # the GPU kernel's tiles
+        tile = fp8_tile(kvs)  # the GPU kernel's tiles for these blocks
         bf16 = None if out is None else self._bf16(out[0])
         outs = None if out is None else [self.view(b) for b in out]
 

@@ -82,9 +82,9 @@ def fp8_checks(rt, dev, say) -> None:
             emu = float("nan")
             if plan.T == 1 and plan.R == 1:  # one launch over every rank's block, in rank order
                 shards = [[x[:, a:b] for x in (q, k, v)] for a, b in zip(cuts[:-1], cuts[1:])]
-                e = attention_fp8_emulated([quantize_q(x[0]) for x in shards],
-                                           [quantize_kv(x[1], x[2], pv="16" if layer.pv16 else "e4m3")
-                                            for x in shards], layer.scale, tile=fp8_tile(D, layer.pv16))
+                kvs = [quantize_kv(x[1], x[2], pv="16" if layer.pv16 else "e4m3") for x in shards]
+                e = attention_fp8_emulated([quantize_q(x[0]) for x in shards], kvs, layer.scale,
+                                           tile=fp8_tile(kvs))  # the kernel's tiles for these blocks
                 e = torch.from_numpy(e[:, lo:lo + L]).to(dev)
                 emu = ((o.double() - e).norm() / e.norm()).item()
                 assert emu < 1e-2, (algo, H, S, D, emu)

@@ -21,10 +21,11 @@ from sfattn.kernels.flash_fp8 import Fp8Launch, attn_blocks_fp8, fp8_tile  # noq
 from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q  # noqa: E402
 
 IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB=0", "sm90fp8:PX=2"]
-# (impl, head dim): every knob at both head dims (default tiles: 192 keys at 128, 128 at 64), and
-# the other tile lengths at 128 (at 64, longer tiles spill)
+# (impl, head dim): every knob at both head dims (default tiles: 128 keys at 64; at 128 192 keys,
+# or 128 where 192 would pad the blocks, sfattn.kernels.flash_fp8.fp8_tile), and each tile length
+# forced at 128 (at 64, longer tiles spill)
 IMPL_DIMS = [(i, d) for i in IMPLS for d in (64, 128)] + \
-    [("sm90fp8:BN=128", 128), ("sm90fp8:BN=128,PERSIST=1", 128)]
+    [("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128), ("sm90fp8:BN=192,PERSIST=1", 128)]
 
 
 def _g(seed):
@@ -64,7 +65,7 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
     torch.cuda.synchronize()
     o = torch.cat(outs, dim=1)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
-    emu = attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(D, impl=impl))  # the kernel's tiles
+    emu = attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl))  # the kernel's tiles
     assert _relerr(o, emu) < 6e-3                          # bf16 output rounding ~2e-3
     assert _relerr(o, _exact(q, k, v, scale)) < 0.06
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
@@ -95,7 +96,7 @@ def test_fp8_chained_calls_equal_one_call(D):
     attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=[two])
     torch.cuda.synchronize()
     assert _relerr(two, one) < 6e-3
-    assert _relerr(one, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(D))) < 6e-3
+    assert _relerr(one, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs))) < 6e-3
 
 
 @pytest.mark.parametrize("kind", ["gauss", "outlier"])
@@ -179,7 +180,7 @@ def test_grouped_quantisation_equals_the_plain_one(G):
         quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
 
 
-@pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128)])
+@pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128)])
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([640], [128, 4099])])
 def test_fp8_accurate_matches_its_emulation(impl, D, qlens, kvlens):
     """precision='fp8-accurate' (the PV=16 kernel: V in bf16, P.V a 16-bit wgmma): the emulation to
@@ -199,7 +200,7 @@ def test_fp8_accurate_matches_its_emulation(impl, D, qlens, kvlens):
     torch.cuda.synchronize()
     o = torch.cat(outs, dim=1)
     assert torch.isfinite(o).all()
-    assert _relerr(o, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(D, True, impl))) < 6e-3
+    assert _relerr(o, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl))) < 6e-3
     assert _relerr(o, _exact(q, k, v, scale)) < 0.025
     st = K.empty_state(B, S, H, D, like=q)
     st.acc.fill_(float("nan"))

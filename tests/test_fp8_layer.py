@@ -58,9 +58,8 @@ def _fp8_layers(rt, H: int, S: int, B: int, D: int, lens=None, outlier: float = 
             assert o.shape == (B, L, H, D) and o.dtype == np.float32
             assert np.isfinite(o).all()
             shards = [[torch.from_numpy(x[:, a:b]) for x in (q, k, v)] for a, b in zip(cuts[:-1], cuts[1:])]
-            e = attention_fp8_emulated([quantize_q(s[0]) for s in shards],
-                                       [quantize_kv(s[1], s[2], pv="16" if layer.pv16 else "e4m3") for s in shards],
-                                       layer.scale, tile=fp8_tile(D, layer.pv16))
+            kvs = [quantize_kv(s[1], s[2], pv="16" if layer.pv16 else "e4m3") for s in shards]
+            e = attention_fp8_emulated([quantize_q(s[0]) for s in shards], kvs, layer.scale, tile=fp8_tile(kvs))
             if L:
                 err = max(err, _relerr(o, ref[:, lo:lo + L]))
                 emu = max(emu, _relerr(o, e[:, lo:lo + L]))

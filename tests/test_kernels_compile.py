@@ -248,7 +248,7 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     transposed V map (128 keys x D channels), then (pointer, batch, head stride) of every block's
     scales and key mean after the tensor maps; empty blocks dropped, side arrays follow them."""
     from sfattn.kernels import TensorDesc, _tma
-    from sfattn.kernels.flash_fp8 import _SIDE0, Fp8Launch
+    from sfattn.kernels.flash_fp8 import _SIDE0, Fp8Launch, fp8_tile
     from sfattn.quant import Fp8KV, Fp8Q
     calls = []
 
@@ -291,12 +291,12 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     sw = 3 if D == 128 else 2
     assert by_ptr[1 << 24][1:] == (0, [D, 300, H, B], [H * D, D, 300 * H * D], [D, cfg.block_m, 1, 1], sw)
     # K boxes of BN rows; V^T in panels of 128 keys (128-byte swizzle), of 64 (64-byte) for 192-key tiles
-    for impl, bn in ((None, {64: 128, 128: 192}[D]), (f"sm90fp8:BN={192 if D == 64 else 128}", None)):
+    # (the default for blocks of 1000 and 77 keys: 128, as 192-key tiles would pad them by 17 %)
+    for impl, bn in ((None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 192)):
         calls.clear()
         _tma._cache.clear()
         launch = Fp8Launch([q], kvs, None, 0.25, out=[out], impl=impl, init=True, finalize=True)
-        bn = bn or launch.kernel.cfg.fp8_bn
-        assert launch.kernel.cfg.fp8_bn == bn
+        assert launch.kernel.cfg.fp8_bn == bn == fp8_tile(kvs, impl)
         by_ptr = {c[0]: c for c in calls}
         assert by_ptr[3 << 24][1:] == (0, [D, 1000, H, B], [H * D, D, 1000 * H * D], [D, bn, 1, 1], sw)
         vp = 128 if bn == 128 else 64

@@ -38,19 +38,25 @@ def _side(x: Any, name: str, shape: tuple, dev: int) -> TensorDesc:
     return d
 
 
-def fp8_tile(head_dim: int, pv16: bool = False, impl: str | None = None) -> int:
-    """Keys per K/V tile of the FP8 kernel ``impl`` (default ``'sm90fp8'``) at this head dim: the
-    ``tile`` of its float64 emulation (:func:`sfattn.quant.attn_blocks_fp8_emulated`); 128 at head
-    dims the kernel does not take (the host backend's emulation there). Needs no GPU."""
+def fp8_tile(kv_blocks: Sequence[Fp8KV], impl: str | None = None) -> int:
+    """Keys per K/V tile the FP8 kernel ``impl`` (default ``'sm90fp8'``) takes for these K/V blocks:
+    the ``tile`` of its float64 emulation (:func:`sfattn.quant.attn_blocks_fp8_emulated`). Needs no
+    GPU. A ``BN`` knob decides; else 128 at head dim 64, and at 128 the 192-key tiles unless they
+    pad the blocks' keys by more than 1 % over 128-key tiles (then 128: e.g. 4096-key blocks, where
+    the padded third of a tile costs more than the longer tiles gain); 128 at head dims the kernel
+    does not take (the host backend's emulation there)."""
     from .flash import _parse_impl
-    if head_dim not in _build.FP8_TILES:
-        return BLOCK
     base, _bn, opts = _parse_impl(impl or "sm90fp8")
     if base != "sm90fp8":
         raise ValueError(f"impl={impl!r} is not the FP8 kernel ('sm90fp8[:knobs]')")
-    if pv16:
-        opts = tuple(sorted({**dict(opts), "PV": 16}.items()))
-    return _build.KernelConfig(base, head_dim, "bf16", "sm_90a", 0, opts).fp8_bn
+    lens = [int(kv.k.shape[1]) for kv in kv_blocks]
+    d = int(kv_blocks[0].k.shape[3]) if kv_blocks else 0
+    if "BN" in dict(opts):
+        return int(dict(opts)["BN"])
+    bn = _build.FP8_BN_DEFAULT.get(d, BLOCK)
+    if bn != BLOCK and sum(-(-n // bn) * bn for n in lens) > 1.01 * sum(-(-n // BLOCK) * BLOCK for n in lens):
+        bn = BLOCK
+    return bn
 
 
 class Fp8Launch(AttnLaunch):
@@ -146,8 +152,10 @@ class Fp8Launch(AttnLaunch):
             raise TypeError(f"kv_blocks: a 16-bit v must have the output's dtype {self.dtype}, got "
                             f"{sorted({v.dtype for v in vd})}")
         self.impl = impl or "sm90fp8"
-        if self.pv16:  # the PV=16 build of the kernel
-            self.impl += (":" if ":" not in self.impl else ",") + "PV=16"
+        add = (["PV=16"] if self.pv16 else []) + \
+            ([] if "BN=" in self.impl or D not in _build.FP8_BN_DEFAULT else [f"BN={fp8_tile(kv_blocks, impl)}"])
+        if add:  # the PV=16 build; the tile length for these blocks
+            self.impl += (":" if ":" not in self.impl else ",") + ",".join(add)
         self.kernel = get_kernel(self.impl, D, self.dtype, dev)
         if self.kernel.cfg.impl != "sm90fp8":
             raise ValueError(f"impl={self.impl!r} is not the FP8 kernel ('sm90fp8[:knobs]')")
