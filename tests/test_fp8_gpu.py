@@ -72,10 +72,11 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
     assert _relerr(lse, torch.logsumexp(s, dim=-1)) < 1e-2
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_fp8_chained_calls_equal_one_call(D):
+@pytest.mark.parametrize("impl,D", [(None, 64), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128)])
+def test_fp8_chained_calls_equal_one_call(impl, D):
     """Two launches through the fp32 state (the second finalizes) give the one-launch result when
-    every block has the same V scale (then P is scaled identically in both)."""
+    every block has the same V scale (then P is scaled identically in both) and the same tiles (by
+    default the tile length follows each launch's blocks, fp8_tile, and P's rounding with it)."""
     g = _g(11 + D)
     B, H, S = 1, 4, 700
     lens = [300, 257, 511]
@@ -86,17 +87,17 @@ def test_fp8_chained_calls_equal_one_call(D):
     kvs = [quantize_kv(a, b) for a, b in zip(k.split(lens, dim=1), v.split(lens, dim=1))]
     scale = 0.11
     one = torch.empty((B, S, H, D), device="cuda", dtype=torch.bfloat16)
-    attn_blocks_fp8(qs, kvs, None, scale, init=True, finalize=True, out=[one])
+    attn_blocks_fp8(qs, kvs, None, scale, init=True, finalize=True, out=[one], impl=impl)
     st = K.empty_state(B, S, H, D, like=q)
     st.acc.fill_(float("nan"))
     st.m.fill_(float("nan"))
     st.l.fill_(float("nan"))
     two = torch.full((B, S, H, D), float("nan"), device="cuda", dtype=torch.bfloat16)
-    attn_blocks_fp8(qs, kvs[:1], st, scale, init=True)
-    attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=[two])
+    attn_blocks_fp8(qs, kvs[:1], st, scale, init=True, impl=impl)
+    attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=[two], impl=impl)
     torch.cuda.synchronize()
     assert _relerr(two, one) < 6e-3
-    assert _relerr(one, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs))) < 6e-3
+    assert _relerr(one, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl))) < 6e-3
 
 
 @pytest.mark.parametrize("kind", ["gauss", "outlier"])
