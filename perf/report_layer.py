@@ -1,16 +1,17 @@
 """Table and summary keys from ``layer_<mesh>.json`` files (bench_layer.py).
 
-    python perf/report_layer.py docs/perf/layer_1x2.json docs/perf/layer_2x1.json
+    python perf/report_layer.py docs/perf/layer_*.json --summary   # the table; keys into summary.json
 
 The emulated-link keys (``torus_over_usp_emulated_best``, ``torus_over_best_baseline_emulated_min``)
 come from the 2-virtual-machine runs with one rank per GPU only (``..._1gpu_...``: the same from 2
 virtual machines sharing one GPU, bf16; ``fp8_wire_over_bf16_emulated_slowest``: Torus bf16 / fp8
-at the slowest link run in both precisions); runs with several ranks per GPU
+at the slowest link run in both precisions, ``fp8_accurate_wire_...`` for precision='fp8-accurate'); runs with several ranks per GPU
 (``meta.ranks_per_gpu`` > 1, e.g. 4 virtual machines on 2 GPUs) get their tables and
 ``layer_ms_*_rpgK_*`` keys, and are compared with the model by ``perf/model.py --calibrate``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from common import PRECISION_TAGS, update_summary  # noqa: E402
 ALGOS = ["ulysses", "ring", "usp", "tas", "torus"]
 
 
-def main(paths: list[Path]) -> str:
+def main(paths: list[Path], write: bool = False) -> str:
     lines, summary, shapes = [], {}, set()
     torus_gain, torus_vs_best = [], []  # emulated-link runs: USP / Torus, min(USP, TAS) / Torus
     shared: dict = {}  # mesh -> [(USP / Torus, best baseline / Torus)]: virtual machines sharing GPUs, bf16
@@ -73,23 +74,31 @@ def main(paths: list[Path]) -> str:
         summary[f"torus_over_best_baseline_emulated_1gpu_min{suffix}"] = round(vs_best, 3)
         lines.append(f"Emulated links, {who}, bf16: Torus over USP at best {gain:.3f}x; over the faster of "
                      f"USP and TAS at worst {vs_best:.3f}x.")
-    # FP8 on the wire: Torus in bf16 over Torus in FP8 at each mesh's slowest emulated link (GB/s) measured
-    # in both precisions; the key without a mesh is the worst over the meshes
-    pairs = sorted((mesh, float(link.split(",")[0]), link, rpg) for (mesh, link, rpg, prec) in torus_ms
-                   if prec == "fp8" and (mesh, link, rpg, "bf16") in torus_ms)
-    gains = {}
-    for mesh in dict.fromkeys(m for m, *_ in pairs):
-        _, _, link, rpg = min(p for p in pairs if p[0] == mesh)
-        bf, f8 = torus_ms[mesh, link, rpg, "bf16"], torus_ms[mesh, link, rpg, "fp8"]
-        gains[mesh] = min(bf[s] / f8[s] for s in bf if s in f8)
-        summary[f"fp8_wire_over_bf16_emulated_slowest_{mesh}"] = round(gains[mesh], 3)
-        lines.append(f"FP8 on the wire (mesh {mesh}, link {link}, {rpg} ranks per GPU): Torus bf16 / fp8 at worst "
-                     f"over the shapes {gains[mesh]:.3f}x.")
-    if gains:
-        summary["fp8_wire_over_bf16_emulated_slowest"] = round(min(gains.values()), 3)
-    update_summary(summary)
+    # FP8 on the wire: Torus in bf16 over Torus in FP8 (and in fp8-accurate) at each mesh's slowest emulated
+    # link (GB/s) measured in both precisions; the key without a mesh is the worst over the meshes
+    for low, key in (("fp8", "fp8"), ("fp8-accurate", "fp8_accurate")):
+        pairs = sorted((mesh, float(link.split(",")[0]), link, rpg) for (mesh, link, rpg, prec) in torus_ms
+                       if prec == low and (mesh, link, rpg, "bf16") in torus_ms)
+        gains = {}
+        for mesh in dict.fromkeys(m for m, *_ in pairs):
+            _, _, link, rpg = min(p for p in pairs if p[0] == mesh)
+            bf, f8 = torus_ms[mesh, link, rpg, "bf16"], torus_ms[mesh, link, rpg, low]
+            gains[mesh] = min(bf[s] / f8[s] for s in bf if s in f8)
+            summary[f"{key}_wire_over_bf16_emulated_slowest_{mesh}"] = round(gains[mesh], 3)
+            lines.append(f"{low} on the wire (mesh {mesh}, link {link}, {rpg} ranks per GPU): Torus bf16 / {low} at "
+                         f"worst over the shapes {gains[mesh]:.3f}x.")
+        if gains:
+            summary[f"{key}_wire_over_bf16_emulated_slowest"] = round(min(gains.values()), 3)
+    if write:
+        update_summary(summary)
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(main([Path(p) for p in sys.argv[1:]]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("paths", nargs="+", type=Path, help="layer_<mesh>.json files")
+    ap.add_argument("--summary", action="store_true",
+                    help="write the keys into docs/perf/summary.json (keys over several runs, e.g. the worst "
+                         "link, come from the files given: give them all)")
+    args = ap.parse_args()
+    print(main(args.paths, write=args.summary))

@@ -49,7 +49,7 @@ if want study; then
     done
   done
   cp docs/perf/summary.json /tmp/summary_before.json
-  python3 perf/report_layer.py "$OUT"/layer_*link*.json > "$OUT/report.md" 2>&1 || status=1
+  python3 perf/report_layer.py "$OUT"/layer_*link*.json --summary > "$OUT/report.md" 2>&1 || status=1
   python3 - <<'PY' > "$OUT/summary_gpu.json"
 import json
 a, b = json.load(open("/tmp/summary_before.json")), json.load(open("docs/perf/summary.json"))

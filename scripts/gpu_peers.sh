@@ -106,7 +106,7 @@ peers = sorted(glob.glob("docs/perf/peers*.json"))
 if peers:
     rc |= run("perf/report_peers.py", *peers)
 layers = sorted(glob.glob("docs/perf/layer_*.json"))
-rc |= run("perf/report_layer.py", *layers)
+rc |= run("perf/report_layer.py", *layers, "--summary")
 rc |= run("perf/model.py", "--calibrate", *layers, "--out", "docs/perf", "--markdown")
 sys.exit(rc)
 EOF

@@ -72,8 +72,8 @@ class SPAttention:
     output keeps ``dtype``. With ``p2p`` the quantisers write straight into the members' receive
     buffers. Needs ``local='kernel'``; on GPUs bf16/fp16 layers, head dim 64 or 128, Hopper.
     ``'fp8-accurate'``: Q and K as with ``'fp8'``, V kept in ``dtype`` and P.V computed in 16-bit:
-    ~0.014 from exact attention instead of ~0.04, Q and K's bytes halved (V's not); the put exchange
-    (no ``p2p``). docs/fp8.md gives their accuracy.
+    ~0.014 from exact attention instead of ~0.04, Q and K's bytes halved (V's not); with ``p2p``
+    V goes to the members by the bf16 push's copy kernel. docs/fp8.md gives their accuracy.
     ``io_buffers``: also allocate this rank's Q, K, V and output in the symmetric heap, in the
     caller's layout: :attr:`io` holds them (``{'q', 'k', 'v', 'o'}``, torch tensors of this
     rank's shard). A caller that writes its projections into ``io['q'|'k'|'v']`` and calls

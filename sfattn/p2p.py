@@ -16,7 +16,8 @@ push and pull are then the copies into and out of its own buffers, one launch ea
 ``precision="fp8"``: the push is the quantisation itself - the CUDA quantisers write each member's
 head group of the int8/e4m3 data and its scales straight into that member's receive buffers
 (:func:`sfattn.kernels.flash_fp8.quantize_grouped` with one group per member); the pull is the
-same as in bf16 (outputs keep the layer's dtype).
+same as in bf16 (outputs keep the layer's dtype). ``"fp8-accurate"``: Q and K the same way, the
+16-bit V by the bf16 push's copy kernel.
 
 The layer's two barriers order them: a member's receive buffer is rewritten by the next call's
 push only after the member's computation passed this call's last barrier, and its result buffer
@@ -59,11 +60,12 @@ class UlyssesP2P:
             self._heap_strides = (Sl * Ht * D * es, Ht * D * es, D * es)  # [B, Sl, Ht, D] contiguous
             self._recv_addr = {n: [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._recv[n], self._slots)]
                                for n in names}
-            if layer.fp8:  # each part's slab in every member's receive buffer, contiguous
-                from .kernels.flash_fp8 import GroupedDst
+            if layer.fp8:  # each part's slab in every member's receive buffer, contiguous (a 16-bit V
+                from .kernels.flash_fp8 import GroupedDst  # goes by the copy kernel instead)
                 from .local import strides_of
 
-                self._fp8_dst = {n: GroupedDst(self._recv_addr[n], strides_of(self._recv[n][0].shape)) for n in names}
+                self._fp8_dst = {n: GroupedDst(self._recv_addr[n], strides_of(self._recv[n][0].shape))
+                                 for n in names if n != "v"}
             self._res_addr = [b.peer_ptr(pe) for b, (_, _, pe) in zip(self._res, self._slots)]
             self._flag = rt.backend.failure_word
             self._grid = (B, self.L, Ht, D * es)
@@ -74,11 +76,10 @@ class UlyssesP2P:
     @staticmethod
     def possible(layer: Any) -> bool:
         """This rank's side of the condition: every Ulysses member on my machine and mapped, rows
-        the copy kernel can move (16-byte multiples); not with a 16-bit V in FP8 (``'fp8-accurate'``:
-        the put exchange)."""
+        the copy kernel can move (16-byte multiples)."""
         rt, plan = layer.rt, layer.plan
         me = rt.rank
-        ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut) and not layer.pv16
+        ok = all(rt.mesh.same_machine(me, p) and rt.mapped(p) for p in layer.Ut)
         if rt.backend.is_gpu:
             ok = ok and plan.head_dim * np.dtype(storage_dtype(layer.dtype)).itemsize % 16 == 0
         return ok
@@ -114,19 +115,24 @@ class UlyssesP2P:
         """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
         if not self.gpu:
             return self._push_host(q, k, v)
+        copied = "qkv"
         if self.layer.fp8:
             from .kernels.flash_fp8 import quantize_grouped
 
-            return quantize_grouped(*self.layer._quantizable(q, k, v), self._fp8_dst)
-        readable = [self._readable(x) for x in (q, k, v)]  # copies stay referenced past the launch
-        addrs = [(a, st) for _, a, st, _ in readable]
+            qt, kt, vt = self.layer._quantizable(q, k, v)
+            if not self.layer.pv16:
+                return quantize_grouped(qt, kt, vt, self._fp8_dst)
+            quantize_grouped(qt, kt, vt, {**self._fp8_dst, "v": None})  # Q and K; V as it is, below
+            copied, v = "v", vt
+        readable = [self._readable(x) for x in {"qkv": (q, k, v), "v": (v,)}[copied]]  # copies stay
+        addrs = [(a, st) for _, a, st, _ in readable]  # referenced past the launch
 
         def build() -> list:
             Ht, T = self.layer.Ht, self.layer.plan.T
             return self._launch([(a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides)
-                                 for name, (a, st) in zip("qkv", addrs)
+                                 for name, (a, st) in zip(copied, addrs)
                                  for (j, g, _), dst in zip(self._slots, self._recv_addr[name])], poison=False)
-        for launch in self._prepared(("push", *addrs), build):
+        for launch in self._prepared(("push", copied, *addrs), build):
             launch(stream)
 
     def pull(self, out: Any, stream: Any) -> None:
@@ -182,7 +188,10 @@ class UlyssesP2P:
                 key = (id(buf), pe, "fp8")
                 dst = self._views.get(key)
                 if dst is None:
-                    dst = self._views[key] = torch.from_numpy(buf.peer(pe))
+                    dst = torch.from_numpy(buf.peer(pe))
+                    if name == "v" and self.layer.dtype == "bfloat16":  # a 16-bit V in bf16's storage
+                        dst = dst.view(torch.bfloat16)
+                    self._views[key] = dst
                 src = pieces[j, g]
                 dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
 

@@ -117,29 +117,34 @@ def test_fp8_bad_arguments_raise_clear_errors():
     assert "floating-point" in errs[2]
 
 
-def _p2p_vs_put(rt):
+def _p2p_vs_put(rt, precision: str, dtype: str):
     out = {}
     for algo in ("ulysses", "usp", "torus"):
         plan = make_plan(rt.mesh, 8, 290, 16, algo)
-        a = SPAttention(rt, plan, 2, "float32", precision="fp8")
-        b = SPAttention(rt, plan, 2, "float32", precision="fp8", p2p=False)
+        a = SPAttention(rt, plan, 2, dtype, precision=precision)
+        b = SPAttention(rt, plan, 2, dtype, precision=precision, p2p=False)
         assert b.p2p is None
         L = a.shard_len()
         for it in range(2):
             q, k, v = (np.ascontiguousarray(x[:, :L]) for x in _inputs(rt.rank + 7 * it, 2, L, 8, 16, 2.0))
+            if dtype == "bfloat16":
+                q, k, v = (torch.from_numpy(x).to(torch.bfloat16) for x in (q, k, v))
             oa, ob = a(q, k, v), b(q, k, v)
-            assert np.array_equal(oa, ob), (algo, float(np.abs(oa - ob).max()))
+            assert oa.dtype == ob.dtype and torch.equal(torch.as_tensor(oa), torch.as_tensor(ob)), algo
         out[algo] = a.p2p is not None
         a.close()
         b.close()
     return out
 
 
-@pytest.mark.parametrize("mesh", [(1, 4), (2, 2)], ids=lambda m: f"{m[0]}x{m[1]}")
-def test_fp8_p2p_push_equals_the_put_exchange(mesh):
-    """precision='fp8' with the p2p exchange (the quantisers write into the members' receive
-    buffers) gives the bits of the send-buffer + put exchange."""
-    res = all_ok(run_ranks(_p2p_vs_put, 4, machines=mesh[0], heap="16MiB", deadline=120))
+@pytest.mark.parametrize("mesh,precision,dtype", [((1, 4), "fp8", "float32"), ((2, 2), "fp8", "float32"),
+                                                  ((2, 2), "fp8-accurate", "bfloat16")],
+                         ids=["1x4", "2x2", "2x2-accurate-bf16"])
+def test_fp8_p2p_push_equals_the_put_exchange(mesh, precision, dtype):
+    """FP8 with the p2p exchange (the quantisers write into the members' receive buffers; a 16-bit
+    V is copied there) gives the bits of the send-buffer + put exchange."""
+    res = all_ok(run_ranks(_p2p_vs_put, 4, machines=mesh[0], heap="16MiB", deadline=120,
+                           precision=precision, dtype=dtype))
     assert all(len(r) == 3 and any(r.values()) for r in res), res  # some plans' Ulysses team is on one machine
 
 

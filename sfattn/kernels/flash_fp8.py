@@ -350,7 +350,8 @@ def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
     ``parts['q']``, ``['k']`` int8 ``[G, B, >= S, Ht, D]``; ``['qs']``, ``['ks']`` fp32 ``[G, B, Ht,
     >= ceil(S / 128)]``; ``['mu']`` fp32 ``[G, B, Ht, D]``; ``['vt']`` uint8 (e4m3 bytes) ``[G, B, Ht, D,
     >= ceil(S / 32) * 32]``; ``['vs']`` fp32 ``[G, B, Ht]`` - or, for a 16-bit P.V, ``['v']`` in
-    v's dtype ``[G, B, >= S, Ht, D]`` instead of ``vt`` and ``vs``; last dims contiguous. A part may instead
+    v's dtype ``[G, B, >= S, Ht, D]`` instead of ``vt`` and ``vs`` (``None``: V is left to the caller,
+    e.g. a copy kernel into mapped peers); last dims contiguous. A part may instead
     be a :class:`GroupedDst` (groups anywhere in the address space, e.g. mapped peers' buffers; not
     checked beyond its group count). Values as :func:`sfattn.quant.quantize_q` / ``quantize_kv``;
     entries past S are left as they are."""
@@ -364,13 +365,14 @@ def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
         raise ValueError(f"parts: {G} head groups do not split {H} heads (at most {QMAXG} groups)")
     ght = H // G
     nb, sp = -(-S // BLOCK), -(-S // 32) * 32
-    vparts = {"v": (G, B, S, ght, D)} if "v" in parts else {"vt": (G, B, ght, D, sp), "vs": (G, B, ght)}
+    vparts = {} if "v" in parts and parts["v"] is None else \
+        {"v": (G, B, S, ght, D)} if "v" in parts else {"vt": (G, B, ght, D, sp), "vs": (G, B, ght)}
     if "v" in parts and isinstance(parts["v"], GroupedDst):
-        raise ValueError("parts['v']: a 16-bit V is copied by torch: pass a tensor, not a GroupedDst")
+        raise ValueError("parts['v']: a 16-bit V is copied by torch: pass a tensor (or None), not a GroupedDst")
     _check_parts(parts, {"q": (G, B, S, ght, D), "k": (G, B, S, ght, D), "qs": (G, B, ght, nb),
                          "ks": (G, B, ght, nb), "mu": (G, B, ght, D), **vparts})
     _q_into(q, parts["q"], parts["qs"], ght)
-    _kv_into(k, v, parts, ght)
+    _kv_into(k, v, {**parts, "v": ()} if "v" in parts and parts["v"] is None else parts, ght)
 
 
 def quantize_q_cuda(q: Any) -> Fp8Q:
