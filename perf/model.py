@@ -74,6 +74,7 @@ class Params:
     ranks_per_gpu: int = 1       # ranks time-sharing one GPU: kernel and layout-copy speed / this
     itemsize: int = 2            # bf16
     qkv_itemsize: float = 0.0    # bytes per Q/K/V element moved (0: itemsize; precision="fp8": 1, O stays)
+    v_itemsize: float = 0.0      # ... of V if it differs (0: as Q/K; precision="fp8-accurate": itemsize)
     name: str = ""
 
     def tflops(self, head_dim: int) -> float:
@@ -143,7 +144,8 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
     B, S, H, D = shape.batch, shape.seq_len, shape.heads, shape.head_dim
     Sl = -(-S // W)
     L = B * Sl * H * D * params.itemsize                    # bytes of one tensor's local shard
-    Lq = B * Sl * H * D * (params.qkv_itemsize or params.itemsize)  # ... of Q, K or V as moved
+    Lq = B * Sl * H * D * (params.qkv_itemsize or params.itemsize)  # ... of Q or K as moved
+    Lv = B * Sl * H * D * (params.v_itemsize or params.qkv_itemsize or params.itemsize)  # ... of V
     rpg = params.ranks_per_gpu                              # ranks sharing this rank's GPU
     compute = 4 * B * Sl * S * H * D * rpg / (params.tflops(D) * 1e12)
     out = dict(algorithm=algorithm, machines=machines, gpus=gpus, T=T, U=U, R=R,
@@ -169,8 +171,8 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
         return (params.barrier_us + (2 * params.inter.latency_us if across else 0.0)) * 1e-6
 
     # transfers of the core: torus chunks (Q, K+V, O: L/T, 2L/T, L/T) and ring K+V per chunk
-    q_x, kv_x, o_x = xfer(Lq / T, True), xfer(2 * Lq / T, True), xfer(L / T, True)
-    ring_x = [xfer(2 * Lq / T, rm) for rm in ring_remote]
+    q_x, kv_x, o_x = xfer(Lq / T, True), xfer((Lq + Lv) / T, True), xfer(L / T, True)
+    ring_x = [xfer((Lq + Lv) / T, rm) for rm in ring_remote]
     step = compute / (T * T * R)                     # one Q chunk x one K/V block of one ring member
 
     if not params.overlap:  # the measured version: everything in program order on one stream
@@ -212,13 +214,13 @@ def predict(algorithm: str, machines: int, gpus: int, shape: Shape | str, params
         core = max(c, tor)
 
     layout = 8 * L * rpg / (params.hbm_GBps * 1e9)  # pack Q, K, V and unpack O: read + write
-    ulysses = a2a(3 * Lq) + a2a(L) if U > 1 else 0.0
+    ulysses = a2a(2 * Lq + Lv) + a2a(L) if U > 1 else 0.0
     barriers = 2 * barrier(machines > 1) + (barrier(ux > 0) if U > 1 else 0.0)
     overhead = layout + params.fixed_ms * 1e-3
     total = overhead + ulysses + barriers + core
-    vol = {k: v * (3 * Lq + L) / (4 * L) if k != "ring" else v * Lq / L
-           for k, v in plan.comm_volume(B, params.itemsize).items()}  # Q, K, V in (Lq each), O out (L)
-    inter = (3 * Lq + L) * ux / U + vol["torus"] + 2 * Lq * sum(ring_remote)
+    vol = {k: v * (2 * Lq + Lv + L) / (4 * L) if k != "ring" else v * (Lq + Lv) / (2 * L)
+           for k, v in plan.comm_volume(B, params.itemsize).items()}  # Q, K (Lq), V (Lv) in, O out (L)
+    inter = (2 * Lq + Lv + L) * ux / U + vol["torus"] + (Lq + Lv) * sum(ring_remote)
     out.update(total_ms=total * 1e3, overhead_ms=overhead * 1e3,
                exposed_comm_ms=(total - overhead - compute) * 1e3,
                intra_bytes=sum(vol.values()) - inter, inter_bytes=inter)
@@ -240,7 +242,8 @@ def load_measurements(paths: list[str | Path]) -> list[dict]:
             raise ValueError(f"{path}: meta.mesh missing or not 'MxG' (not a bench_layer.py result?)") from None
         link = meta.get("emulated_link")  # "GBPS,LATENCY_US" of a paced inter-machine link
         inter = tuple(float(x) for x in link.split(",")) if link else None
-        fp8 = meta.get("precision") == "fp8"
+        prec = meta.get("precision", "bf16")
+        qkv, v = {"fp8": (1.0, 0.0), "fp8-accurate": (1.0, 2.0)}.get(prec, (0.0, 0.0))  # bf16 / fp16 layers
         rpg = meta.get("ranks_per_gpu")
         rpg = 1 if rpg is None else rpg
         if not isinstance(rpg, int) or rpg < 1:
@@ -250,7 +253,7 @@ def load_measurements(paths: list[str | Path]) -> list[dict]:
                 raise ValueError(f"{path}: shape {shape!r} is not one of the model's {sorted(SHAPES)}")
             for algo, ms in row.items():
                 points.append(dict(machines=M, gpus=G, shape=shape, algorithm=algo, ms=float(ms), inter=inter,
-                                   ranks_per_gpu=rpg, qkv_itemsize=1.0 if fp8 else 0.0))
+                                   ranks_per_gpu=rpg, qkv_itemsize=qkv, v_itemsize=v))
     return points
 
 
@@ -260,8 +263,9 @@ def _at(point: dict, params: Params) -> Params:
     inter, rpg = point.get("inter"), point.get("ranks_per_gpu", 1)
     if inter:
         params = replace(params, inter=Link(inter[0], inter[1] if len(inter) > 1 else 0.0))
-    if point.get("qkv_itemsize", 0.0) != params.qkv_itemsize:
-        params = replace(params, qkv_itemsize=point.get("qkv_itemsize", 0.0))
+    sizes = point.get("qkv_itemsize", 0.0), point.get("v_itemsize", 0.0)
+    if sizes != (params.qkv_itemsize, params.v_itemsize):
+        params = replace(params, qkv_itemsize=sizes[0], v_itemsize=sizes[1])
     return params if rpg == params.ranks_per_gpu else replace(params, ranks_per_gpu=rpg)
 
 
@@ -577,9 +581,11 @@ def main(argv: list[str] | None = None) -> None:
 def check(points: list[dict], params: Params) -> dict:
     """The model against measured points: with ``params`` as they are, and refitted to the points
     (kernel throughputs and the fixed cost; see :func:`calibrate`). Points of ``precision="fp8"``
-    layers move Q/K/V at one byte per element; fit them apart from bf16 ones (another kernel)."""
-    if len({p.get("qkv_itemsize", 0.0) for p in points}) > 1:
-        raise ValueError("points: bf16 and fp8 layers mixed; check each precision on its own (their kernels differ)")
+    layers move Q/K/V at one byte per element (``"fp8-accurate"``: Q/K at one, V at two); fit each
+    precision apart (another kernel)."""
+    if len({(p.get("qkv_itemsize", 0.0), p.get("v_itemsize", 0.0)) for p in points}) > 1:
+        raise ValueError("points: layers of several precisions mixed; check each precision on its own "
+                         "(their kernels differ)")
     fitted = calibrate(points, params)
     as_is, refit = calibration_table(points, params), calibration_table(points, fitted)
     return dict(max_rel_error=round(max(abs(r["rel_error"]) for r in as_is), 4),

@@ -298,3 +298,34 @@ def test_fp8_moves_half_the_qkv_bytes_and_never_slows_a_plan():
         want = 0.5 if b["U"] == b["T"] == 1 else 5 / 8
         assert math.isclose(f["inter_bytes"] + f["intra_bytes"], want * (b["inter_bytes"] + b["intra_bytes"]),
                             rel_tol=1e-9), (a, f, b)
+
+
+def test_fp8_accurate_moves_q_and_k_in_one_byte_and_v_in_two():
+    """precision='fp8-accurate': Q and K at one byte per element, V at two (O stays): Ulysses and
+    Torus move (1 + 1 + 2 + 2) / 8 = 3/4 of bf16's bytes, a ring (K and V only) 3/4 too; between fp8
+    and bf16 in time."""
+    base = replace(model.H200_PAIR, inter=model.Link(10.0, 10.0))
+    fp8, acc = replace(base, qkv_itemsize=1.0), replace(base, qkv_itemsize=1.0, v_itemsize=2.0)
+    for a in ("ulysses", "ring", "usp", "tas", "torus"):
+        try:
+            b, f, c = (model.predict(a, 2, 1, "flux3072", p) for p in (base, fp8, acc))
+        except model._plan.PlanError:
+            continue
+        assert f["total_ms"] - 1e-9 <= c["total_ms"] <= b["total_ms"] + 1e-9, a
+        assert math.isclose(c["inter_bytes"] + c["intra_bytes"], 0.75 * (b["inter_bytes"] + b["intra_bytes"]),
+                            rel_tol=1e-9), (a, c, b)
+
+
+def test_measurements_carry_the_precision(tmp_path):
+    """load_measurements: bf16, fp8 and fp8-accurate layer files give the byte sizes above, and
+    check() refuses a mix of precisions."""
+    import json
+    pts = []
+    for prec in ("bf16", "fp8", "fp8-accurate"):
+        f = tmp_path / f"layer_{prec}.json"
+        f.write_text(json.dumps({"meta": {"mesh": "2x1", "precision": prec, "emulated_link": "10,10",
+                                          "ranks_per_gpu": 2}, "ms": {"flux3072": {"torus": 30.0}}}))
+        pts.append(model.load_measurements([f])[0])
+    assert [(p["qkv_itemsize"], p["v_itemsize"]) for p in pts] == [(0.0, 0.0), (1.0, 0.0), (1.0, 2.0)]
+    with pytest.raises(ValueError, match="several precisions"):
+        model.check(pts, model.H200_PAIR)
