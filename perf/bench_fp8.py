@@ -120,10 +120,8 @@ def _measure(shape, args, fa3) -> dict:
     kv16 = [quantize_kv(k, v, pv="16")]
     for impl in args.impls:
         if impl != "sm90fp8":  # a PV=16 variant runs on the 16-bit V of precision='fp8-accurate'
-            pv16 = "PV=16" in impl
-            launch = Fp8Launch(qs, kv16 if pv16 else kvs, None, scale, out=[out], init=True, finalize=True,
-                               impl=impl.replace(",PV=16", "").replace("PV=16,", "").replace(":PV=16", "")
-                               if pv16 else impl)
+            launch = Fp8Launch(qs, kv16 if "PV=16" in impl else kvs, None, scale, out=[out], init=True,
+                               finalize=True, impl=impl)
             fns[impl] = lambda launch=launch: launch(init=True, finalize=True)
     cut = [S * i // 4 for i in range(5)]
     kv4 = [quantize_kv(k[:, a:b], v[:, a:b]) for a, b in zip(cut, cut[1:])]

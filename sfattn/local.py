@@ -223,10 +223,7 @@ class GpuAttention:
                                 init=init, finalize=finalize)
 
         def run(stream: Any = None) -> None:
-            if dependent:
-                launch(init=init, finalize=finalize, stream=stream, dependent=True)
-            else:
-                launch(init=init, finalize=finalize, stream=stream)
+            launch(init=init, finalize=finalize, stream=stream, dependent=dependent)
         return run
 
     def direct(self, q: Any, k: Any, v: Any, out: Any, scale: float, stream: Any, fp8: bool = False,

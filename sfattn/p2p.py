@@ -115,7 +115,7 @@ class UlyssesP2P:
         """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
         if not self.gpu:
             return self._push_host(q, k, v)
-        copied = "qkv"
+        names, srcs = "qkv", (q, k, v)  # what the copy kernel moves
         if self.layer.fp8:
             from .kernels.flash_fp8 import quantize_grouped
 
@@ -123,16 +123,16 @@ class UlyssesP2P:
             if not self.layer.pv16:
                 return quantize_grouped(qt, kt, vt, self._fp8_dst)
             quantize_grouped(qt, kt, vt, {**self._fp8_dst, "v": None})  # Q and K; V as it is, below
-            copied, v = "v", vt
-        readable = [self._readable(x) for x in {"qkv": (q, k, v), "v": (v,)}[copied]]  # copies stay
-        addrs = [(a, st) for _, a, st, _ in readable]  # referenced past the launch
+            names, srcs = "v", (vt,)
+        readable = [self._readable(x) for x in srcs]  # copies stay referenced past the launch
+        addrs = [(a, st) for _, a, st, _ in readable]
 
         def build() -> list:
             Ht, T = self.layer.Ht, self.layer.plan.T
             return self._launch([(a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides)
-                                 for name, (a, st) in zip(copied, addrs)
+                                 for name, (a, st) in zip(names, addrs)
                                  for (j, g, _), dst in zip(self._slots, self._recv_addr[name])], poison=False)
-        for launch in self._prepared(("push", copied, *addrs), build):
+        for launch in self._prepared(("push", names, *addrs), build):
             launch(stream)
 
     def pull(self, out: Any, stream: Any) -> None:

@@ -152,8 +152,8 @@ class Fp8Launch(AttnLaunch):
             raise TypeError(f"kv_blocks: a 16-bit v must have the output's dtype {self.dtype}, got "
                             f"{sorted({v.dtype for v in vd})}")
         self.impl = impl or "sm90fp8"
-        add = (["PV=16"] if self.pv16 else []) + \
-            ([] if "BN=" in self.impl or D not in _build.FP8_BN_DEFAULT else [f"BN={fp8_tile(kv_blocks, impl)}"])
+        add = (["PV=16"] if self.pv16 and "PV=" not in self.impl else []) + \
+            ([] if "BN=" in self.impl else [f"BN={fp8_tile(kv_blocks, impl)}"])
         if add:  # the PV=16 build; the tile length for these blocks
             self.impl += (":" if ":" not in self.impl else ",") + ",".join(add)
         self.kernel = get_kernel(self.impl, D, self.dtype, dev)
@@ -333,8 +333,8 @@ def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
     _run("sf_colsum", k, (splits, H, B), D, _ptr(part), ctypes.c_int(_SPLIT_ROWS))
     _run("sf_quant_i8", k, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(part), ctypes.c_int(splits),
          _dst(parts["mu"]).arg(0, 1), _dst(parts["k"]).arg(0, 1, 2), _dst(parts["ks"]).arg(0, 1), ctypes.c_int(ght))
-    if "v" in parts:  # fp8-accurate: V stays 16-bit; one strided copy per head group (none given: none)
-        for g, dst in enumerate(parts["v"]):
+    if "v" in parts:  # fp8-accurate: V stays 16-bit; one strided copy per head group (None: none)
+        for g, dst in enumerate(parts["v"] or ()):
             dst[:, :S].copy_(v[:, :, g * ght:(g + 1) * ght])
         return
     vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
@@ -372,7 +372,7 @@ def quantize_grouped(q: Any, k: Any, v: Any, parts: dict) -> None:
     _check_parts(parts, {"q": (G, B, S, ght, D), "k": (G, B, S, ght, D), "qs": (G, B, ght, nb),
                          "ks": (G, B, ght, nb), "mu": (G, B, ght, D), **vparts})
     _q_into(q, parts["q"], parts["qs"], ght)
-    _kv_into(k, v, {**parts, "v": ()} if "v" in parts and parts["v"] is None else parts, ght)
+    _kv_into(k, v, parts, ght)
 
 
 def quantize_q_cuda(q: Any) -> Fp8Q:
@@ -398,7 +398,7 @@ def quantize_kv_cuda(k: Any, v: Any, pv: str = "e4m3") -> Fp8KV:
     kscale = torch.empty((B, H, -(-S // BLOCK)), dtype=torch.float32, device=dev)
     mu = torch.zeros((B, H, D), dtype=torch.float32, device=dev)
     if pv == "16":
-        _kv_into(k, v, {"k": k8[None], "ks": kscale[None], "mu": mu[None], "v": ()}, H)  # v is used in place
+        _kv_into(k, v, {"k": k8[None], "ks": kscale[None], "mu": mu[None], "v": None}, H)  # v is used in place
         return Fp8KV(k8, kscale, mu, None, None, v=v)
     vt = torch.empty((B, H, D, -(-S // 32) * 32), dtype=torch.uint8, device=dev)
     vscale = torch.ones((B, H), dtype=torch.float32, device=dev)
