@@ -25,7 +25,7 @@ from sfattn import reference as R  # noqa: E402
 CC = torch.cuda.get_device_capability(0)
 IMPLS = ["fa2"] + (["sm90ws", "sm90ws128", "sm90ws:TMA=0", "sm90ws:PERSIST=0", "sm90ws:NC=3",
                      "sm90ws:NC=3,PERSIST=1", "sm90ws:EX2=0,RT=0", "sm90ws:NC=2",
-                     "sm90ws:CL=2", "sm90ws:FO=0", "sm90ws:BN=176"] if CC == (9, 0) else [])
+                     "sm90ws:CL=2", "sm90ws:FO=0", "sm90ws:BN=176", "sm90ws:OV=1"] if CC == (9, 0) else [])
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = 1e-2
 

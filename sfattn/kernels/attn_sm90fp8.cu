@@ -65,6 +65,10 @@
 #define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
                  // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
 #endif
+#ifndef WS_OV
+#define WS_OV 0  // 1: the softmax of S_t (and with WS_DB the pack) overlaps P_{t-1} V_{t-1} inside a
+                 // warpgroup (sf_sched_fence keeps ptxas from hoisting the wait above them)
+#endif
 #define WS_BM (64 * WS_NC)
 #define WS_NT (128 * (WS_NC + 1))
 #define F8_QROW SF_D  // bytes per Q/K row in shared memory (= the swizzle span)
@@ -455,6 +459,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         release_k();
         softmax();
         if (WS_DB) pack(pout);
+        if (WS_OV) sf_sched_fence(p.flags);  // keep the wait below softmax and pack
         wg_wait<0>();
         if (arrives) mbar_arrive(vempty((ct - 1) % VST));
         if (!WS_DB) pack(pout);

@@ -110,6 +110,9 @@ __device__ __forceinline__ void release_slot(uint32_t a) {
 __device__ __forceinline__ void cp_async_arrive(uint32_t a) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
 }
+#ifndef WS_OV
+#define WS_OV 0  // 1: keep the wait for P_{t-1} V_{t-1} below the softmax of S_t (sf_sched_fence)
+#endif
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers
 #endif
@@ -394,6 +397,7 @@ sf_attn_sm90ws(const __grid_constant__ SfParams p) {
           wg_wait<1>();  // S_t done, P_{t-1} V_{t-1} may still run
           release_k();
           softmax();     // overlaps the P V products on the tensor cores
+          if (WS_OV) sf_sched_fence(p.flags);  // (else ptxas hoists the wait above the softmax)
           wg_wait<0>();
           if (arrives) release_slot(vempty((ct - 1) % VST));
           rescale_pack_next();

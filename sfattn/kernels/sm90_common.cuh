@@ -23,6 +23,14 @@ template <int N>
 __device__ __forceinline__ void wg_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// Ends a basic block without doing anything: a loop whose trip count (flags >> 48, zero: the host
+// sets only low flag bits) ptxas cannot know. Put before wg_wait<0>() of P_{t-1}.V_{t-1}: within a
+// block ptxas hoists that wait above the softmax (the P registers then free up early), which
+// serialises the softmax behind the P.V GEMM inside a warpgroup; across a block boundary it cannot.
+__device__ __forceinline__ void sf_sched_fence(long long flags) {
+#pragma unroll 1
+  for (int z = 0; z < (int)(flags >> 48); ++z) asm volatile("membar.cta;\n" ::: "memory");
+}
 template <int NJ>
 __device__ __forceinline__ void reg_fence(float (&r)[NJ][4]) {
 #pragma unroll
