@@ -27,7 +27,7 @@ IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB
 # forced at 128 (at 64, longer tiles spill)
 IMPL_DIMS = [(i, d) for i in IMPLS for d in (64, 128)] + \
     [("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128), ("sm90fp8:BN=192,PERSIST=1", 128),
-     ("sm90fp8:BN=128,OV=1", 128), ("sm90fp8:PV=16,OV=1", 128)]
+     ("sm90fp8:BN=128,OV=1", 128), ("sm90fp8:OV=0", 128), ("sm90fp8:OV=1,DB=1", 128)]
 
 
 def _g(seed):
@@ -183,7 +183,8 @@ def test_grouped_quantisation_equals_the_plain_one(G):
         quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
 
 
-@pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128)])
+@pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128),
+                                    ("sm90fp8:OV=1", 128)])
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([640], [128, 4099])])
 def test_fp8_accurate_matches_its_emulation(impl, D, qlens, kvlens):
     """precision='fp8-accurate' (the PV=16 kernel: V in bf16, P.V a 16-bit wgmma): the emulation to

@@ -33,7 +33,8 @@ def test_all_configurations_compile_without_spills(tmp_path):
          _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PX", 2),)),
          _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128),)),
          _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128), ("PERSIST", 1))),
-         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128), ("PV", 16)))] + \
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("BN", 128), ("PV", 16))),
+         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("OV", 0),))] + \
         [_build.KernelConfig("sm90fp8", d, dt, "sm_90a", opts=(("PV", 16),)) for d in (64, 128) for dt in ("bf16", "fp16")]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda c: _compile(c, tmp_path), cfgs))
@@ -324,6 +325,25 @@ def test_fp8_launch_packs_byte_maps_and_side_arrays(fake_device, monkeypatch, D)
     with pytest.raises(TypeError, match="output's dtype"):
         Fp8Launch([q], [Fp8KV(x.k, x.kscale, x.mu, None, None, v=t(8 << 24, x.k.shape, "fp16")) for x in kvs[:1]],
                   None, 0.25, out=[out], init=True, finalize=True)
+    # a kernel built for the other V than the blocks hold is refused, naming the impl
+    with pytest.raises(ValueError, match="impl='sm90fp8:PV=16.*e4m3 V"):
+        Fp8Launch([q], kvs, None, 0.25, out=[out], impl="sm90fp8:PV=16", init=True, finalize=True)
+    with pytest.raises(ValueError, match="impl='sm90fp8:PV=8.*16-bit V"):
+        Fp8Launch([q], kv16, None, 0.25, out=[out], impl="sm90fp8:PV=8", init=True, finalize=True)
+
+
+def test_fp8_overlap_and_p_register_sets_defaults():
+    """OV=1 (softmax overlapping the previous P.V) by default only for e4m3 P.V on 192-key tiles,
+    where it goes with one P register set (two spill); every knob named by hand stays as named."""
+    def cfg(d, **kn):
+        return _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", 0, tuple(sorted(kn.items())))
+    assert (cfg(128).fp8_ov, cfg(128).fp8_db) == (1, 0)  # 192-key tiles
+    assert (cfg(128, BN=128).fp8_ov, cfg(128, BN=128).fp8_db) == (0, 1)
+    assert (cfg(64).fp8_ov, cfg(64).fp8_db) == (0, 1)
+    assert (cfg(128, PV=16).fp8_ov, cfg(128, PV=16).fp8_db) == (0, 0)
+    assert (cfg(128, OV=0).fp8_ov, cfg(128, OV=0).fp8_db) == (0, 1)
+    assert (cfg(128, DB=1).fp8_ov, cfg(128, DB=1).fp8_db) == (1, 1)
+    assert "-DWS_OV=1" in cfg(128).defines() and "-DWS_OV=0" in cfg(64).defines()
 
 
 def test_heads_copy_refuses_unaligned_pieces_before_any_launch():

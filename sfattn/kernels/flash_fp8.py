@@ -159,6 +159,10 @@ class Fp8Launch(AttnLaunch):
         self.kernel = get_kernel(self.impl, D, self.dtype, dev)
         if self.kernel.cfg.impl != "sm90fp8":
             raise ValueError(f"impl={self.impl!r} is not the FP8 kernel ('sm90fp8[:knobs]')")
+        if (self.kernel.cfg.fp8_pv_bytes == 2) != self.pv16:
+            raise ValueError(f"impl={self.impl!r} takes {'e4m3' if self.pv16 else '16-bit'} V but "
+                             f"kv_blocks hold {'16-bit' if self.pv16 else 'e4m3'} V "
+                             "(quantize_kv(..., pv='16') makes 16-bit V; leave PV= out of impl)")
         self.has_state = st is not None
         self._build(qd, kd, vd, st, od, ld, float(scale))
 
