@@ -38,13 +38,16 @@ def _side(x: Any, name: str, shape: tuple, dev: int) -> TensorDesc:
     return d
 
 
+FP8_PAD_MAX = 1.05  # most keys (over 128-key tiles) that the default 192-key tiles may pad to
+
+
 def fp8_tile(kv_blocks: Sequence[Fp8KV], impl: str | None = None) -> int:
     """Keys per K/V tile the FP8 kernel ``impl`` (default ``'sm90fp8'``) takes for these K/V blocks:
     the ``tile`` of its float64 emulation (:func:`sfattn.quant.attn_blocks_fp8_emulated`). Needs no
     GPU. A ``BN`` knob decides; else 128 at head dim 64, and at 128 the 192-key tiles unless they
-    pad the blocks' keys by more than 1 % over 128-key tiles (then 128: e.g. 4096-key blocks, where
-    the padded third of a tile costs more than the longer tiles gain); 128 at head dims the kernel
-    does not take (the host backend's emulation there)."""
+    pad the blocks' keys by more than 5 % over 128-key tiles (then 128: e.g. blocks of 1000 keys;
+    192-key tiles run ~11 % faster, so 4096-key blocks, padded by 3 %, still gain 6 % on an H200,
+    docs/fp8.md); 128 at head dims the kernel does not take (the host backend's emulation there)."""
     from .flash import _parse_impl
     base, _bn, opts = _parse_impl(impl or "sm90fp8")
     if base != "sm90fp8":
@@ -54,7 +57,7 @@ def fp8_tile(kv_blocks: Sequence[Fp8KV], impl: str | None = None) -> int:
     if "BN" in dict(opts):
         return int(dict(opts)["BN"])
     bn = _build.FP8_BN_DEFAULT.get(d, BLOCK)
-    if bn != BLOCK and sum(-(-n // bn) * bn for n in lens) > 1.01 * sum(-(-n // BLOCK) * BLOCK for n in lens):
+    if bn != BLOCK and sum(-(-n // bn) * bn for n in lens) > FP8_PAD_MAX * sum(-(-n // BLOCK) * BLOCK for n in lens):
         bn = BLOCK
     return bn
 
