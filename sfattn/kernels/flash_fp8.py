@@ -341,7 +341,7 @@ def _kv_into(k: Any, v: Any, parts: dict, ght: int) -> None:
     _run("sf_quant_i8", k, (-(-S // BLOCK), H, B), _QTHREADS, _ptr(part), ctypes.c_int(splits),
          _dst(parts["mu"]).arg(0, 1), _dst(parts["k"]).arg(0, 1, 2), _dst(parts["ks"]).arg(0, 1), ctypes.c_int(ght))
     if "v" in parts:  # fp8-accurate: V stays 16-bit; one strided copy per head group (None: none)
-        for g, dst in enumerate(parts["v"] or ()):
+        for g, dst in enumerate(() if parts["v"] is None else parts["v"]):
             dst[:, :S].copy_(v[:, :, g * ght:(g + 1) * ght])
         return
     vpart = torch.empty((splits, B, H), dtype=torch.float32, device=k.device)
