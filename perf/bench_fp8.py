@@ -118,13 +118,16 @@ def _measure(shape, args, fa3) -> dict:
     fns = {"bf16": lambda: bf16(init=True, finalize=True), "fp8": lambda: fp8(init=True, finalize=True),
            "fp8acc": lambda: acc(init=True, finalize=True)}
     kv16 = [quantize_kv(k, v, pv="16")]
+    cut = [S * i // 4 for i in range(5)]
+    kv4 = [quantize_kv(k[:, a:b], v[:, a:b]) for a, b in zip(cut, cut[1:])]
     for impl in args.impls:
         if impl != "sm90fp8":  # a PV=16 variant runs on the 16-bit V of precision='fp8-accurate'
             launch = Fp8Launch(qs, kv16 if "PV=16" in impl else kvs, None, scale, out=[out], init=True,
                                finalize=True, impl=impl)
             fns[impl] = lambda launch=launch: launch(init=True, finalize=True)
-    cut = [S * i // 4 for i in range(5)]
-    kv4 = [quantize_kv(k[:, a:b], v[:, a:b]) for a, b in zip(cut, cut[1:])]
+            if args.blocks4 and "PV=16" not in impl:  # the same variant on the keys in 4 blocks
+                launch4 = Fp8Launch(qs, kv4, None, scale, out=[out], init=True, finalize=True, impl=impl)
+                fns[f"{impl}_4blk"] = lambda launch4=launch4: launch4(init=True, finalize=True)
     fp8_4 = Fp8Launch(qs, kv4, None, scale, out=[out], init=True, finalize=True)
     fns["fp8_4blk"] = lambda: fp8_4(init=True, finalize=True)
     if fa3 is not None:
@@ -216,6 +219,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(ROOT / "docs" / "perf"))
     ap.add_argument("--from-json", help="only regenerate the docs from this fp8.json")
     ap.add_argument("--shapes", choices=("all", "16k"), default="all")
+    ap.add_argument("--blocks4", action="store_true", help="also time each --impls variant on the keys in 4 blocks")
     ap.add_argument("--impls", nargs="+", default=["sm90fp8"], help="FP8 kernel variants to time")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=15)
