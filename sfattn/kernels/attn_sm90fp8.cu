@@ -65,10 +65,6 @@
 #define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
                  // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
 #endif
-#ifndef WS_PF
-#define WS_PF 1  // 1: a tile before a K/V block switch, prefetch the next block's V scale, mu and Q
-                 // rows into L1 (enter_block's loads otherwise stall every consumer for an L2 trip)
-#endif
 #ifndef WS_OV
 #define WS_OV 0  // 1: the softmax of S_t (and with WS_DB the pack) overlaps P_{t-1} V_{t-1} inside a
                  // warpgroup (sf_sched_fence keeps ptxas from hoisting the wait above them)
@@ -372,14 +368,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ks_next[g] = kscale[min(cn0 + 64 * g, last) / F8_KBLK];
       };
-      auto prefetch_block = [&](int kb) {  // into L1: what enter_block(kb) will read
-        const float* mu = reinterpret_cast<const float*>(pp.mu[kb].ptr) + b * pp.mu[kb].sb + h * pp.mu[kb].sh;
-        sf_prefetch_l1(mu + t * (D / 4));
-        sf_prefetch_l1(reinterpret_cast<const float*>(pp.vs[kb].ptr) + b * pp.vs[kb].sb + h * pp.vs[kb].sh);
-        for (int i = 0; i < nrow_ok; ++i)
-          sf_prefetch_l1(reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb + (long long)(lr0 + 8 * i) * qb.qss +
-                         h * qb.qsh + t * (D / 4));
-      };
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
 #if !F8_PV16
         const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
@@ -454,8 +442,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         } else {
           load_kscales();
         }
-        // the next block's loads, a tile ahead: at a block switch they then hit L1, not L2
-        if (WS_PF && ckb + 1 < nkv && cn0 + BN >= (int)p.kv[ckb].len) prefetch_block(ckb + 1);
         ++ct;
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout

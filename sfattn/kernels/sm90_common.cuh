@@ -31,9 +31,6 @@ __device__ __forceinline__ void sf_sched_fence(long long flags) {
 #pragma unroll 1
   for (int z = 0; z < (int)(flags >> 48); ++z) asm volatile("membar.cta;\n" ::: "memory");
 }
-__device__ __forceinline__ void sf_prefetch_l1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
-}
 template <int NJ>
 __device__ __forceinline__ void reg_fence(float (&r)[NJ][4]) {
 #pragma unroll
