@@ -27,8 +27,7 @@ IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB
 # forced at 128 (at 64, longer tiles spill)
 IMPL_DIMS = [(i, d) for i in IMPLS for d in (64, 128)] + \
     [("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128), ("sm90fp8:BN=192,PERSIST=1", 128),
-     ("sm90fp8:BN=128,OV=1", 128), ("sm90fp8:OV=0", 128), ("sm90fp8:OV=1,DB=1", 128),
-     ("sm90fp8:LB=1", 128)]
+     ("sm90fp8:BN=128,OV=1", 128), ("sm90fp8:OV=0", 128), ("sm90fp8:OV=1,DB=1", 128)]
 
 
 def _g(seed):

@@ -65,10 +65,6 @@
 #define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
                  // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
 #endif
-#ifndef WS_LB
-#define WS_LB 0  // 1: at a K/V block switch the block's V scale and q . mu are computed once the next
-                 // S and P.V GEMMs are issued, not in front of them (their global loads then stall)
-#endif
 #ifndef WS_OV
 #define WS_OV 0  // 1: the softmax of S_t (and with WS_DB the pack) overlaps P_{t-1} V_{t-1} inside a
                  // warpgroup (sf_sched_fence keeps ptxas from hoisting the wait above them)
@@ -383,17 +379,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         load_kscales();
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
-      bool pending = false;  // WS_LB: block ckb's V scale and q . mu still to compute (next step)
-      auto late_consts = [&]() {
-#if !F8_PV16
-        const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
-        const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;
-        log2_ps = __log2f(ps);
-        inv_ps = 1.f / ps;
-#endif
-        f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
-        pending = false;
-      };
 
       auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
       auto wait_v_prev = [&]() { mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1); };
@@ -453,15 +438,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         if (cn0 >= (int)p.kv[ckb].len) {
           ++ckb;
           cn0 = 0;
-          if (ckb < nkv) {
-            if (WS_LB) {  // the K scales now (used a step later), the rest once the GEMMs are issued
-              kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
-              load_kscales();
-              pending = true;
-            } else {
-              enter_block();
-            }
-          }
+          if (ckb < nkv) enter_block();
         } else {
           load_kscales();
         }
@@ -478,7 +455,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         wg_fence();
         issue_pv(pin);
         named_arrive(next_bar);
-        if (WS_LB && pending) late_consts();  // both GEMMs queued: they hide the loads' latency
         wg_wait<1>();
         release_k();
         softmax();
