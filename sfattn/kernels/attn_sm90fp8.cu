@@ -97,11 +97,14 @@ struct F8Params {
   F8Side vs[SF_MAXKV];  // fp32: V scale of the block
 };
 
+#ifndef WS_PP
+#define WS_PP 1  // consumer ping-pong through named barriers (0: consumers issue independently)
+#endif
 __device__ __forceinline__ void named_sync(int id) {
-  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+  if (WS_PP) asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
 __device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+  if (WS_PP) asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
 }
 // four floats -> four e4m3 bytes (a in the lowest), round to nearest even, saturating
 __device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d) {
