@@ -204,6 +204,13 @@ class KernelConfig:
         return int(dict(self.opts).get("OV", int(self.fp8_pv_bytes == 1 and self.fp8_bn > 128)))
 
     @property
+    def fp8_pp(self) -> int:
+        """sm90fp8: 1 when the consumers take turns issuing their GEMMs (named-barrier ping-pong,
+        knob PP); not by default at head dim 64 with e4m3 P.V (+3-4 % without it at 16k x 24 x 64
+        on an H200; at 128 it is 3 % slower without, docs/fp8.md)."""
+        return int(dict(self.opts).get("PP", int(not (self.head_dim == 64 and self.fp8_pv_bytes == 1))))
+
+    @property
     def fp8_db(self) -> int:
         """sm90fp8: 1 when P fragments alternate between two register sets (knob DB); not by default
         where a 16-bit P would spill (three head-dim-64 consumers, or tiles of more than 128 keys) nor
@@ -244,13 +251,13 @@ class KernelConfig:
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
-                    f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={o.get('PP', 1)}",
+                    f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
-                f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
+                f"-DWS_PP={self.fp8_pp}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
                 f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 1)}", f"-DWS_UW={o.get('UW', 0)}",
                 f"-DWS_DA={o.get('DA', 0)}", f"-DWS_OV={o.get('OV', 0)}",
                 f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
