@@ -124,3 +124,33 @@ def test_fp8_tile_follows_the_kernel():
     assert fp8_tile(kvs(64, 4608)) == fp8_tile(kvs(16, 4608)) == fp8_tile([]) == 128
     with pytest.raises(ValueError, match="FP8 kernel"):
         fp8_tile(kvs(128, 10), "sm90ws")
+
+
+def test_grouped_quantiser_copies_a_16bit_v_per_group(monkeypatch):
+    """quantize_grouped with ``parts['v']`` (precision='fp8-accurate', the put exchange's send
+    buffers): V copied as it is into each head group's slab, rows past S untouched, no V kernels;
+    ``parts['v']=None`` leaves V to the caller. The CUDA kernels are stubbed (their output is checked
+    on the GPU, tests/test_fp8_gpu.py); this is the Python around them."""
+    from sfattn.kernels import flash_fp8 as F8
+
+    launched = []
+    monkeypatch.setattr(F8, "cuda_quantizable", lambda *xs: True)
+    monkeypatch.setattr(F8, "_run", lambda name, x, *args: launched.append(name))
+    B, S, H, D, G, Sl = 2, 5, 4, 8, 2, 7
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(torch.bfloat16) for _ in range(3))
+    Ht = H // G
+    parts = {"q": torch.zeros(G, B, Sl, Ht, D, dtype=torch.int8), "k": torch.zeros(G, B, Sl, Ht, D, dtype=torch.int8),
+             "qs": torch.zeros(G, B, Ht, 1), "ks": torch.zeros(G, B, Ht, 1), "mu": torch.zeros(G, B, Ht, D),
+             "v": torch.full((G, B, Sl, Ht, D), 7.0, dtype=torch.bfloat16)}
+    F8.quantize_grouped(q, k, v, parts)
+    for i in range(G):
+        assert torch.equal(parts["v"][i, :, :S], v[:, :, i * Ht:(i + 1) * Ht])
+    assert (parts["v"][:, :, S:] == 7).all()
+    assert "sf_quant_i8" in launched and not {"sf_absmax_v", "sf_quant_vt"} & set(launched)
+    launched.clear()
+    before = parts["v"].clone()
+    F8.quantize_grouped(2 * q, 2 * k, 2 * v, {**parts, "v": None})
+    assert torch.equal(parts["v"], before) and "sf_quant_i8" in launched
+    with pytest.raises(ValueError, match=r"parts\['v'\]"):
+        F8.quantize_grouped(q, k, v, {**parts, "v": F8.GroupedDst.of(parts["v"])})
