@@ -182,6 +182,14 @@ def test_grouped_quantisation_equals_the_plain_one(G):
         assert all(torch.equal(x, parts[n][i]) for i, x in enumerate(ts)), n
     with pytest.raises(ValueError, match=r"parts\['vt'\]"):
         quantize_grouped(q, k, v, {**parts, "vt": parts["vt"][..., :32]})
+    # precision='fp8-accurate' (put exchange): V copied as it is into each group's slab
+    p16 = {n: t for n, t in parts.items() if n not in ("vt", "vs")}
+    p16["v"] = torch.full((G, B, Sl, Ht, D), 7.0, dtype=torch.bfloat16, device="cuda")
+    quantize_grouped(q, k, v, p16)
+    for i in range(G):
+        assert torch.equal(p16["v"][i, :, :S], v[:, :, i * Ht:(i + 1) * Ht])
+        assert torch.equal(p16["k"][i, :, :S], fkv.k[:, :, i * Ht:(i + 1) * Ht])
+    assert (p16["v"][:, :, S:] == 7).all()
 
 
 @pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128),
