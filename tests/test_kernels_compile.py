@@ -52,6 +52,37 @@ def test_all_configurations_compile_without_spills(tmp_path):
             assert "C7519" not in log, log
 
 
+def _cuobjdump():
+    import shutil
+    near = os.path.join(os.path.dirname(NVCC), "cuobjdump") if NVCC else None
+    return near if near and os.access(near, os.X_OK) else shutil.which("cuobjdump")
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (a full CUDA toolkit has it)")
+def test_fp8_softmax_sits_between_the_two_waits(tmp_path):
+    """The FP8 default build at head dim 128 (OV=1): every exponential of the softmax of S_t lies
+    between the wait for S_t (wgmma.wait_group 1) and the wait for P_{t-1}.V_{t-1} (wait_group 0),
+    so the softmax overlaps that GEMM inside the warpgroup. Without sf_sched_fence ptxas hoists the
+    second wait above the softmax (docs/kernel-notes.md)."""
+    cfg = _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a")
+    assert cfg.fp8_ov == 1
+    cubin = _build.compile_kernel(cfg, tmp_path / "k.cubin")
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sites, n = [], None
+    for line in sass.splitlines():
+        if "DEPBAR.LE gsb0, 0x1" in line:
+            n = 0
+        elif "DEPBAR.LE gsb0, 0x0" in line:
+            if n is not None:
+                sites.append(n)
+            n = None
+        elif n is not None and "MUFU.EX2" in line:
+            n += 1
+    # 96 exponentials per row pair of a 192-key tile, plus the two rescale factors
+    assert sites and max(sites) >= 96, sites
+
+
 @needs_nvcc
 def test_sm90ws_kernel_uses_wgmma_and_tma(tmp_path):
     cfg = _build.KernelConfig("sm90ws", 128, "bf16", "sm_90a")
