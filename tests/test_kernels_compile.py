@@ -379,6 +379,9 @@ def test_fp8_overlap_and_p_register_sets_defaults():
     # the consumers' ping-pong: off by default only at head dim 64 with e4m3 P.V
     assert (cfg(64).fp8_pp, cfg(128).fp8_pp, cfg(64, PV=16).fp8_pp, cfg(64, PP=1).fp8_pp) == (0, 1, 1, 1)
     assert "-DWS_PP=0" in cfg(64).defines() and "-DWS_PP=1" in cfg(128).defines()
+    for d in (64, 128):  # the bf16 kernel keeps its own defaults (ping-pong on, OV off)
+        ws = _build.KernelConfig("sm90ws", d, "bf16", "sm_90a").defines()
+        assert "-DWS_PP=1" in ws and "-DWS_OV=0" in ws, ws
 
 
 def test_heads_copy_refuses_unaligned_pieces_before_any_launch():

@@ -257,7 +257,7 @@ class KernelConfig:
         nc = self.consumers
         return [*common, f"-DWS_NC={nc}", f"-DWS_PRODUCER_REGS={o.get('PR', WS_PRODUCER_REGS)}",
                 f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
-                f"-DWS_PP={self.fp8_pp}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
+                f"-DWS_PP={o.get('PP', 1)}", f"-DWS_EA={o.get('EA', 1)}", f"-DWS_TMA={int(self.tma)}",
                 f"-DWS_CL={self.cluster}", f"-DWS_FO={o.get('FO', 1)}", f"-DWS_UW={o.get('UW', 0)}",
                 f"-DWS_DA={o.get('DA', 0)}", f"-DWS_OV={o.get('OV', 0)}",
                 f"-DWS_BN={bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}"]
