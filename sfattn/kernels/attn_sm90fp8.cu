@@ -117,6 +117,9 @@ __device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d)
 #define F8_MAGIC 0x4B400000u      // bits of 1.5 * 2^23
 #define F8_MAGIC_F 12582912.0f    // 1.5 * 2^23
 
+#ifndef WS_QC
+#define WS_QC 0  // 1: q . mu converts Q's int8 values by a byte permute and an add, not I2F
+#endif
 // q . mu of the thread's rows (r, r + 8) for K/V block kb, in log2 units of the logits: the quad's
 // four threads each take D / 4 channels of the int8 Q row (from global memory: the tile was just
 // loaded, so these hit L2) and mu, then add across the quad.
@@ -135,9 +138,20 @@ __device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int 
       for (int c = 0; c < CH; c += 16) {
         const int4 w = *reinterpret_cast<const int4*>(q + c);
         const int ws[4] = {w.x, w.y, w.z, w.w};
+#if WS_QC
+        // int8 -> float without I2F (a quarter-rate conversion on the MUFU/XU pipe, 64 per thread
+        // and block): byte ^ 0x80 into the low mantissa byte of 2^23, minus 2^23 + 128, exact
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+          const uint32_t bits = __byte_perm((uint32_t)ws[e >> 2] ^ 0x80808080u, 0x4B000000u,
+                                            (e & 3) | 0x7650);
+          acc = fmaf(__uint_as_float(bits) - 8388736.f, __ldg(mu + c + e), acc);
+        }
+#else
 #pragma unroll
         for (int e = 0; e < 16; ++e)
           acc = fmaf((float)(int8_t)(ws[e >> 2] >> (8 * (e & 3))), __ldg(mu + c + e), acc);
+#endif
       }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
