@@ -148,8 +148,8 @@ __device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int 
         const int4 w = *reinterpret_cast<const int4*>(q + c);
         const int ws[4] = {w.x, w.y, w.z, w.w};
 #if WS_QC
-        // int8 -> float without I2F (a quarter-rate conversion on the MUFU/XU pipe, 64 per thread
-        // and block): byte ^ 0x80 into the low mantissa byte of 2^23, minus 2^23 + 128, exact
+        // int8 -> float without I2F (16 per clock per SM, MUFU's rate; 64 per thread and block):
+        // byte ^ 0x80 into the low mantissa byte of 2^23, minus 2^23 + 128, exact
 #pragma unroll
         for (int e = 0; e < 16; ++e) {
           const uint32_t bits = __byte_perm((uint32_t)ws[e >> 2] ^ 0x80808080u, 0x4B000000u,
