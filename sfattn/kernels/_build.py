@@ -215,10 +215,9 @@ class KernelConfig:
         """sm90fp8: 1 when P fragments alternate between two register sets (knob DB); not by default
         where a 16-bit P would spill (three head-dim-64 consumers, or tiles of more than 128 keys) nor
         with OV=1 on 192-key tiles (two P sets beside the overlapped softmax spill)."""
-        dflt = 0 if self.fp8_pv_bytes == 2 and (self.head_dim == 64 or self.fp8_bn > 128) else 1
-        if self.fp8_ov and self.fp8_bn > 128:
-            dflt = 0
-        return int(dict(self.opts).get("DB", dflt))
+        spills = self.fp8_bn > 128 and (self.fp8_pv_bytes == 2 or self.fp8_ov) or \
+            (self.fp8_pv_bytes == 2 and self.head_dim == 64)
+        return int(dict(self.opts).get("DB", int(not spills)))
 
     @property
     def smem_bytes(self) -> int:

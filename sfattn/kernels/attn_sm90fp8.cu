@@ -408,9 +408,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 
       auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
       auto wait_v_prev = [&]() { mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1); };
-#if WS_NR
-      int tail_s = 0;  // valid keys of the tile whose S was issued last: 0 more than 128, 1 <= 128, 2 <= 64
-#endif
+      int tail_s = 0;  // WS_NR: valid keys of the tile whose S was issued last (0: > 128, 1: <= 128, 2: <= 64)
       auto issue_s = [&]() {
         const uint32_t kbase = sK + (ct % KST) * KTILE;
 #if WS_NR
@@ -495,11 +493,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
       auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
-#if WS_NR
         const int tail_v = tail_s;  // tile ct-1's
-#else
-        const int tail_v = 0;
-#endif
         wait_k();
         named_sync(my_bar);
         wg_fence();
@@ -557,11 +551,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
             for (int e = 0; e < 4; ++e) pa0[kk][e] = pa1[kk][e];
         }
         reg_fence_u<BN / F8_PK>(pa0);
-#if WS_NR
         issue_pv(pa0, tail_s);
-#else
-        issue_pv(pa0, 0);
-#endif
         named_arrive(next_bar);
         wg_wait<0>();
         if (arrives) mbar_arrive(vempty((ct - 1) % VST));
