@@ -22,7 +22,7 @@ from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q  # noqa
 
 IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB=0", "sm90fp8:PX=2",
          "sm90fp8:OV=1", "sm90fp8:OV=1,DB=0", "sm90fp8:PP=0",
-         "sm90fp8:PP=1", "sm90fp8:QC=1", "sm90fp8:NR=1"]
+         "sm90fp8:PP=1"]
 # (impl, head dim): every knob at both head dims (default tiles: 128 keys at 64; at 128 192 keys,
 # or 128 where 192 would pad the blocks, sfattn.kernels.flash_fp8.fp8_tile), and each tile length
 # forced at 128 (at 64, longer tiles spill)
@@ -193,7 +193,7 @@ def test_grouped_quantisation_equals_the_plain_one(G):
 
 
 @pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128),
-                                    ("sm90fp8:OV=1", 128), ("sm90fp8:NR=1", 128), ("sm90fp8:NR=1", 64)])
+                                    ("sm90fp8:OV=1", 128)])
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([640], [128, 4099])])
 def test_fp8_accurate_matches_its_emulation(impl, D, qlens, kvlens):
     """precision='fp8-accurate' (the PV=16 kernel: V in bf16, P.V a 16-bit wgmma): the emulation to

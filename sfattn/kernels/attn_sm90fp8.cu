@@ -65,15 +65,6 @@
 #define WS_DB 1  // 1: P fragments alternate between two register sets, so P_t is packed while
                  // P_{t-1} V_{t-1} still reads the other (softmax and pack overlap the P.V GEMM)
 #endif
-#ifndef WS_NR
-#define WS_NR 0  // 1: P.V of a K/V block's last tile with at most 64 (in 192-key tiles: 128) valid
-                 // keys runs over those keys only (a narrower S GEMM there made ptxas serialise
-                 // the wgmma pipeline, C7511)
-#endif
-template <int N>
-struct sf_int {
-  static constexpr int value = N;
-};
 #ifndef WS_OV
 #define WS_OV 0  // 1: the softmax of S_t (and with WS_DB the pack) overlaps P_{t-1} V_{t-1} inside a
                  // warpgroup (sf_sched_fence keeps ptxas from hoisting the wait above them)
@@ -126,9 +117,6 @@ __device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d)
 #define F8_MAGIC 0x4B400000u      // bits of 1.5 * 2^23
 #define F8_MAGIC_F 12582912.0f    // 1.5 * 2^23
 
-#ifndef WS_QC
-#define WS_QC 0  // 1: q . mu converts Q's int8 values by a byte permute and an add, not I2F
-#endif
 // q . mu of the thread's rows (r, r + 8) for K/V block kb, in log2 units of the logits: the quad's
 // four threads each take D / 4 channels of the int8 Q row (from global memory: the tile was just
 // loaded, so these hit L2) and mu, then add across the quad.
@@ -147,20 +135,9 @@ __device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int 
       for (int c = 0; c < CH; c += 16) {
         const int4 w = *reinterpret_cast<const int4*>(q + c);
         const int ws[4] = {w.x, w.y, w.z, w.w};
-#if WS_QC
-        // int8 -> float without I2F (16 per clock per SM, MUFU's rate; 64 per thread and block):
-        // byte ^ 0x80 into the low mantissa byte of 2^23, minus 2^23 + 128, exact
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-          const uint32_t bits = __byte_perm((uint32_t)ws[e >> 2] ^ 0x80808080u, 0x4B000000u,
-                                            (e & 3) | 0x7650);
-          acc = fmaf(__uint_as_float(bits) - 8388736.f, __ldg(mu + c + e), acc);
-        }
-#else
 #pragma unroll
         for (int e = 0; e < 16; ++e)
           acc = fmaf((float)(int8_t)(ws[e >> 2] >> (8 * (e & 3))), __ldg(mu + c + e), acc);
-#endif
       }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -408,24 +385,18 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 
       auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
       auto wait_v_prev = [&]() { mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1); };
-      int tail_s = 0;  // WS_NR: valid keys of the tile whose S was issued last (0: > 128, 1: <= 128, 2: <= 64)
       auto issue_s = [&]() {
         const uint32_t kbase = sK + (ct % KST) * KTILE;
-#if WS_NR
-        const int rem = (int)p.kv[ckb].len - cn0;  // valid keys of this tile
-        tail_s = rem <= 64 ? 2 : (BN > 128 && rem <= 128) ? 1 : 0;
-#endif
 #pragma unroll
         for (int kk = 0; kk < D / 32; ++kk)
           WGMMA_S(s, sf_desc(qdesc_base + kk * 32, 16, SBO_QK, F8_LAYOUT),
                   sf_desc(kbase + kk * 32, 16, SBO_QK, F8_LAYOUT), kk > 0);
         wg_commit();
       };
-      // O += P V over the first NK keys of the tile
-      auto issue_pv_n = [&](const uint32_t (&pa)[BN / F8_PK][4], auto nk) {
+      auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P_{ct-1} V_{ct-1}
         const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
 #pragma unroll
-        for (int kk = 0; kk < decltype(nk)::value / F8_PK; ++kk)
+        for (int kk = 0; kk < BN / F8_PK; ++kk)
 #if F8_PV16  // V rows K-major in 64-channel panels (MN-major B operand), as in the bf16 kernels
           WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
 #else
@@ -433,21 +404,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
                                      8 * F8_VP, F8_VP == 128 ? 1 : 2), 1);
 #endif
         wg_commit();
-      };
-      // O += P_{ct-1} V_{ct-1}; WS_NR: tail = that tile's tail_s (P is zero past its valid keys)
-      auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4], int tail) {
-#if WS_NR
-        if (tail == 2) {
-          wg_fence();
-          return issue_pv_n(pa, sf_int<64>());
-        }
-        if (BN > 128 && tail == 1) {
-          wg_fence();
-          return issue_pv_n(pa, sf_int<128>());
-        }
-        wg_fence();
-#endif
-        issue_pv_n(pa, sf_int<BN>());
       };
       auto release_k = [&]() {
         if (arrives) {
@@ -493,7 +449,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
       auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
-        const int tail_v = tail_s;  // tile ct-1's
         wait_k();
         named_sync(my_bar);
         wg_fence();
@@ -501,7 +456,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         rescale_o();  // under the S GEMM, then V_{t-1}
         wait_v_prev();
         wg_fence();
-        issue_pv(pin, tail_v);
+        issue_pv(pin);
         named_arrive(next_bar);
         wg_wait<1>();
         release_k();
@@ -551,7 +506,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
             for (int e = 0; e < 4; ++e) pa0[kk][e] = pa1[kk][e];
         }
         reg_fence_u<BN / F8_PK>(pa0);
-        issue_pv(pa0, tail_s);
+        issue_pv(pa0);
         named_arrive(next_bar);
         wg_wait<0>();
         if (arrives) mbar_arrive(vempty((ct - 1) % VST));
