@@ -26,8 +26,9 @@ from typing import Any, Sequence
 import oneside
 
 from .local import FA3Attention, GpuAttention, HostAttention, PeerBlock, TorchAttention, as_torch
-from .p2p import UlyssesP2P
+from .p2p import UlyssesP2P, addr_of
 from .plan import Plan
+from .reference import AttnState
 
 
 PRECISIONS = (None, "fp8", "fp8-accurate")
@@ -36,6 +37,16 @@ PRECISIONS = (None, "fp8", "fp8-accurate")
 def _swap12(x: Any) -> Any:
     """BHSD <-> BSHD view (numpy, CuPy or torch; no copy)."""
     return x.transpose(1, 2) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
+
+
+def _host_array(x: Any) -> Any:
+    """A CPU array as the host kernels take it: numpy (a torch tensor's memory, bfloat16 as its
+    bits, which is how the heap holds it), without a copy."""
+    if hasattr(x, "numpy"):
+        import torch
+
+        return (x.view(torch.uint16) if x.dtype == torch.bfloat16 else x).numpy()
+    return x
 
 
 def _same_view(x: Any, t: Any) -> bool:
@@ -216,6 +227,14 @@ class SPAttention:
             self._events: dict = {}
         self._build()
         self.p2p = UlyssesP2P(self) if use_p2p else None
+        # plans that are Ulysses alone (T = R = 1) on the p2p exchange: my own head group of my rows
+        # stays in the caller's tensors (the kernel reads and writes it there), so push and pull
+        # move only the other members' pieces; per call, where the kernel can address them. Such
+        # calls run eagerly (their kernel is prepared per set of caller buffers), and so do the
+        # calls that cannot: every rank's barriers then carry the same per-call tags.
+        self._own = (use_p2p and T == 1 and R == 1 and U > 1 and not self.fp8
+                     and isinstance(self.local, (GpuAttention, HostAttention)))
+        self._own_runs: dict = {}
         self._build_io(use_p2p and local == "kernel")
         rt.sync()
         rt.barrier_all()
@@ -567,14 +586,6 @@ class SPAttention:
         C = rt.backend.stream_handle(None) if self.gpu else None
         if self._io_run is not None and self._is_io(q, k, v):
             return self._call_io(out, C)
-        if self.p2p is not None:
-            self.p2p.push(q, k, v, C)
-        elif self.fp8:
-            self._pack_fp8(q, k, v)
-        else:
-            for x, a in (("q", q), ("k", k), ("v", v)):
-                self._pack(a, self._send_views[x])
-        self._issue(self._exchange_compute, C)
         ret = out
         if out is None:
             shape = (self.batch, self.shard_len(), plan.heads, plan.head_dim)
@@ -582,11 +593,70 @@ class SPAttention:
             ret = _swap12(out) if self.layout == "bhsd" else out
         elif self.layout == "bhsd":
             out = _swap12(out)
+        own = self._own_run(q, k, v, out) if self._own else None
         if self.p2p is not None:
-            self.p2p.pull(out, C)
+            self.p2p.push(q, k, v, C, own=own is not None)
+        elif self.fp8:
+            self._pack_fp8(q, k, v)
+        else:
+            for x, a in (("q", q), ("k", k), ("v", v)):
+                self._pack(a, self._send_views[x])
+        if own is not None:
+            self._compute_own(own, C)
+        elif self._own:
+            self._exchange_compute(C)
+        else:
+            self._issue(self._exchange_compute, C)
+        if self.p2p is not None:
+            self.p2p.pull(out, C, own=own is not None)
         else:
             self._unpack(out)
         return ret
+
+    def _own_run(self, q: Any, k: Any, v: Any, out: Any) -> Any:
+        """The kernel launch of a call that leaves my own head group in the caller's tensors
+        (``self._own``; BSHD views in): my rows of my heads read from q, k, v and written to out
+        in place, the other members' rows from my receive buffers into my result buffers as
+        usual. None where the kernel cannot address those views (the call then copies them)."""
+        h0, Ht = self.u * self.Ht, self.Ht
+        views = [x[:, :, h0:h0 + Ht] for x in (q, k, v, out)]
+        if not self.gpu:
+            return self._prepare_own([_host_array(x) for x in views])
+        addrs = [addr_of(x) for x in views]
+        if not all(a % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]) for a, st, es in addrs):
+            return None
+        key = tuple((a, st) for a, st, _ in addrs)
+        run = self._own_runs.pop(key, None)  # most recently used last
+        if run is None:
+            if len(self._own_runs) >= 64:  # callers cycle through a few buffers: drop the oldest
+                self._own_runs.pop(next(iter(self._own_runs)))
+            try:
+                run = self._prepare_own(views)
+            except (ValueError, TypeError):  # strides the kernel does not take
+                return None
+        self._own_runs[key] = run
+        return run
+
+    def _prepare_own(self, views: list) -> Any:
+        qv, kv, vv, ov = views
+        u, U = self.u, self.plan.U
+        q = [qv if i == u else self.RU["q"][0, i] for i in range(U)]
+        k = [kv if i == u else (self.RU["k"][0, i], self._kv_len(0, i, 0)) for i in range(U)]
+        v = [vv if i == u else (self.RU["v"][0, i], self._kv_len(0, i, 0)) for i in range(U)]
+        o = [ov if i == u else self.RO[0][i] for i in range(U)]
+        st, n = self.states[0], (U - 1) * self.Sl + self.shard_len()  # the rows of these Q blocks
+        state = AttnState(st.acc[:, :n], st.m[:, :, :n], st.l[:, :, :n])
+        dep = {"dependent": True} if self._dependent else {}
+        run = self.local.prepare(q, k, v, state, self.scale, init=True, finalize=True, out=o, **dep)
+        return self.rt.chaos.wrap(run) if self.rt.chaos is not None else run
+
+    def _compute_own(self, run: Any, C: Any) -> None:
+        """A call's compute with my own head group in place: what :meth:`_exchange_compute` issues
+        for T = R = 1 on the p2p exchange (the same barriers and tags), with this call's kernel."""
+        tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
+        self.rt.barrier_all(C, tag=tag)  # every member's pieces of its rows in my receive buffer
+        run(C)
+        self.rt.barrier_all(C, tag=tag + 1, dependent=self._dependent)  # every result complete
 
     def _call_io(self, out: Any, C: Any) -> Any:
         """A call on the io inputs, in place (see ``io_buffers``): barrier, one kernel, barrier."""

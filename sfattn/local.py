@@ -137,7 +137,7 @@ class HostAttention:
                 init: bool, finalize: bool, out: Sequence[Any] | None = None) -> Callable[[Any], None]:
         if is_fp8(q[0]):
             return self._prepare_fp8(q, k, v, state, scale, init, finalize, out)
-        bf16 = self._bf16(q[0])
+        bf16 = any(self._bf16(b) for b in q)  # a caller's array among heap blocks: bits as uint16
         q, k, v = ([self.view(b) for b in x] for x in (q, k, v))
         out = None if out is None else [self.view(b) for b in out]
         if not bf16:

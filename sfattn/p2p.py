@@ -10,6 +10,11 @@ buffer:
 * ``pull``: after the layer's last barrier, one kernel reads this rank's output rows from each
   member's result buffer straight into the caller's output (NaN if a wait of this rank failed).
 
+``own=True`` (plans that are Ulysses alone, T = R = 1; see ``SPAttention``): my own head group of
+my rows stays where the caller keeps it - the attention kernel reads it there and writes its
+output rows there - so push and pull move only the other members' pieces (the pull still marks
+my own piece NaN if a wait failed).
+
 Without Ulysses (U = 1: Ring, or Torus over one GPU per machine) the team is this rank alone:
 push and pull are then the copies into and out of its own buffers, one launch each.
 
@@ -32,7 +37,7 @@ import numpy as np
 from oneside.heap import storage_dtype
 
 
-def _addr(x: Any) -> tuple[int, tuple[int, ...], int]:
+def addr_of(x: Any) -> tuple[int, tuple[int, ...], int]:
     """(address, byte strides, itemsize) of a torch tensor or CuPy array."""
     if hasattr(x, "data_ptr"):
         es = x.element_size()
@@ -51,6 +56,7 @@ class UlyssesP2P:
         members = [layer.Ut[j] for j in range(U)]
         # (piece (j, g) of the caller's heads) <-> member j's buffer slot [g, u]
         self._slots = [(j, g, members[j]) for j in range(U) for g in range(T)]
+        self._own = [j == u and T == 1 for j, g, _ in self._slots]  # my own piece (``own=True``)
         names = [n for x in "qkv" for n in layer.parts[x]]  # Q, K, V (FP8: and their scales)
         self._recv = {n: [layer.RU[n][g, u] for j, g, _ in self._slots] for n in names}
         self._res = [layer.RO[g, u] for j, g, _ in self._slots]
@@ -105,16 +111,17 @@ class UlyssesP2P:
     def _readable(x: Any) -> tuple[Any, int, tuple[int, ...], bool]:
         """``(array, address, byte strides, is x)``: x itself where the copy kernel can address
         it (16-byte aligned rows, head dim contiguous), else a contiguous copy (rare: odd offsets)."""
-        ptr, st, es = _addr(x)
+        ptr, st, es = addr_of(x)
         if ptr % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]):
             return x, ptr, st, True
         c = x.clone() if hasattr(x, "clone") else x.copy()
-        return (c, *_addr(c)[:2], False)
+        return (c, *addr_of(c)[:2], False)
 
-    def push(self, q: Any, k: Any, v: Any, stream: Any) -> None:
-        """Every member's receive buffer gets its head groups of my rows (BSHD views in)."""
+    def push(self, q: Any, k: Any, v: Any, stream: Any, own: bool = False) -> None:
+        """Every member's receive buffer gets its head groups of my rows (BSHD views in);
+        ``own``: but mine (see the module)."""
         if not self.gpu:
-            return self._push_host(q, k, v)
+            return self._push_host(q, k, v, own)
         names, srcs = "qkv", (q, k, v)  # what the copy kernel moves
         if self.layer.fp8:
             from .kernels.flash_fp8 import quantize_grouped
@@ -131,21 +138,28 @@ class UlyssesP2P:
             Ht, T = self.layer.Ht, self.layer.plan.T
             return self._launch([(a + (j * T + g) * Ht * st[2], st[:3], dst, self._heap_strides)
                                  for name, (a, st) in zip(names, addrs)
-                                 for (j, g, _), dst in zip(self._slots, self._recv_addr[name])], poison=False)
-        for launch in self._prepared(("push", names, *addrs), build):
+                                 for (j, g, _), dst, mine in zip(self._slots, self._recv_addr[name], self._own)
+                                 if not (own and mine)], poison=False)
+        for launch in self._prepared(("push", names, own, *addrs), build):
             launch(stream)
 
-    def pull(self, out: Any, stream: Any) -> None:
-        """My output rows of every member's head groups into ``out`` (a BSHD view)."""
+    def pull(self, out: Any, stream: Any, own: bool = False) -> None:
+        """My output rows of every member's head groups into ``out`` (a BSHD view); ``own``: my
+        own head group is there already (only marked NaN if a wait failed)."""
         if not self.gpu:
-            return self._pull_host(out)
+            return self._pull_host(out, own)
         dst, a, st, direct = self._readable(out)
+        if own and not direct:
+            raise ValueError("out: the attention kernel wrote my head group in place, so the pull must "
+                             "write the others there too (16-byte aligned rows and strides)")
 
         def build() -> list:
             Ht, T = self.layer.Ht, self.layer.plan.T
-            return self._launch([(src, self._heap_strides, a + (j * T + g) * Ht * st[2], st[:3])
-                                 for (j, g, _), src in zip(self._slots, self._res_addr)], poison=True)
-        for launch in self._prepared(("pull", a, st), build):
+            return self._launch([(0 if own and mine else src, self._heap_strides,
+                                  a + (j * T + g) * Ht * st[2], st[:3])
+                                 for (j, g, _), src, mine in zip(self._slots, self._res_addr, self._own)],
+                                poison=True)
+        for launch in self._prepared(("pull", own, a, st), build):
             launch(stream)
         if not direct:
             if hasattr(out, "copy_"):
@@ -168,12 +182,14 @@ class UlyssesP2P:
             view = self._views[key] = view[:, :self.L]
         return view
 
-    def _push_host(self, q: Any, k: Any, v: Any) -> None:
+    def _push_host(self, q: Any, k: Any, v: Any, own: bool) -> None:
         if self.layer.fp8:
             return self._push_host_fp8(q, k, v)
         for name, x in zip("qkv", (q, k, v)):
             pieces = self.layer._by_piece(x)
-            for (j, g, pe), buf in zip(self._slots, self._recv[name]):
+            for (j, g, pe), buf, mine in zip(self._slots, self._recv[name], self._own):
+                if own and mine:
+                    continue
                 dst = self._peer_view(buf, pe, x)
                 if hasattr(dst, "copy_"):
                     dst.copy_(pieces[j, g])
@@ -195,9 +211,11 @@ class UlyssesP2P:
                 src = pieces[j, g]
                 dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
 
-    def _pull_host(self, out: Any) -> None:
+    def _pull_host(self, out: Any, own: bool) -> None:
         Ht, T = self.layer.Ht, self.layer.plan.T
-        for (j, g, pe), buf in zip(self._slots, self._res):
+        for (j, g, pe), buf, mine in zip(self._slots, self._res, self._own):
+            if own and mine:  # the host backend's waits raise: nothing to poison
+                continue
             h0 = (j * T + g) * Ht
             src = self._peer_view(buf, pe, out)
             if hasattr(out, "copy_"):

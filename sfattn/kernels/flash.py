@@ -342,6 +342,7 @@ class HeadsCopy:
     dst_strides)`` of addresses and ``(b, s, h)`` byte strides, each a ``[B, L, Hg]`` grid of
     rows of ``row_bytes``; either side may be a peer's mapped symmetric heap. ``flag``: the
     address of a failure word; when it is non-zero at run time the destinations get 0xFF bytes.
+    A piece with ``src`` 0 is poison-only: its destination is written only then.
     Addresses, strides and ``row_bytes`` must be multiples of 16 (ValueError otherwise)."""
 
     MAXP = 48

@@ -6,6 +6,8 @@
 // and row_bytes multiples of 16).  One launch for every piece: blockIdx.y is the piece.
 // If `flag` is set and *flag != 0 (a wait of this rank failed), every destination byte becomes
 // 0xFF (NaN in any float dtype) instead: a result of a broken collective is never plausible.
+// A piece with src == 0 is poison-only: its destination is written after a failure, else untouched
+// (a result the attention kernel wrote in place, which a failed wait must mark like the copied ones).
 #define HC_MAXP 48
 
 struct HcPiece {
@@ -31,6 +33,7 @@ extern "C" __global__ void __launch_bounds__(256) sf_heads_copy(const __grid_con
   const unsigned vecs = (unsigned)p.vecs;
   const int vlog = (int)p.vlog;
   const bool poison = p.flag && *reinterpret_cast<const volatile unsigned long long*>(p.flag);
+  if (!poison && c.src == 0) return;  // poison-only piece, no failure
   const unsigned step = gridDim.x * blockDim.x, i0 = blockIdx.x * blockDim.x + threadIdx.x;
   const unsigned dt = step / M, dm = step % M;
   unsigned tok = i0 / M, m = i0 % M;
