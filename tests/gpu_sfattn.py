@@ -252,6 +252,32 @@ def main() -> None:
         say(f"p2p exchange ({plan.algorithm}): misaligned inputs and output give the aligned result")
     sfattn.release(layer)
     layer.close()
+    # Ulysses alone (T = R = 1) on the p2p exchange: my own head group stays in the caller's
+    # tensors - the receive/result slots the copies used to fill stay as poisoned, the output right
+    plan = sfattn.make_plan(rt.mesh, 24, 515, 128, "ulysses")
+    layer = sfattn.SPAttention(rt, plan, 1, "bfloat16")
+    if layer._own:
+        u, L = layer.u, layer.shard_len()
+        mine = [layer.RU[x][0, u].torch() for x in "qkv"] + [layer.RO[0, u].torch()]
+        full = [torch.randn(1, 515, 24, 128, device=dev, dtype=torch.bfloat16, generator=torch.Generator(
+            device=dev).manual_seed(i)) for i in range(3)]
+        lo = me * layer.Sl
+        ref = reference(*full, layer.scale)[:, lo:lo + L]
+        for it in range(3):
+            for t in mine:
+                t.fill_(float("nan"))
+            torch.cuda.synchronize()
+            rt.barrier_all()
+            got = layer(*(x[:, lo:lo + L] for x in full))
+            torch.cuda.synchronize()
+            rt.barrier_all()
+            assert all(torch.isnan(t.float()).all() for t in mine), "own head group copied or written"
+            err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, err
+        say(f"own head group in place ({plan.algorithm} U={plan.U}): receive/result slots untouched, "
+            f"rel err {err:.2e}")
+    sfattn.release(layer)
+    layer.close()
     fp8_checks(rt, dev, say)
     io_checks(rt, dev, say)
     # 1000 calls leave the heap as it was

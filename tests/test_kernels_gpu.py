@@ -331,7 +331,8 @@ def test_cluster_multicast_equals_single_blocks(qlens):
                                        (3, 700, 8, 64, 2)])
 def test_heads_copy_moves_strided_head_groups_and_poisons_on_failure(B, L, H, D, G):
     """The p2p exchange's copy kernel: head groups of a strided [B, L, H, D] view into
-    contiguous [B, Lp, Hg, D] pieces and back; a non-zero failure word writes NaN instead.
+    contiguous [B, Lp, Hg, D] pieces and back; a non-zero failure word writes NaN instead (also
+    into a poison-only piece's destination, which is untouched without a failure).
     Shapes: batch 1 and more, rows of a power-of-two number of 16-byte vectors and not (D 80),
     a token's vectors outnumbering a grid's threads (D 256, one row), several grid strides."""
     from sfattn.kernels.flash import HeadsCopy
@@ -355,6 +356,14 @@ def test_heads_copy_moves_strided_head_groups_and_poisons_on_failure(B, L, H, D,
                      B, L, Hg, D * es, 0, flag=flag.data_ptr())
     pull(torch.cuda.current_stream().cuda_stream)
     assert torch.equal(back, x)
+    # a poison-only piece (src 0: a result written in place) is left alone until a wait failed
+    flag.zero_()
+    back.copy_(x)
+    pieces.fill_(0)
+    pull = HeadsCopy([(0 if g == 0 else pieces[g].data_ptr(), ps[:3], back.data_ptr() + g * Hg * bs[2], bs[:3])
+                      for g in range(G)], B, L, Hg, D * es, 0, flag=flag.data_ptr())
+    pull(torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(back[:, :, :Hg], x[:, :, :Hg]) and not back[:, :, Hg:].any()
     flag.fill_(1)
     pull(torch.cuda.current_stream().cuda_stream)
     assert torch.isnan(back.float()).all()
