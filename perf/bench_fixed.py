@@ -23,8 +23,7 @@ kernels among them, are timed from one start to each rank's end, as a layer is);
 * the pieces of the fixed cost, each alone: ``push`` / ``pull`` (p2p: Q, K, V into the members'
   receive buffers; the output rows back into the caller's tensor; ``push_own`` / ``pull_own``: the
   same without this rank's own head group, which a Ulysses-only plan's kernel reads and writes in
-  the caller's tensors; ``push_beside``: that push by the copy engines, as the call issues it beside
-  its first kernel), ``barrier`` (one
+  the caller's tensors), ``barrier`` (one
   BarrierAll); of the put exchange: ``pack`` (Q, K, V into the send buffers), ``exchange`` (the
   Ulysses ScatterPush and the barrier after it), ``reverse`` (the output's ScatterPush back and
   its barrier), ``unpack``;
@@ -121,7 +120,6 @@ def measure(rt, name: str, S: int, reps: int, profile: int) -> dict:
     if layer._own:  # what the default call moves: the other members' pieces only
         fns["push_own"] = lambda: layer.p2p.push(q, k, v, C(), own=True)
         fns["pull_own"] = lambda: layer.p2p.pull(out, C(), own=True)
-        fns["push_beside"] = lambda: layer.p2p.push_beside(q, k, v, C())  # the copy engines
     if io.io_in_place:
         for x, t in zip("qkv", (q, k, v)):
             io.io[x].copy_(t)
@@ -193,7 +191,7 @@ def main() -> int:
                shapes=out)
     if rt.rank == 0:
         cols = ["layer", "eager", "kernels", "fixed_us", "layer_io", "kernels_io", "fixed_io_us", "push", "barrier",
-                "pull", "push_own", "pull_own", "push_beside", "layer_put", "fixed_put_us",
+                "pull", "push_own", "pull_own", "layer_put", "fixed_put_us",
                 "pack", "exchange", "reverse", "unpack", "host_layer", "host_eager", "host_kernels",
                 "host_push", "host_pull", "host_barrier", "host_pack", "host_exchange", "host_reverse",
                 "host_unpack"]

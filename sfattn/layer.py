@@ -228,11 +228,10 @@ class SPAttention:
         self._build()
         self.p2p = UlyssesP2P(self) if use_p2p else None
         # plans that are Ulysses alone (T = R = 1) on the p2p exchange: my own head group of my rows
-        # stays in the caller's tensors (the kernels read and write it there), so push and pull
-        # move only the other members' pieces, and the push runs beside the first kernel (my rows
-        # against my keys); per call, where the kernels can address them. Such calls run eagerly
-        # (their kernels are prepared per set of caller buffers), and so do the calls that cannot:
-        # every rank's barriers then carry the same per-call tags.
+        # stays in the caller's tensors (the kernel reads and writes it there), so push and pull
+        # move only the other members' pieces; per call, where the kernel can address them. Such
+        # calls run eagerly (their kernel is prepared per set of caller buffers), and so do the
+        # calls that cannot: every rank's barriers then carry the same per-call tags.
         self._own = (use_p2p and T == 1 and R == 1 and U > 1 and not self.fp8
                      and isinstance(self.local, (GpuAttention, HostAttention)))
         self._own_runs: dict = {}
@@ -595,18 +594,18 @@ class SPAttention:
         elif self.layout == "bhsd":
             out = _swap12(out)
         own = self._own_run(q, k, v, out) if self._own else None
-        if own is not None:
-            self._compute_own(own, q, k, v, C)
-        elif self.p2p is not None:
-            self.p2p.push(q, k, v, C)
+        if self.p2p is not None:
+            self.p2p.push(q, k, v, C, own=own is not None)
         elif self.fp8:
             self._pack_fp8(q, k, v)
         else:
             for x, a in (("q", q), ("k", k), ("v", v)):
                 self._pack(a, self._send_views[x])
-        if own is None and self._own:
+        if own is not None:
+            self._compute_own(own, C)
+        elif self._own:
             self._exchange_compute(C)
-        elif own is None:
+        else:
             self._issue(self._exchange_compute, C)
         if self.p2p is not None:
             self.p2p.pull(out, C, own=own is not None)
@@ -614,10 +613,11 @@ class SPAttention:
             self._unpack(out)
         return ret
 
-    def _own_run(self, q: Any, k: Any, v: Any, out: Any) -> tuple | None:
-        """The kernel launches of a call that leaves my own head group in the caller's tensors
-        (``self._own``; BSHD views in; see :meth:`_prepare_own`). None where the kernels cannot
-        address those views (the call then copies them like the others)."""
+    def _own_run(self, q: Any, k: Any, v: Any, out: Any) -> Any:
+        """The kernel launch of a call that leaves my own head group in the caller's tensors
+        (``self._own``; BSHD views in): my rows of my heads read from q, k, v and written to out
+        in place, the other members' rows from my receive buffers into my result buffers as
+        usual. None where the kernel cannot address those views (the call then copies them)."""
         h0, Ht = self.u * self.Ht, self.Ht
         views = [x[:, :, h0:h0 + Ht] for x in (q, k, v, out)]
         if not self.gpu:
@@ -637,51 +637,26 @@ class SPAttention:
         self._own_runs[key] = run
         return run
 
-    def _prepare_own(self, views: list) -> tuple:
-        """``(mine, rest, theirs)``: my rows (in the caller's q, views[0]) against my keys (k, v),
-        which needs nothing from the other members; my rows against their keys, finishing my rows
-        into out (views[3]); their rows (my receive buffer) against every member's keys, into my
-        result buffer for their pulls."""
+    def _prepare_own(self, views: list) -> Any:
         qv, kv, vv, ov = views
-        u, U, n = self.u, self.plan.U, self.shard_len()
-        others = [i for i in range(U) if i != u]
-        kvs = {i: (self.RU["k"][0, i], self._kv_len(0, i, 0)) for i in others}
-        vvs = {i: (self.RU["v"][0, i], self._kv_len(0, i, 0)) for i in others}
-        st = self.states[0]  # U * Sl rows: mine first, then theirs
-        rows = lambda a, b: AttnState(st.acc[:, a:b], st.m[:, :, a:b], st.l[:, :, a:b])  # noqa: E731
-        L = self.local
-        mine = L.prepare([qv], [kv], [vv], rows(0, n), self.scale, init=True, finalize=False)
-        rest = L.prepare([qv], [kvs[i] for i in others], [vvs[i] for i in others], rows(0, n), self.scale,
-                         init=False, finalize=True, out=[ov])
-        theirs = L.prepare([self.RU["q"][0, i] for i in others], [kv if i == u else kvs[i] for i in range(U)],
-                           [vv if i == u else vvs[i] for i in range(U)], rows(n, n + (U - 1) * self.Sl),
-                           self.scale, init=True, finalize=True, out=[self.RO[0][i] for i in others])
-        runs = (mine, rest, theirs)
-        return tuple(self.rt.chaos.wrap(r) for r in runs) if self.rt.chaos is not None else runs
+        u, U = self.u, self.plan.U
+        q = [qv if i == u else self.RU["q"][0, i] for i in range(U)]
+        k = [kv if i == u else (self.RU["k"][0, i], self._kv_len(0, i, 0)) for i in range(U)]
+        v = [vv if i == u else (self.RU["v"][0, i], self._kv_len(0, i, 0)) for i in range(U)]
+        o = [ov if i == u else self.RO[0][i] for i in range(U)]
+        st, n = self.states[0], (U - 1) * self.Sl + self.shard_len()  # the rows of these Q blocks
+        state = AttnState(st.acc[:, :n], st.m[:, :, :n], st.l[:, :, :n])
+        dep = {"dependent": True} if self._dependent else {}
+        run = self.local.prepare(q, k, v, state, self.scale, init=True, finalize=True, out=o, **dep)
+        return self.rt.chaos.wrap(run) if self.rt.chaos is not None else run
 
-    def _compute_own(self, runs: tuple, q: Any, k: Any, v: Any, C: Any) -> None:
-        """A call with my own head group in place: my rows against my keys on the caller's stream
-        while the other members' pieces go out beside it, then the same barriers (and tags) as
-        :meth:`_exchange_compute` for T = R = 1 around the kernels that need those pieces."""
-        mine, rest, theirs = runs
-        rt = self.rt
+    def _compute_own(self, run: Any, C: Any) -> None:
+        """A call's compute with my own head group in place: what :meth:`_exchange_compute` issues
+        for T = R = 1 on the p2p exchange (the same barriers and tags), with this call's kernel."""
         tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
-        if self.gpu:
-            S = self._streams[0].ptr
-            self._record("own", C)  # the caller's q, k, v are written
-            self._wait(S, "own")
-            self.p2p.push_beside(q, k, v, S)
-            rt.barrier_all(S, tag=tag)  # every member's pieces of its rows in my receive buffer
-            self._record("own pushed", S)
-            mine(C)
-            self._wait(C, "own pushed")
-        else:
-            mine(C)
-            self.p2p.push(q, k, v, C, own=True)
-            rt.barrier_all(C, tag=tag)
-        theirs(C)
-        rest(C)
-        rt.barrier_all(C, tag=tag + 1)  # every result complete
+        self.rt.barrier_all(C, tag=tag)  # every member's pieces of its rows in my receive buffer
+        run(C)
+        self.rt.barrier_all(C, tag=tag + 1, dependent=self._dependent)  # every result complete
 
     def _call_io(self, out: Any, C: Any) -> Any:
         """A call on the io inputs, in place (see ``io_buffers``): barrier, one kernel, barrier."""

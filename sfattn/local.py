@@ -127,10 +127,8 @@ class HostAttention:
 
     @staticmethod
     def _bf16(block: Any) -> bool:
-        """bfloat16: a heap array of that dtype, or a caller's array passed as its bits (uint16)."""
         a = block.buf if isinstance(block, PeerBlock) else _rows(block)[0]
-        dt = getattr(a, "dtype", None)
-        return dt == "bfloat16" if isinstance(dt, str) else dt == np.uint16
+        return getattr(a, "dtype", None) == "bfloat16"
 
     def state(self, B: int, S: int, H: int, D: int) -> AttnState:
         return AttnState.empty(B, S, H, D, xp=np, dtype=np.float64)
@@ -139,7 +137,7 @@ class HostAttention:
                 init: bool, finalize: bool, out: Sequence[Any] | None = None) -> Callable[[Any], None]:
         if is_fp8(q[0]):
             return self._prepare_fp8(q, k, v, state, scale, init, finalize, out)
-        bf16 = self._bf16(q[0])
+        bf16 = any(self._bf16(b) for b in q)  # a caller's array among heap blocks: bits as uint16
         q, k, v = ([self.view(b) for b in x] for x in (q, k, v))
         out = None if out is None else [self.view(b) for b in out]
         if not bf16:

@@ -11,12 +11,9 @@ buffer:
   member's result buffer straight into the caller's output (NaN if a wait of this rank failed).
 
 ``own=True`` (plans that are Ulysses alone, T = R = 1; see ``SPAttention``): my own head group of
-my rows stays where the caller keeps it - the attention kernels read it there and write its
+my rows stays where the caller keeps it - the attention kernel reads it there and writes its
 output rows there - so push and pull move only the other members' pieces (the pull still marks
-my own piece NaN if a wait failed). ``push_beside`` is that push on a side stream while the
-first kernel (my rows against my keys) runs: by the copy engines (``cudaMemcpy2DAsync``: no SMs
-taken from the kernel) where each piece's heads lie back to back within a row, else by the copy
-kernel.
+my own piece NaN if a wait failed).
 
 Without Ulysses (U = 1: Ring, or Torus over one GPU per machine) the team is this rank alone:
 push and pull are then the copies into and out of its own buffers, one launch each.
@@ -145,36 +142,6 @@ class UlyssesP2P:
                                  if not (own and mine)], poison=False)
         for launch in self._prepared(("push", names, own, *addrs), build):
             launch(stream)
-
-    def push_beside(self, q: Any, k: Any, v: Any, stream: Any) -> None:
-        """``push(q, k, v, stream, own=True)``, by the copy engines where they can (see the module)."""
-        if not self.gpu:
-            return self._push_host(q, k, v, True)
-        addrs = [addr_of(x)[:2] for x in (q, k, v)]
-        copies = self._prepared(("ce", *addrs), lambda: self._ce_copies(addrs))
-        if copies is None:
-            return self.push(q, k, v, stream, own=True)
-        import cupy
-
-        memcpy, kind = cupy.cuda.runtime.memcpy2DAsync, cupy.cuda.runtime.memcpyDefault
-        for dst, dpitch, src, spitch, width, height in copies:
-            memcpy(dst, dpitch, src, spitch, width, height, kind, stream)
-
-    def _ce_copies(self, addrs: list) -> list | None:
-        """The other members' pieces of q, k, v (address, byte strides) as 2-D copies ``(dst, dpitch,
-        src, spitch, width, height)``, one per piece and batch; None where a piece's heads are not
-        back to back within a row."""
-        B, L, Ht, row = self._grid
-        T, (hb, hs, _) = self.layer.plan.T, self._heap_strides
-        copies = []
-        for name, (a, st) in zip("qkv", addrs):
-            if st[2] != row:
-                return None
-            for (j, g, _), dst, mine in zip(self._slots, self._recv_addr[name], self._own):
-                if not mine and L:
-                    src = a + (j * T + g) * Ht * row
-                    copies += [(dst + b * hb, hs, src + b * st[0], st[1], Ht * row, L) for b in range(B)]
-        return copies
 
     def pull(self, out: Any, stream: Any, own: bool = False) -> None:
         """My output rows of every member's head groups into ``out`` (a BSHD view); ``own``: my

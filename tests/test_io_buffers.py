@@ -3,7 +3,7 @@
 Where the plan is Ulysses alone over mapped ranks (on the host backend every rank is mapped) a
 call on the io tensors computes in place: each rank's kernel reads its heads of every member's
 inputs and writes their outputs, between two barriers. It must give the same bits as the same
-layer's put exchange on copies of those tensors, and attention within rounding of a float64
+layer's exchange on copies of those tensors, and attention within rounding of a float64
 reference, over repeated calls with fresh inputs (the barriers order the reuse), any shard
 lengths and both layouts; other plans take the exchange on the io tensors.
 """
@@ -30,7 +30,6 @@ def _io_layers(rt, H: int, S: int, D: int, lens, layout: str, dtype: str):
         before = rt.heap_used
         layer = SPAttention(rt, plan, 2, dtype, lens=lens, layout=layout, io_buffers=True)
         used = rt.heap_used
-        put = SPAttention(rt, plan, 2, dtype, lens=lens, layout=layout, p2p=False)  # one kernel, blocks in order
         assert used - before == SPAttention.heap_bytes(plan, 2, dtype, lens=lens, io_buffers=True)
         cuts = np.cumsum([0, *layer.lens])
         lo, L = cuts[rt.rank], layer.shard_len()
@@ -46,7 +45,7 @@ def _io_layers(rt, H: int, S: int, D: int, lens, layout: str, dtype: str):
             io["o"].fill_(float("nan"))  # poison: every row must be written
             got = layer(io["q"], io["k"], io["v"], out=io["o"])
             assert got is io["o"]
-            want = put(*(io[x].clone() for x in "qkv"))  # the put exchange, on copies
+            want = layer(*(io[x].clone() for x in "qkv"))  # the exchange path, on copies
             assert torch.equal(got, want), (algo, it, (got.double() - want.double()).abs().max().item())
             fresh = layer(io["q"], io["k"], io["v"])  # out=None: a copy, not the io buffer
             assert fresh.untyped_storage().data_ptr() != io["o"].untyped_storage().data_ptr()
@@ -54,7 +53,6 @@ def _io_layers(rt, H: int, S: int, D: int, lens, layout: str, dtype: str):
             o = got.transpose(1, 2) if layout == "bhsd" else got
             if L:
                 err = max(err, float(np.abs(o.double().numpy() - ref[:, lo:lo + L]).max() / np.abs(ref).max()))
-        put.close()
         assert rt.heap_used == used  # a call allocates nothing on the heap
         res[f"{algo} T={plan.T} U={plan.U} R={plan.R}"] = (layer.io_in_place, err)
         layer.close()
