@@ -71,11 +71,14 @@ class SPAttention:
     ``'fa3'`` (FlashAttention-3 with log-sum-exp, merged; Hopper GPUs, bf16, needs ``fa3_fwd``).
     ``cuda_graph`` (GPUs, ``local='kernel'``): from the second call, replay the call's exchange +
     compute as one CUDA graph (halves the host's issue time); default: for plans inside one
-    machine (T == 1).
+    machine (T == 1), except Ulysses-only plans on the p2p exchange, whose calls run eagerly (below).
     ``p2p``: the Ulysses exchange by loads and stores into the team's mapped heaps
     (:mod:`sfattn.p2p`: no send buffer, no puts; without Ulysses one copy kernel each way into
     and out of this rank's buffers); default: where every rank's Ulysses team is on its machine
-    and mapped (the same GPU or NVLink/P2P peers); ``True`` raises where it is not.
+    and mapped (the same GPU or NVLink/P2P peers); ``True`` raises where it is not. With
+    ``local='kernel'`` and a plan that is Ulysses alone (T = R = 1, bf16/fp16), the kernel reads
+    this rank's own head group straight from ``q, k, v`` and writes it straight into the output
+    (no copy of it in or out), with a launch prepared per set of caller buffers.
     ``precision``: None (compute in ``dtype``) or ``'fp8'``: each rank quantises its own rows once
     per call, before the exchange (:mod:`sfattn.quant`: Q and smoothed K as int8 with a scale per
     128-row block, V as e4m3 transposed), every transfer moves those bytes and their scales, and
