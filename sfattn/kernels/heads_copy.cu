@@ -24,9 +24,12 @@ struct HcParams {
 };
 
 // Thread i of the grid moves vectors i, i + step, ... of its piece's [B * L tokens, Hg * vecs]
-// grid. The (token, vector) position advances by a constant step: no 64-bit division per vector
-// (the host keeps B * L and Hg * vecs below 2^31), one 32-bit division for the token's batch
-// (none at B = 1) and a shift (or division) for the vector's head.
+// grid, HC_ILP at a time (all loads issued before the stores: several 16-byte loads in flight per
+// thread, which a grid of one wave needs to approach HBM speed). The (token, vector) position
+// advances by a constant step: no 64-bit division per vector (the host keeps B * L and Hg * vecs
+// below 2^31), one 32-bit division for the token's batch (none at B = 1) and a shift (or division)
+// for the vector's head.
+#define HC_ILP 4
 extern "C" __global__ void __launch_bounds__(256) sf_heads_copy(const __grid_constant__ HcParams p) {
   const HcPiece& c = p.pc[blockIdx.y];
   const unsigned T = (unsigned)(p.B * p.L), L = (unsigned)p.L, M = (unsigned)(p.Hg * p.vecs);
@@ -38,19 +41,28 @@ extern "C" __global__ void __launch_bounds__(256) sf_heads_copy(const __grid_con
   const unsigned dt = step / M, dm = step % M;
   unsigned tok = i0 / M, m = i0 % M;
   while (tok < T) {
-    const unsigned b = p.B == 1 ? 0u : tok / L, s = tok - b * L;
-    const unsigned h = vlog >= 0 ? m >> vlog : m / vecs, v = m - h * vecs;
-    uint4* dst = reinterpret_cast<uint4*>(c.dst + b * c.db + s * c.ds + h * c.dh) + v;
-    if (poison) {
-      *dst = make_uint4(~0u, ~0u, ~0u, ~0u);
-    } else {
-      *dst = *(reinterpret_cast<const uint4*>(c.src + b * c.sb + s * c.ss + h * c.sh) + v);
+    uint4 val[HC_ILP];
+    uint4* dst[HC_ILP];
+    int n = 0;
+#pragma unroll
+    for (int u = 0; u < HC_ILP; ++u) {
+      if (tok < T) {
+        const unsigned b = p.B == 1 ? 0u : tok / L, s = tok - b * L;
+        const unsigned h = vlog >= 0 ? m >> vlog : m / vecs, v = m - h * vecs;
+        dst[u] = reinterpret_cast<uint4*>(c.dst + b * c.db + s * c.ds + h * c.dh) + v;
+        val[u] = poison ? make_uint4(~0u, ~0u, ~0u, ~0u)
+                        : *(reinterpret_cast<const uint4*>(c.src + b * c.sb + s * c.ss + h * c.sh) + v);
+        n = u + 1;
+        m += dm;
+        tok += dt;
+        if (m >= M) {
+          m -= M;
+          ++tok;
+        }
+      }
     }
-    m += dm;
-    tok += dt;
-    if (m >= M) {
-      m -= M;
-      ++tok;
-    }
+#pragma unroll
+    for (int u = 0; u < HC_ILP; ++u)
+      if (u < n) *dst[u] = val[u];
   }
 }
