@@ -641,6 +641,8 @@ class SPAttention:
         return run
 
     def _prepare_own(self, views: list) -> Any:
+        """The call's one kernel over every member's rows of my heads: block ``u`` (mine) is the
+        caller's q, k, v, out views, the others my receive and result buffers."""
         qv, kv, vv, ov = views
         u, U = self.u, self.plan.U
         q = [qv if i == u else self.RU["q"][0, i] for i in range(U)]
