@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import oneside
 
 from .local import FA3Attention, GpuAttention, HostAttention, PeerBlock, TorchAttention, as_torch
-from .p2p import UlyssesP2P, addr_of
+from .p2p import UlyssesP2P, addr_of, addressable
 from .plan import Plan
 from .reference import AttnState
 
@@ -37,16 +37,6 @@ PRECISIONS = (None, "fp8", "fp8-accurate")
 def _swap12(x: Any) -> Any:
     """BHSD <-> BSHD view (numpy, CuPy or torch; no copy)."""
     return x.transpose(1, 2) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
-
-
-def _host_array(x: Any) -> Any:
-    """A CPU array as the host kernels take it: numpy (a torch tensor's memory, bfloat16 as its
-    bits, which is how the heap holds it), without a copy."""
-    if hasattr(x, "numpy"):
-        import torch
-
-        return (x.view(torch.uint16) if x.dtype == torch.bfloat16 else x).numpy()
-    return x
 
 
 def _same_view(x: Any, t: Any) -> bool:
@@ -624,9 +614,9 @@ class SPAttention:
         h0, Ht = self.u * self.Ht, self.Ht
         views = [x[:, :, h0:h0 + Ht] for x in (q, k, v, out)]
         if not self.gpu:
-            return self._prepare_own([_host_array(x) for x in views])
+            return self._prepare_own(views)
         addrs = [addr_of(x) for x in views]
-        if not all(a % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]) for a, st, es in addrs):
+        if not all(addressable(*x) for x in addrs):
             return None
         key = tuple((a, st) for a, st, _ in addrs)
         run = self._own_runs.pop(key, None)  # most recently used last

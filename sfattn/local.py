@@ -119,16 +119,23 @@ class HostAttention:
 
     @staticmethod
     def view(block: Any):
+        """The block as numpy: a heap block's arena, or a caller's array (a CPU torch tensor's memory,
+        bfloat16 as its bits, as the heap holds it), without a copy."""
         if isinstance(block, PeerBlock):
             return block.host_view()
         a, n = _rows(block)
-        a = a.local if hasattr(a, "rt") else a
+        if hasattr(a, "rt"):
+            a = a.local
+        elif hasattr(a, "numpy"):
+            import torch
+
+            a = (a.view(torch.uint16) if a.dtype == torch.bfloat16 else a).numpy()
         return a if n is None else a[:, :n]
 
     @staticmethod
     def _bf16(block: Any) -> bool:
         a = block.buf if isinstance(block, PeerBlock) else _rows(block)[0]
-        return getattr(a, "dtype", None) == "bfloat16"
+        return str(getattr(a, "dtype", None)) in ("bfloat16", "torch.bfloat16")
 
     def state(self, B: int, S: int, H: int, D: int) -> AttnState:
         return AttnState.empty(B, S, H, D, xp=np, dtype=np.float64)
@@ -137,7 +144,7 @@ class HostAttention:
                 init: bool, finalize: bool, out: Sequence[Any] | None = None) -> Callable[[Any], None]:
         if is_fp8(q[0]):
             return self._prepare_fp8(q, k, v, state, scale, init, finalize, out)
-        bf16 = any(self._bf16(b) for b in q)  # a caller's array among heap blocks: bits as uint16
+        bf16 = self._bf16(q[0])
         q, k, v = ([self.view(b) for b in x] for x in (q, k, v))
         out = None if out is None else [self.view(b) for b in out]
         if not bf16:

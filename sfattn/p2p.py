@@ -45,6 +45,12 @@ def addr_of(x: Any) -> tuple[int, tuple[int, ...], int]:
     return x.data.ptr, tuple(x.strides), x.itemsize
 
 
+def addressable(ptr: int, strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether the kernels can address a BSHD array where it is: 16-byte aligned rows and byte
+    strides, the head dim contiguous."""
+    return ptr % 16 == 0 and strides[3] == itemsize and all(s % 16 == 0 for s in strides[:3])
+
+
 class UlyssesP2P:
     """Push and pull of one :class:`~sfattn.layer.SPAttention`'s Ulysses pieces (see the module)."""
 
@@ -112,7 +118,7 @@ class UlyssesP2P:
         """``(array, address, byte strides, is x)``: x itself where the copy kernel can address
         it (16-byte aligned rows, head dim contiguous), else a contiguous copy (rare: odd offsets)."""
         ptr, st, es = addr_of(x)
-        if ptr % 16 == 0 and st[3] == es and all(s % 16 == 0 for s in st[:3]):
+        if addressable(ptr, st, es):
             return x, ptr, st, True
         c = x.clone() if hasattr(x, "clone") else x.copy()
         return (c, *addr_of(c)[:2], False)
@@ -149,9 +155,6 @@ class UlyssesP2P:
         if not self.gpu:
             return self._pull_host(out, own)
         dst, a, st, direct = self._readable(out)
-        if own and not direct:
-            raise ValueError("out: the attention kernel wrote my head group in place, so the pull must "
-                             "write the others there too (16-byte aligned rows and strides)")
 
         def build() -> list:
             Ht, T = self.layer.Ht, self.layer.plan.T
