@@ -173,12 +173,13 @@ def _f64(x: Any) -> np.ndarray:
 
 def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: AttnState | None,
                              scale: float, *, init: bool = False, finalize: bool = False,
-                             out: Sequence[Any] | None = None, tile: int = BLOCK) -> np.ndarray | None:
+                             out: Sequence[Any] | None = None, tile: int = BLOCK,
+                             rounded_sum: bool = False) -> np.ndarray | None:
     """What one FP8 kernel launch computes, in float64 (the state is float64 numpy): Q blocks ``qs``
     (concatenated rows) against K/V blocks ``kvs`` in order, ``tile``-key tiles (the kernel's BN), logits
     ``q_d . (k_d + mu)``, the running max raised every tile, P rounded to e4m3 after scaling by
-    ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P, P.V with the
-    dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is; a launch
+    ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P (``rounded_sum``:
+    of P as rounded, as the kernels that sum P in the P.V GEMM, knob ``LS``), P.V with the dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is; a launch
     holds one kind). ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
     (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
     no key); returns the normalised float64 output ``[B, S_q, H, D]`` when ``finalize``."""
@@ -220,8 +221,9 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
             m_new = np.maximum(m, s.max(axis=3))
             alpha = np.where(np.isneginf(m_new), 1.0, np.exp(m - np.where(np.isneginf(m_new), 0.0, m_new)))
             p = np.exp(s - m_new[..., None])
-            lsum = lsum * alpha + p.sum(axis=3)
-            acc = acc * alpha[..., None] + rnd(p) @ vd[:, :, a:b]
+            pr = rnd(p)
+            lsum = lsum * alpha + (pr if rounded_sum and kv.v is None else p).sum(axis=3)
+            acc = acc * alpha[..., None] + pr @ vd[:, :, a:b]
             m = m_new
     if state is not None:
         state.acc[...] = acc.transpose(0, 2, 1, 3)
@@ -240,11 +242,12 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
 
 
 def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: float | None = None,
-                           tile: int = BLOCK) -> np.ndarray:
+                           tile: int = BLOCK, rounded_sum: bool = False) -> np.ndarray:
     """float64 ``[B, S_q, H, D]``: what the FP8 kernel with ``tile``-key tiles computes for Q blocks
     ``qs`` (concatenated) against K/V blocks ``kvs`` in one launch (:func:`attn_blocks_fp8_emulated`)."""
     scale = 1.0 / math.sqrt(qs[0].data.shape[3]) if scale is None else scale
-    return attn_blocks_fp8_emulated(qs, kvs, None, scale, init=True, finalize=True, tile=tile)
+    return attn_blocks_fp8_emulated(qs, kvs, None, scale, init=True, finalize=True, tile=tile,
+                                    rounded_sum=rounded_sum)
 
 
 def _rows(scale: Any, n: int) -> np.ndarray:

@@ -22,13 +22,22 @@ from sfattn.quant import attention_fp8_emulated, quantize_kv, quantize_q  # noqa
 
 IMPLS = ["sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90fp8:NC=2,DB=0", "sm90fp8:PX=2",
          "sm90fp8:OV=1", "sm90fp8:OV=1,DB=0", "sm90fp8:PP=0",
-         "sm90fp8:PP=1"]
+         "sm90fp8:PP=1", "sm90fp8:LN=1", "sm90fp8:LS=1", "sm90fp8:LN=1,LS=1", "sm90fp8:LN=1,LS=1,PERSIST=1"]
 # (impl, head dim): every knob at both head dims (default tiles: 128 keys at 64; at 128 192 keys,
 # or 128 where 192 would pad the blocks, sfattn.kernels.flash_fp8.fp8_tile), and each tile length
 # forced at 128 (at 64, longer tiles spill)
 IMPL_DIMS = [(i, d) for i in IMPLS for d in (64, 128)] + \
     [("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128), ("sm90fp8:BN=192,PERSIST=1", 128),
-     ("sm90fp8:BN=128,OV=1", 128), ("sm90fp8:OV=0", 128), ("sm90fp8:OV=1,DB=1", 128)]
+     ("sm90fp8:BN=128,OV=1", 128), ("sm90fp8:OV=0", 128), ("sm90fp8:OV=1,DB=1", 128),
+     ("sm90fp8:LN=1,LS=1,BN=128", 128), ("sm90fp8:LN=1,LS=1,OV=0", 128)]
+
+
+def _rounded_sum(impl, D):
+    """Whether ``impl`` at head dim ``D`` sums P as rounded (knob LS): the emulation to compare with."""
+    from sfattn.kernels import _build
+    from sfattn.kernels.flash import _parse_impl
+    base, bn, opts = _parse_impl(impl or "sm90fp8")
+    return bool(_build.KernelConfig(base, D, "bf16", "sm_90a", bn, opts).fp8_ls)
 
 
 def _g(seed):
@@ -68,14 +77,16 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
     torch.cuda.synchronize()
     o = torch.cat(outs, dim=1)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
-    emu = attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl))  # the kernel's tiles
+    emu = attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl),  # the kernel's tiles
+                                 rounded_sum=_rounded_sum(impl, D))
     assert _relerr(o, emu) < 6e-3                          # bf16 output rounding ~2e-3
     assert _relerr(o, _exact(q, k, v, scale)) < 0.06
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
     assert _relerr(lse, torch.logsumexp(s, dim=-1)) < 1e-2
 
 
-@pytest.mark.parametrize("impl,D", [(None, 64), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128)])
+@pytest.mark.parametrize("impl,D", [(None, 64), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128),
+                                    ("sm90fp8:LN=1,LS=1", 64), ("sm90fp8:LN=1,LS=1", 128)])
 def test_fp8_chained_calls_equal_one_call(impl, D):
     """Two launches through the fp32 state (the second finalizes) give the one-launch result when
     every block has the same V scale (then P is scaled identically in both) and the same tiles (by
@@ -100,7 +111,8 @@ def test_fp8_chained_calls_equal_one_call(impl, D):
     attn_blocks_fp8(qs, kvs[1:], st, scale, finalize=True, out=[two], impl=impl)
     torch.cuda.synchronize()
     assert _relerr(two, one) < 6e-3
-    assert _relerr(one, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl))) < 6e-3
+    assert _relerr(one, attention_fp8_emulated(qs, kvs, scale, tile=fp8_tile(kvs, impl),
+                                               rounded_sum=_rounded_sum(impl, D))) < 6e-3
 
 
 @pytest.mark.parametrize("kind", ["gauss", "outlier"])
@@ -193,7 +205,7 @@ def test_grouped_quantisation_equals_the_plain_one(G):
 
 
 @pytest.mark.parametrize("impl,D", [(None, 64), (None, 128), ("sm90fp8:BN=128", 128), ("sm90fp8:BN=192", 128),
-                                    ("sm90fp8:OV=1", 128)])
+                                    ("sm90fp8:OV=1", 128), ("sm90fp8:LN=1", 64), ("sm90fp8:LN=1", 128)])
 @pytest.mark.parametrize("qlens,kvlens", [([77, 300], [1000, 33, 259]), ([640], [128, 4099])])
 def test_fp8_accurate_matches_its_emulation(impl, D, qlens, kvlens):
     """precision='fp8-accurate' (the PV=16 kernel: V in bf16, P.V a 16-bit wgmma): the emulation to

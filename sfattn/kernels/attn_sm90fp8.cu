@@ -80,7 +80,11 @@
 #define WGMMA_O SF_CAT(sf_wgmma_rs_n, SF_D)
 #define F8_PK 16  // keys per P fragment (k16 16-bit wgmma)
 #else
+#if F8_LS
+#define WGMMA_O(o, a, db, acc) SF_CAT(SF_CAT(sf_wgmma_e4m3_rs_n, SF_D), _ls)(o, ol[0], a, db, acc)
+#else
 #define WGMMA_O SF_CAT(sf_wgmma_e4m3_rs_n, SF_D)
+#endif
 #define F8_PK 32  // keys per P fragment (k32 8-bit wgmma)
 #endif
 
@@ -97,6 +101,19 @@ struct F8Params {
   F8Side vs[SF_MAXKV];  // fp32: V scale of the block
 };
 
+#ifndef F8_LS
+#define F8_LS 0  // 1: P's row sums on the tensor cores - V^T tiles carry eight extra rows of ones
+                 // (e4m3 1.0), the P.V wgmma is N = D + 8 and its last chunk is sum(P) per row;
+                 // the softmax adds no P values (e4m3 P.V only)
+#endif
+#if F8_LS && F8_PV16
+#error "F8_LS needs the e4m3 P.V (V^T tiles)"
+#endif
+#define F8_VROWS (SF_D + 8 * F8_LS)  // rows (channels) of a V^T panel in shared memory
+#ifndef F8_LN
+#define F8_LN 0  // 1: lean tile loop - ring slots and phases kept as counters (no % or / per tile),
+                 // wgmma descriptors made once and advanced by adds, group maxima without -inf seeds
+#endif
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers (0: consumers issue independently)
 #endif
@@ -185,14 +202,22 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     float bias[NG], m_tile = -INFINITY;
 #pragma unroll
     for (int g = 0; g < NG; ++g) {  // the group's max, then in logit units (c[g] >= 0: monotone)
+#if F8_LN  // seeded by the group's first values (fmaxf(-inf, x) is not folded away: NaN rules)
+      float mx0 = fmaxf(__uint_as_float(s[8 * g][2 * i]), __uint_as_float(s[8 * g][2 * i + 1]));
+      float mx1 = fmaxf(__uint_as_float(s[8 * g + 1][2 * i]), __uint_as_float(s[8 * g + 1][2 * i + 1]));
+      constexpr int j0 = 2;
+#else
       float mx0 = -INFINITY, mx1 = -INFINITY;
+      constexpr int j0 = 0;
+#endif
 #pragma unroll
-      for (int j = 8 * g; j < 8 * g + 8; j += 2) {
+      for (int j = 8 * g + j0; j < 8 * g + 8; j += 2) {
         mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
         mx1 = fmaxf(mx1, fmaxf(__uint_as_float(s[j + 1][2 * i]), __uint_as_float(s[j + 1][2 * i + 1])));
       }
       bias[g] = bq[i] - F8_MAGIC_F * c[g];                    // logit = f * c[g] + bias[g]
-      m_tile = fmaxf(m_tile, fmaf(fmaxf(mx0, mx1), c[g], bias[g]));  // -inf for all-masked keys
+      const float mg = fmaf(fmaxf(mx0, mx1), c[g], bias[g]);  // -inf for all-masked keys
+      m_tile = (F8_LN && g == 0) ? mg : fmaxf(m_tile, mg);
     }
     m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 1));
     m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 2));
@@ -203,7 +228,9 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     float add[NG];
 #pragma unroll
     for (int g = 0; g < NG; ++g) add[g] = bias[g] - m_use + log2_pscale;
+#if !F8_LS
     float sum0 = 0.f, sum1 = 0.f;
+#endif
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
       const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c[j / 8], add[j / 8]);
@@ -213,10 +240,16 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
       const float p1 = fma_pipe ? f8_exp2_fma(a1) : sf_exp2(a1);
       s[j][2 * i] = __float_as_uint(p0);
       s[j][2 * i + 1] = __float_as_uint(p1);
+#if !F8_LS
       sum0 += p0;
       sum1 += p1;
+#endif
     }
+#if F8_LS  // lr stays in O's running-max reference: the caller rescales it with O and adds P.V's sums
+    (void)inv_pscale;
+#else
     lr[i] = lr[i] * alpha[i] + (sum0 + sum1) * inv_pscale;
+#endif
   }
 }
 
@@ -250,7 +283,8 @@ __device__ __forceinline__ void f8_pack_a16(const uint32_t (&s)[NS][4], int kk, 
 extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __grid_constant__ F8Params pp) {
   constexpr int D = SF_D, BM = WS_BM, BN = WS_BN, KST = WS_KST, VST = WS_VST;
   constexpr int NJ = D / 8, NS = BN / 8;
-  constexpr uint32_t KTILE = BN * D, VTILE = D * BN * (F8_PV16 ? 2 : 1);  // bytes
+  constexpr uint32_t KTILE = BN * D, VBYTES = D * BN * (F8_PV16 ? 2 : 1);  // bytes loaded per tile
+  constexpr uint32_t VTILE = F8_VROWS * BN * (F8_PV16 ? 2 : 1);  // a V slot (with F8_LS: ones rows)
   constexpr uint32_t SBO_QK = 8 * F8_QROW;
   const SfParams& p = pp.base;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -282,6 +316,15 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     mbar_init(qempty, EMPTY_COUNT);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+#if F8_LS  // the ones rows of every V^T panel (never written by TMA; a row of equal bytes is the
+           // same under any swizzle), made visible to the async proxy that wgmma reads through
+  for (int w = tid; w < VST * (BN / F8_VP) * 2 * F8_VP; w += WS_NT) {
+    const int panel = w / (2 * F8_VP), word = w % (2 * F8_VP);  // 8 rows x F8_VP bytes = 2 F8_VP words
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sV + panel * F8_VROWS * F8_VP + D * F8_VP + 4 * word),
+                 "r"(0x38383838u) : "memory");
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
   __syncthreads();
 
   if (wg == 0) {
@@ -305,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
             mbar_expect_tx(kfull(ks), KTILE);
             tma_load_4d(sK + ks * KTILE, &p.tk[kb], 0, n0, h, b, kfull(ks));
             if (lt >= VST) mbar_wait(vempty(vs), ((lt / VST) - 1) & 1);
-            mbar_expect_tx(vfull(vs), VTILE);
+            mbar_expect_tx(vfull(vs), VBYTES);
 #if F8_PV16
 #pragma unroll
             for (int pn = 0; pn < D / 64; ++pn)  // 64-channel panels of BN rows
@@ -313,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #else
 #pragma unroll
             for (int pn = 0; pn < BN / F8_VP; ++pn)  // V^T panels of F8_VP keys x D channels
-              tma_load_4d(sV + vs * VTILE + pn * D * F8_VP, &p.tv[kb], n0 + pn * F8_VP, 0, h, b, vfull(vs));
+              tma_load_4d(sV + vs * VTILE + pn * F8_VROWS * F8_VP, &p.tv[kb], n0 + pn * F8_VP, 0, h, b, vfull(vs));
 #endif
           }
         }
@@ -331,7 +374,30 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     uint32_t pa0[BN / F8_PK][4], pa1[BN / F8_PK][4];
     uint32_t s[NS][4];
     float o[NJ][4], mr[2], lr[2], alpha[2], bq[2];
+#if F8_LS
+    float ol[1][4];    // the ones columns of O: P's row sums (rows g, g + 8) since the last fold
+    float inv_ps_pv;  // 1 / P's scale in the P.V in flight (its tile's K/V block)
+#endif
     int ct = 0;
+#if F8_LN  // ring slot and phase of tile ct (K, V) and of tile ct - 1 (V), advanced per tile
+    int k_slot = 0, k_ph = 0, v_slot = 0, v_ph = 0, vp_slot = 0, vp_ph = 0;
+    const uint64_t q_desc = sf_desc(qdesc_base, 16, SBO_QK, F8_LAYOUT);  // descriptors of slot 0;
+    const uint64_t k_desc = sf_desc(sK, 16, SBO_QK, F8_LAYOUT);          // their address field is
+#if F8_PV16                                                               // bits 0-13 in 16-byte units
+    const uint64_t v_desc = sf_desc(sV, BN * 128, 1024);
+#else
+    const uint64_t v_desc = sf_desc(sV, 16, 8 * F8_VP, F8_VP == 128 ? 1 : 2);
+#endif
+#define K_SLOT k_slot
+#define K_PH k_ph
+#define VP_SLOT vp_slot
+#define VP_PH vp_ph
+#else
+#define K_SLOT (ct % KST)
+#define K_PH ((ct / KST) & 1)
+#define VP_SLOT ((ct - 1) % VST)
+#define VP_PH (((ct - 1) / VST) & 1)
+#endif
 
     int it = 0;
     for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
@@ -383,31 +449,48 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
 
-      auto wait_k = [&]() { mbar_wait(kfull(ct % KST), (ct / KST) & 1); };
-      auto wait_v_prev = [&]() { mbar_wait(vfull((ct - 1) % VST), ((ct - 1) / VST) & 1); };
+      auto wait_k = [&]() { mbar_wait(kfull(K_SLOT), K_PH); };
+      auto wait_v_prev = [&]() { mbar_wait(vfull(VP_SLOT), VP_PH); };
       auto issue_s = [&]() {
+#if F8_LN  // + 32 bytes per k32 step: + 2 in the address field (no carry: addresses < 2^18)
+        const uint64_t kd = k_desc + (uint64_t)(K_SLOT * (KTILE >> 4));
+#pragma unroll
+        for (int kk = 0; kk < D / 32; ++kk) WGMMA_S(s, q_desc + 2 * kk, kd + 2 * kk, kk > 0);
+#else
         const uint32_t kbase = sK + (ct % KST) * KTILE;
 #pragma unroll
         for (int kk = 0; kk < D / 32; ++kk)
           WGMMA_S(s, sf_desc(qdesc_base + kk * 32, 16, SBO_QK, F8_LAYOUT),
                   sf_desc(kbase + kk * 32, 16, SBO_QK, F8_LAYOUT), kk > 0);
+#endif
         wg_commit();
       };
       auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P_{ct-1} V_{ct-1}
+#if F8_LN
+        const uint64_t vd = v_desc + (uint64_t)(VP_SLOT * (VTILE >> 4));
+#pragma unroll
+        for (int kk = 0; kk < BN / F8_PK; ++kk)
+#if F8_PV16
+          WGMMA_O(o, pa[kk], vd + kk * 16 * 128 / 16, 1);
+#else
+          WGMMA_O(o, pa[kk], vd + ((kk * 32 / F8_VP) * F8_VROWS * F8_VP + kk * 32 % F8_VP) / 16, 1);
+#endif
+#else
         const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
 #pragma unroll
         for (int kk = 0; kk < BN / F8_PK; ++kk)
 #if F8_PV16  // V rows K-major in 64-channel panels (MN-major B operand), as in the bf16 kernels
           WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
 #else
-          WGMMA_O(o, pa[kk], sf_desc(vbase + (kk * 32 / F8_VP) * D * F8_VP + kk * 32 % F8_VP, 16,
+          WGMMA_O(o, pa[kk], sf_desc(vbase + (kk * 32 / F8_VP) * F8_VROWS * F8_VP + kk * 32 % F8_VP, 16,
                                      8 * F8_VP, F8_VP == 128 ? 1 : 2), 1);
+#endif
 #endif
         wg_commit();
       };
       auto release_k = [&]() {
         if (arrives) {
-          mbar_arrive(kempty(ct % KST));
+          mbar_arrive(kempty(K_SLOT));
           if (ckb == nkv - 1 && cn0 + BN >= (int)p.kv[ckb].len) mbar_arrive(qempty);
         }
       };
@@ -422,8 +505,29 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       };
       auto rescale_o = [&]() {
         reg_fence<NJ>(o);
+#if F8_LS
+        reg_fence<1>(ol);
+        if (sf_needs_rescale(alpha)) {
+          sf_rescale<NJ>(o, alpha);
+          sf_rescale<1>(ol, alpha);
+          lr[0] *= alpha[0];
+          lr[1] *= alpha[1];
+        }
+        reg_fence<1>(ol);
+#else
         if (sf_needs_rescale(alpha)) sf_rescale<NJ>(o, alpha);
+#endif
         reg_fence<NJ>(o);
+      };
+      auto fold_sums = [&]() {  // after a P.V completes: its row sums (in P's scale) into lr
+#if F8_LS
+        reg_fence<1>(ol);
+        lr[0] = fmaf(ol[0][0], inv_ps_pv, lr[0]);
+        lr[1] = fmaf(ol[0][2], inv_ps_pv, lr[1]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ol[0][e] = 0.f;
+        reg_fence<1>(ol);
+#endif
       };
       auto pack = [&](uint32_t (&pa)[BN / F8_PK][4]) {
 #pragma unroll
@@ -437,6 +541,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       };
       auto advance = [&]() {
         reg_fence<NJ>(o);
+#if F8_LS
+        inv_ps_pv = inv_ps;  // the tile just softmaxed is the next P.V's
+#endif
         cn0 += BN;
         if (cn0 >= (int)p.kv[ckb].len) {
           ++ckb;
@@ -446,6 +553,12 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
           load_kscales();
         }
         ++ct;
+#if F8_LN
+        vp_slot = v_slot;
+        vp_ph = v_ph;
+        if (++v_slot == VST) { v_slot = 0; v_ph ^= 1; }
+        if (++k_slot == KST) { k_slot = 0; k_ph ^= 1; }
+#endif
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
       auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
@@ -464,12 +577,17 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         if (WS_DB) pack(pout);
         if (WS_OV) sf_sched_fence(p.flags);  // keep the wait below softmax and pack
         wg_wait<0>();
-        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        if (arrives) mbar_arrive(vempty(VP_SLOT));
+        fold_sums();
         if (!WS_DB) pack(pout);
         advance();
       };
 
       if (nkv > 0) {
+#if F8_LS
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ol[0][e] = 0.f;
+#endif
         enter_block();
         mbar_wait(qfull, it & 1);
         if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
@@ -509,7 +627,8 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         issue_pv(pa0);
         named_arrive(next_bar);
         wg_wait<0>();
-        if (arrives) mbar_arrive(vempty((ct - 1) % VST));
+        if (arrives) mbar_arrive(vempty(VP_SLOT));
+        fold_sums();
         reg_fence<NJ>(o);
         if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
       }
@@ -521,3 +640,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     }
   }
 }
+#undef K_SLOT
+#undef K_PH
+#undef VP_SLOT
+#undef VP_PH
