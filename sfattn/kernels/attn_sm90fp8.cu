@@ -376,7 +376,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     float o[NJ][4], mr[2], lr[2], alpha[2], bq[2];
 #if F8_LS
     float ol[1][4];    // the ones columns of O: P's row sums (rows g, g + 8) since the last fold
-    float inv_ps_pv;  // 1 / P's scale in the P.V in flight (its tile's K/V block)
+    float inv_ps_pv;  // 1 / P's scale in the P.V in flight (its tile's K/V block); 0 but in the
+                      // quad's first thread: each thread's ones columns hold the whole row's sum,
+                      // while lr is a per-thread partial that sf_store sums over the quad
 #endif
     int ct = 0;
 #if F8_LN  // ring slot and phase of tile ct (K, V) and of tile ct - 1 (V), advanced per tile
@@ -542,7 +544,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       auto advance = [&]() {
         reg_fence<NJ>(o);
 #if F8_LS
-        inv_ps_pv = inv_ps;  // the tile just softmaxed is the next P.V's
+        inv_ps_pv = t == 0 ? inv_ps : 0.f;  // the tile just softmaxed is the next P.V's
 #endif
         cn0 += BN;
         if (cn0 >= (int)p.kv[ckb].len) {
