@@ -2,7 +2,7 @@
 # On a 1-GPU Hopper host (from the repo root, wheels in .whl): the FP8 kernel's GPU tests and its
 # benchmark against our bf16 kernel and FlashAttention-3 (bf16 and FP8).
 #   FP8_PIPES=1      first perf/pipes.py (do MUFU.EX2 and the F2FP packs share a unit), pipes.json
-#   FP8_TESTS=0      skip tests/test_fp8_gpu.py; FP8_TESTS_K="LN or LS" selects tests (pytest -k)
+#   FP8_TESTS=0      skip tests/test_fp8_gpu.py; FP8_TESTS_K="LS or PP" selects tests (pytest -k)
 #   FP8_BENCH="--shapes 16k --impls sm90fp8 sm90fp8:PERSIST=1"   arguments of perf/bench_fp8.py
 #                    (default: all shapes); "" skips it
 # Logs and fp8.json go to $OUT.
@@ -23,7 +23,7 @@ impls = {"sm90fp8", "sm90fp8:PERSIST=1", "sm90fp8:KST=2,VST=2", "sm90ws",
          *re.findall(r"sm90\S*", os.environ.get("FP8_BENCH", ""))}
 if os.environ.get("FP8_TESTS", "1") == "1":  # the tests' knob builds too, compiled in parallel here
     impls |= set(re.findall(r'"(sm90fp8[^"]*)"', open("tests/test_fp8_gpu.py").read()))
-PV16 = {"sm90fp8", "sm90fp8:BN=128", "sm90fp8:BN=192", "sm90fp8:OV=1", "sm90fp8:LN=1"}  # fp8-accurate tests
+PV16 = {"sm90fp8", "sm90fp8:BN=128", "sm90fp8:BN=192", "sm90fp8:OV=1"}  # fp8-accurate tests
 cfgs = []
 for impl in impls:
     base, bn, opts = _parse_impl(impl)

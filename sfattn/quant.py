@@ -174,13 +174,14 @@ def _f64(x: Any) -> np.ndarray:
 def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: AttnState | None,
                              scale: float, *, init: bool = False, finalize: bool = False,
                              out: Sequence[Any] | None = None, tile: int = BLOCK,
-                             rounded_sum: bool = False) -> np.ndarray | None:
+                             rounded_sum: bool = True) -> np.ndarray | None:
     """What one FP8 kernel launch computes, in float64 (the state is float64 numpy): Q blocks ``qs``
     (concatenated rows) against K/V blocks ``kvs`` in order, ``tile``-key tiles (the kernel's BN), logits
     ``q_d . (k_d + mu)``, the running max raised every tile, P rounded to e4m3 after scaling by
-    ``448 vscale / max(vscale over this launch's blocks)``, the row sum of unrounded P (``rounded_sum``:
-    of P as rounded, as the kernels that sum P in the P.V GEMM, knob ``LS``), P.V with the dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is; a launch
-    holds one kind). ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
+    ``448 vscale / max(vscale over this launch's blocks)``, the row sum of P as rounded (the kernel
+    sums P in the P.V GEMM, its default; ``rounded_sum=False``: of unrounded P, knob ``LS=0``), P.V
+    with the dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is,
+    the sum of unrounded P; a launch holds one kind). ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
     (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
     no key); returns the normalised float64 output ``[B, S_q, H, D]`` when ``finalize``."""
     q = np.concatenate([_f64(x.data) * _rows(x.scale, x.data.shape[1]) for x in qs], axis=1)
@@ -242,7 +243,7 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
 
 
 def attention_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], scale: float | None = None,
-                           tile: int = BLOCK, rounded_sum: bool = False) -> np.ndarray:
+                           tile: int = BLOCK, rounded_sum: bool = True) -> np.ndarray:
     """float64 ``[B, S_q, H, D]``: what the FP8 kernel with ``tile``-key tiles computes for Q blocks
     ``qs`` (concatenated) against K/V blocks ``kvs`` in one launch (:func:`attn_blocks_fp8_emulated`)."""
     scale = 1.0 / math.sqrt(qs[0].data.shape[3]) if scale is None else scale

@@ -47,7 +47,7 @@ FP8_BN = (128, 192)
 # head dim -> default keys per tile (192 at 128: +5 % e4m3 P.V, +8 % 16-bit P.V at 16k on an H200,
 # docs/fp8.md; at 64 the three consumers' registers spill with 192)
 FP8_BN_DEFAULT = {64: 128, 128: 192}
-FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LN", "LS")  # PV=16: P.V in 16-bit (fp8-accurate)
+FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS")  # PV=16: P.V in 16-bit (fp8-accurate)
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -198,9 +198,10 @@ class KernelConfig:
 
     @property
     def fp8_ls(self) -> int:
-        """sm90fp8: 1 when P's row sums come from the P.V wgmma (a column of ones in V^T, knob LS;
-        e4m3 P.V only)."""
-        ls = int(dict(self.opts).get("LS", 0))
+        """sm90fp8: 1 when P's row sums come from the P.V wgmma (eight rows of ones in V^T, knob LS):
+        by default with e4m3 P.V (the only P.V it takes; +6.5 % at 16k x 24 x 64, +0.3-3 % at head
+        dim 128 on an H200, docs/fp8.md)."""
+        ls = int(dict(self.opts).get("LS", int(self.fp8_pv_bytes == 1)))
         if ls and self.fp8_pv_bytes != 1:
             raise ValueError("sm90fp8 LS (row sums on the tensor cores) needs the e4m3 P.V (PV=8)")
         return ls
@@ -260,7 +261,7 @@ class KernelConfig:
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
-                    f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LN={o.get('LN', 0)}", f"-DF8_LS={self.fp8_ls}",
+                    f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

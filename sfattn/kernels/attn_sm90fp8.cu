@@ -14,8 +14,10 @@
 // floats by one integer add (x + 0x4B400000 is the float 1.5 * 2^23 + x), and the scale, the
 // q . mu term and the running max fold into the one FMA in front of exp2. P in [0, 1] times
 // 448 * vscale_block / vscale_max goes to e4m3 in registers; O += P.V is an e4m3 wgmma with fp32
-// accumulation; O is rescaled to true units (vscale_max / 448) only at the end (and on state
-// load/store), so chaining, the running state and the log-sum-exp are those of the bf16 kernels.
+// accumulation, N = D + 8: eight rows of ones (e4m3 1.0) under each V^T panel make the last eight
+// columns P's row sums, so the softmax adds no P values (F8_LS; the sum of P as rounded); O is
+// rescaled to true units (vscale_max / 448) only at the end (and on state load/store), so
+// chaining, the running state and the log-sum-exp are those of the bf16 kernels.
 // The running max is raised whenever a tile exceeds it (no slack: P must stay <= 1 for its e4m3
 // scale). Head dim 128 (128-byte swizzled Q/K rows) and 64 (64-byte swizzle).
 // F8_PV16=1 (precision="fp8-accurate"): V stays bf16/fp16 [B, S, H, D] and loads like the bf16
@@ -110,10 +112,6 @@ struct F8Params {
 #error "F8_LS needs the e4m3 P.V (V^T tiles)"
 #endif
 #define F8_VROWS (SF_D + 8 * F8_LS)  // rows (channels) of a V^T panel in shared memory
-#ifndef F8_LN
-#define F8_LN 0  // 1: lean tile loop - ring slots and phases kept as counters (no % or / per tile),
-                 // wgmma descriptors made once and advanced by adds, group maxima without -inf seeds
-#endif
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers (0: consumers issue independently)
 #endif
@@ -202,14 +200,9 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     float bias[NG], m_tile = -INFINITY;
 #pragma unroll
     for (int g = 0; g < NG; ++g) {  // the group's max, then in logit units (c[g] >= 0: monotone)
-#if F8_LN  // seeded by the group's first values (fmaxf(-inf, x) is not folded away: NaN rules)
       float mx0 = fmaxf(__uint_as_float(s[8 * g][2 * i]), __uint_as_float(s[8 * g][2 * i + 1]));
       float mx1 = fmaxf(__uint_as_float(s[8 * g + 1][2 * i]), __uint_as_float(s[8 * g + 1][2 * i + 1]));
       constexpr int j0 = 2;
-#else
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-      constexpr int j0 = 0;
-#endif
 #pragma unroll
       for (int j = 8 * g + j0; j < 8 * g + 8; j += 2) {
         mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
@@ -217,7 +210,7 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
       }
       bias[g] = bq[i] - F8_MAGIC_F * c[g];                    // logit = f * c[g] + bias[g]
       const float mg = fmaf(fmaxf(mx0, mx1), c[g], bias[g]);  // -inf for all-masked keys
-      m_tile = (F8_LN && g == 0) ? mg : fmaxf(m_tile, mg);
+      m_tile = (g == 0) ? mg : fmaxf(m_tile, mg);
     }
     m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 1));
     m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 2));
@@ -380,8 +373,8 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
                       // quad's first thread: each thread's ones columns hold the whole row's sum,
                       // while lr is a per-thread partial that sf_store sums over the quad
 #endif
-    int ct = 0;
-#if F8_LN  // ring slot and phase of tile ct (K, V) and of tile ct - 1 (V), advanced per tile
+    // ring slot and phase of the current tile (K, V) and of the previous one (V), advanced per tile
+    // (no % or / per tile); wgmma descriptors made once, advanced by adds
     int k_slot = 0, k_ph = 0, v_slot = 0, v_ph = 0, vp_slot = 0, vp_ph = 0;
     const uint64_t q_desc = sf_desc(qdesc_base, 16, SBO_QK, F8_LAYOUT);  // descriptors of slot 0;
     const uint64_t k_desc = sf_desc(sK, 16, SBO_QK, F8_LAYOUT);          // their address field is
@@ -389,16 +382,6 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     const uint64_t v_desc = sf_desc(sV, BN * 128, 1024);
 #else
     const uint64_t v_desc = sf_desc(sV, 16, 8 * F8_VP, F8_VP == 128 ? 1 : 2);
-#endif
-#define K_SLOT k_slot
-#define K_PH k_ph
-#define VP_SLOT vp_slot
-#define VP_PH vp_ph
-#else
-#define K_SLOT (ct % KST)
-#define K_PH ((ct / KST) & 1)
-#define VP_SLOT ((ct - 1) % VST)
-#define VP_PH (((ct - 1) / VST) & 1)
 #endif
 
     int it = 0;
@@ -451,25 +434,16 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
 
-      auto wait_k = [&]() { mbar_wait(kfull(K_SLOT), K_PH); };
-      auto wait_v_prev = [&]() { mbar_wait(vfull(VP_SLOT), VP_PH); };
+      auto wait_k = [&]() { mbar_wait(kfull(k_slot), k_ph); };
+      auto wait_v_prev = [&]() { mbar_wait(vfull(vp_slot), vp_ph); };
       auto issue_s = [&]() {
-#if F8_LN  // + 32 bytes per k32 step: + 2 in the address field (no carry: addresses < 2^18)
-        const uint64_t kd = k_desc + (uint64_t)(K_SLOT * (KTILE >> 4));
+        const uint64_t kd = k_desc + (uint64_t)(k_slot * (KTILE >> 4));
 #pragma unroll
         for (int kk = 0; kk < D / 32; ++kk) WGMMA_S(s, q_desc + 2 * kk, kd + 2 * kk, kk > 0);
-#else
-        const uint32_t kbase = sK + (ct % KST) * KTILE;
-#pragma unroll
-        for (int kk = 0; kk < D / 32; ++kk)
-          WGMMA_S(s, sf_desc(qdesc_base + kk * 32, 16, SBO_QK, F8_LAYOUT),
-                  sf_desc(kbase + kk * 32, 16, SBO_QK, F8_LAYOUT), kk > 0);
-#endif
         wg_commit();
       };
-      auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P_{ct-1} V_{ct-1}
-#if F8_LN
-        const uint64_t vd = v_desc + (uint64_t)(VP_SLOT * (VTILE >> 4));
+      auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P V of the previous tile
+        const uint64_t vd = v_desc + (uint64_t)(vp_slot * (VTILE >> 4));
 #pragma unroll
         for (int kk = 0; kk < BN / F8_PK; ++kk)
 #if F8_PV16
@@ -477,22 +451,11 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #else
           WGMMA_O(o, pa[kk], vd + ((kk * 32 / F8_VP) * F8_VROWS * F8_VP + kk * 32 % F8_VP) / 16, 1);
 #endif
-#else
-        const uint32_t vbase = sV + ((ct - 1) % VST) * VTILE;
-#pragma unroll
-        for (int kk = 0; kk < BN / F8_PK; ++kk)
-#if F8_PV16  // V rows K-major in 64-channel panels (MN-major B operand), as in the bf16 kernels
-          WGMMA_O(o, pa[kk], sf_desc(vbase + kk * 16 * 128, BN * 128, 1024), 1);
-#else
-          WGMMA_O(o, pa[kk], sf_desc(vbase + (kk * 32 / F8_VP) * F8_VROWS * F8_VP + kk * 32 % F8_VP, 16,
-                                     8 * F8_VP, F8_VP == 128 ? 1 : 2), 1);
-#endif
-#endif
         wg_commit();
       };
       auto release_k = [&]() {
         if (arrives) {
-          mbar_arrive(kempty(K_SLOT));
+          mbar_arrive(kempty(k_slot));
           if (ckb == nkv - 1 && cn0 + BN >= (int)p.kv[ckb].len) mbar_arrive(qempty);
         }
       };
@@ -554,13 +517,10 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         } else {
           load_kscales();
         }
-        ++ct;
-#if F8_LN
         vp_slot = v_slot;
         vp_ph = v_ph;
         if (++v_slot == VST) { v_slot = 0; v_ph ^= 1; }
         if (++k_slot == KST) { k_slot = 0; k_ph ^= 1; }
-#endif
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
       auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
@@ -579,7 +539,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         if (WS_DB) pack(pout);
         if (WS_OV) sf_sched_fence(p.flags);  // keep the wait below softmax and pack
         wg_wait<0>();
-        if (arrives) mbar_arrive(vempty(VP_SLOT));
+        if (arrives) mbar_arrive(vempty(vp_slot));
         fold_sums();
         if (!WS_DB) pack(pout);
         advance();
@@ -629,7 +589,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         issue_pv(pa0);
         named_arrive(next_bar);
         wg_wait<0>();
-        if (arrives) mbar_arrive(vempty(VP_SLOT));
+        if (arrives) mbar_arrive(vempty(vp_slot));
         fold_sums();
         reg_fence<NJ>(o);
         if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
@@ -642,7 +602,3 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     }
   }
 }
-#undef K_SLOT
-#undef K_PH
-#undef VP_SLOT
-#undef VP_PH
