@@ -3,7 +3,9 @@
     python perf/sass_mix.py sm90fp8@128 sm90ws@128 sm90fp8:OV=0@128
 
 For each ``impl@head_dim`` (bf16 builds; impl knobs as in ``perf/bench_kernel.py``), compiles the
-kernel, takes the smallest loop of its SASS (a conditional backward branch's span) that holds both a
+kernel (or reads a ``.cubin``, e.g. FlashAttention-3's FP8 kernel: ``cuobjdump -xelf all`` on the
+fa3_fwd wheel's ``_C.abi3.so``, the cubin whose symbols name ``flash_fwd_hdim128_e4m3_sm90``),
+takes the smallest loop of its SASS (a conditional backward branch's span) that holds both a
 ``MUFU.EX2`` and a warpgroup MMA - the consumer's step over one K/V tile - and prints its opcode
 counts. Code on branches inside that span (a block's last-tile mask, a K/V block switch) is
 counted too; ``--hot`` leaves out the instructions of any forward branch's skipped range that
@@ -32,7 +34,10 @@ _MMA = ("HGMMA", "IGMMA", "QGMMA")
 
 
 def sass(spec: str, tmp: Path) -> list[tuple[int, str]]:
-    """(address, instruction) of the kernel ``impl@head_dim``."""
+    """(address, instruction) of the kernel ``impl@head_dim``, or of every function of a ``.cubin`` file."""
+    if spec.endswith(".cubin"):
+        text = subprocess.run(["cuobjdump", "-sass", spec], check=True, capture_output=True, text=True).stdout
+        return [(int(m.group(1), 16), m.group(2)) for m in map(_INS.match, text.splitlines()) if m]
     impl, d = spec.rsplit("@", 1)
     base, bn, opts = _parse_impl(impl)
     cfg = _build.KernelConfig(base, int(d), "bf16", "sm_90a", bn, opts)
@@ -85,7 +90,7 @@ def mix(body: list[tuple[int, str]]) -> collections.Counter:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("specs", nargs="+", help="impl@head_dim, e.g. sm90fp8@128 sm90ws@64")
+    ap.add_argument("specs", nargs="+", help="impl@head_dim, e.g. sm90fp8@128 sm90ws@64, or a .cubin file")
     ap.add_argument("--hot", action="store_true", help="leave out per-block and last-tile branches")
     ap.add_argument("--top", type=int, default=24)
     a = ap.parse_args()
