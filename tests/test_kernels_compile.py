@@ -96,18 +96,26 @@ def test_sm90ws_kernel_uses_wgmma_and_tma(tmp_path):
 
 @needs_nvcc
 def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
-    """The FP8 kernel: int8 Q.K into int32, e4m3 P.V from registers, P converted by cvt.e4m3x2, its
-    parameter struct as large as the host packs (SfParams, maps, side arrays)."""
+    """The FP8 kernel: int8 Q.K into int32, e4m3 P.V from registers with eight more B rows (the ones
+    whose columns are P's row sums, knob LS) or without them (LS=0), P converted by cvt.e4m3x2, its
+    parameter struct as large as the host packs (SfParams, maps, side arrays), its V slots D + 8 rows
+    deep with LS."""
     for d in (64, 128):
         cfg = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a")
         text = _build.compile_kernel(cfg, tmp_path / f"f{d}.ptx", fmt="ptx").read_text()
         bn = cfg.fp8_bn  # 192-key tiles at head dim 128, 128 at 64
         assert bn == {64: 128, 128: 192}[d]
         assert f"wgmma.mma_async.sync.aligned.m64n{bn}k32.s32.s8.s8" in text
-        assert f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in text
+        assert cfg.fp8_ls == 1
+        assert f"wgmma.mma_async.sync.aligned.m64n{d + 8}k32.f32.e4m3.e4m3" in text
         assert "cvt.rn.satfinite.e4m3x2.f32" in text and "ex2.approx.ftz.f32" in text
         assert ".param .align 64 .b8 sf_attn_sm90fp8_param_0[%d]" % (8 * cfg.param_slots) in text
-        assert cfg.smem_bytes == cfg.block_m * d + sum(cfg.fp8_slots()) * bn * d + 1024
+        kst, vst = cfg.fp8_slots()
+        assert cfg.smem_bytes == cfg.block_m * d + (kst * d + vst * (d + 8)) * bn + 1024 <= _build.SMEM_MAX
+        c0 = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=(("LS", 0),))
+        t0 = _build.compile_kernel(c0, tmp_path / f"f{d}ls0.ptx", fmt="ptx").read_text()
+        assert f"wgmma.mma_async.sync.aligned.m64n{d}k32.f32.e4m3.e4m3" in t0 and f"m64n{d + 8}k32" not in t0
+        assert c0.smem_bytes == c0.block_m * d + sum(c0.fp8_slots()) * bn * d + 1024
         # precision="fp8-accurate" (PV=16): the same int8 Q.K, P.V as a 16-bit wgmma, V in 16-bit slots
         c16 = _build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", opts=(("PV", 16),))
         t16 = _build.compile_kernel(c16, tmp_path / f"f{d}pv16.ptx", fmt="ptx").read_text()
@@ -117,6 +125,8 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
         assert c16.smem_bytes <= _build.SMEM_MAX and c16.fp8_slots()[1] == (2 if d == 128 else 4)
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
+    with pytest.raises(ValueError, match="LS"):  # the row sums need the e4m3 P.V
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("LS", 1), ("PV", 16))).defines()
     with pytest.raises(ValueError, match="PV"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("PV", 4),)).smem_bytes
     with pytest.raises(ValueError, match="BN"):
