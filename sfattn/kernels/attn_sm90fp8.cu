@@ -112,12 +112,6 @@ struct F8Params {
 #error "F8_LS needs the e4m3 P.V (V^T tiles)"
 #endif
 #define F8_VROWS (SF_D + 8 * F8_LS)  // rows (channels) of a V^T panel in shared memory
-#ifndef F8_RI
-#define F8_RI 0  // 1: the softmax takes both rows' maxima first, then interleaves their exponentials
-#endif
-#if F8_RI && WS_PX
-#error "F8_RI has no FMA-pipe exponentials (WS_PX)"
-#endif
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers (0: consumers issue independently)
 #endif
@@ -201,52 +195,6 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
       for (int e = 0; e < 4; ++e)
         if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = __float_as_uint(-INFINITY);
   }
-#if F8_RI  // both rows' maxima first, then their exponentials interleaved element by element
-  float addr[2][NG];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float bias[NG], m_tile = -INFINITY;
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      float mx0 = fmaxf(__uint_as_float(s[8 * g][2 * i]), __uint_as_float(s[8 * g][2 * i + 1]));
-      float mx1 = fmaxf(__uint_as_float(s[8 * g + 1][2 * i]), __uint_as_float(s[8 * g + 1][2 * i + 1]));
-#pragma unroll
-      for (int j = 8 * g + 2; j < 8 * g + 8; j += 2) {
-        mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
-        mx1 = fmaxf(mx1, fmaxf(__uint_as_float(s[j + 1][2 * i]), __uint_as_float(s[j + 1][2 * i + 1])));
-      }
-      bias[g] = bq[i] - F8_MAGIC_F * c[g];
-      const float mg = fmaf(fmaxf(mx0, mx1), c[g], bias[g]);
-      m_tile = (g == 0) ? mg : fmaxf(m_tile, mg);
-    }
-    m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 1));
-    m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 2));
-    const float m_new = fmaxf(mr[i], m_tile);
-    const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-    alpha[i] = (m_new == mr[i]) ? 1.f : sf_exp2(mr[i] - m_use);
-    mr[i] = m_new;
-#pragma unroll
-    for (int g = 0; g < NG; ++g) addr[i][g] = bias[g] - m_use + log2_pscale;
-  }
-  float sums[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-#pragma unroll
-  for (int j = 0; j < NS; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float p = sf_exp2(fmaf(__uint_as_float(s[j][e]), c[j / 8], addr[e >> 1][j / 8]));
-      s[j][e] = __float_as_uint(p);
-      sums[e >> 1][e & 1] += p;
-    }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#if F8_LS
-    (void)sums;
-    (void)inv_pscale;
-#else
-    lr[i] = lr[i] * alpha[i] + (sums[i][0] + sums[i][1]) * inv_pscale;
-#endif
-  }
-#else
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float bias[NG], m_tile = -INFINITY;
@@ -296,7 +244,6 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     lr[i] = lr[i] * alpha[i] + (sum0 + sum1) * inv_pscale;
 #endif
   }
-#endif
 }
 
 // P (C layout, floats in s) of keys 32kk..32kk+31 as the e4m3 A fragment of a k32 wgmma: the
