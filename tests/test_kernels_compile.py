@@ -125,6 +125,10 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
         assert c16.smem_bytes <= _build.SMEM_MAX and c16.fp8_slots()[1] == (2 if d == 128 else 4)
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
+    # the timeline build of perf/trace_fp8.py: clock64 stores into the module's f8_trace, and only there
+    tr = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("TR", 1),)),
+                               tmp_path / "tr.ptx", fmt="ptx").read_text()
+    assert "f8_trace" in tr and "%clock64" in tr and "f8_trace" not in text
     with pytest.raises(ValueError, match="LS"):  # the row sums need the e4m3 P.V
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("LS", 1), ("PV", 16))).defines()
     with pytest.raises(ValueError, match="PV"):

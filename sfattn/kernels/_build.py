@@ -47,7 +47,7 @@ FP8_BN = (128, 192)
 # head dim -> default keys per tile (192 at 128: +5 % e4m3 P.V, +8 % 16-bit P.V at 16k on an H200,
 # docs/fp8.md; at 64 the three consumers' registers spill with 192)
 FP8_BN_DEFAULT = {64: 128, 128: 192}
-FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS")  # PV=16: P.V in 16-bit (fp8-accurate)
+FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR")  # PV=16: P.V in 16-bit (fp8-accurate)
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -261,7 +261,7 @@ class KernelConfig:
             common = [c for c in common if not c.startswith("-DSF_RESCALE_THR")]
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
-                    f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}",
+                    f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}", f"-DF8_TR={o.get('TR', 0)}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

@@ -112,6 +112,16 @@ struct F8Params {
 #error "F8_LS needs the e4m3 P.V (V^T tiles)"
 #endif
 #define F8_VROWS (SF_D + 8 * F8_LS)  // rows (channels) of a V^T panel in shared memory
+#ifndef F8_TR
+#define F8_TR 0  // 1: a timeline - the first thread of each consumer warpgroup of block (0, 0, 0)
+                 // stores clock64() at F8_TR_EVENTS points of each of its first F8_TR_STEPS tile
+                 // steps into f8_trace (perf/trace_fp8.py reads and prints it); a diagnostic build
+#endif
+#define F8_TR_STEPS 64
+#define F8_TR_EVENTS 8
+#if F8_TR
+__device__ long long f8_trace[4 * F8_TR_STEPS * F8_TR_EVENTS];  // [consumer][step][event]
+#endif
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers (0: consumers issue independently)
 #endif
@@ -376,6 +386,18 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     // ring slot and phase of the current tile (K, V) and of the previous one (V), advanced per tile
     // (no % or / per tile); wgmma descriptors made once, advanced by adds
     int k_slot = 0, k_ph = 0, v_slot = 0, v_ph = 0, vp_slot = 0, vp_ph = 0;
+#if F8_TR
+    const bool tr_on = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && ctid % 128 == 0;
+    int tr_n = 0;  // tile steps recorded
+#define F8_MARK(e)                                                                          \
+  do {                                                                                       \
+    if (tr_on && tr_n < F8_TR_STEPS) f8_trace[(c * F8_TR_STEPS + tr_n) * F8_TR_EVENTS + (e)] = clock64(); \
+  } while (0)
+#else
+#define F8_MARK(e) \
+  do {             \
+  } while (0)
+#endif
     const uint64_t q_desc = sf_desc(qdesc_base, 16, SBO_QK, F8_LAYOUT);  // descriptors of slot 0;
     const uint64_t k_desc = sf_desc(sK, 16, SBO_QK, F8_LAYOUT);          // their address field is
 #if F8_PV16                                                               // bits 0-13 in 16-byte units
@@ -523,9 +545,14 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         if (++k_slot == KST) { k_slot = 0; k_ph ^= 1; }
       };
       // one K/V tile after the first: S_t, then P_{t-1} V_{t-1} from pin, P_t packed into pout
+      // F8_MARK events: 0 step start, 1 K tile ready, 2 my turn (ping-pong), 3 both GEMMs issued,
+      // 4 S ready, 5 softmax done, 6 P.V done, 7 step end
       auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
+        F8_MARK(0);
         wait_k();
+        F8_MARK(1);
         named_sync(my_bar);
+        F8_MARK(2);
         wg_fence();
         issue_s();
         rescale_o();  // under the S GEMM, then V_{t-1}
@@ -533,16 +560,24 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         wg_fence();
         issue_pv(pin);
         named_arrive(next_bar);
+        F8_MARK(3);
         wg_wait<1>();
+        F8_MARK(4);
         release_k();
         softmax();
         if (WS_DB) pack(pout);
+        F8_MARK(5);
         if (WS_OV) sf_sched_fence(p.flags);  // keep the wait below softmax and pack
         wg_wait<0>();
+        F8_MARK(6);
         if (arrives) mbar_arrive(vempty(vp_slot));
         fold_sums();
         if (!WS_DB) pack(pout);
         advance();
+        F8_MARK(7);
+#if F8_TR
+        ++tr_n;
+#endif
       };
 
       if (nkv > 0) {
@@ -602,3 +637,4 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     }
   }
 }
+#undef F8_MARK

@@ -1,0 +1,121 @@
+"""Where a tile step of the FP8 kernel goes: a clock64 timeline of its consumer warpgroups (one Hopper GPU).
+
+    python perf/trace_fp8.py [--seq 16384 --heads 24 --head-dim 128] [--json docs/perf/trace_fp8.json]
+    python perf/trace_fp8.py --check        # CPU: compile the diagnostic build only
+
+Runs the kernel's diagnostic build (``sm90fp8:TR=1``: the first thread of each consumer warpgroup
+of block (0, 0, 0) stores ``clock64()`` at eight points of each of its first 64 tile steps into the
+module's ``f8_trace``; the default build has none of it) and prints, per consumer warpgroup, the
+median SM clocks of each phase of a step over the steady-state steps (the first four and the last
+left out):
+
+  wait K (the producer's K tile), turn (the ping-pong barrier: the other warpgroup issued its
+  GEMMs), issue (S and P.V GEMMs, O's rescale in between), S wait, softmax (and with DB the pack),
+  P.V wait, tail (row sums, pack, next tile's constants), and the step's period;
+
+and how much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the
+ping-pong intends zero) and the other's GEMMs in flight. The timeline slows the kernel a little (a
+few stores per step in one block): its totals are for proportions, not for speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, EVENTS = 64, 8  # F8_TR_STEPS, F8_TR_EVENTS of attn_sm90fp8.cu
+PHASES = ["wait K", "turn", "issue", "S wait", "softmax", "P.V wait", "tail"]
+
+
+def overlap(a: tuple[int, int], spans: list[tuple[int, int]]) -> int:
+    """Clocks of interval ``a`` covered by the (disjoint) ``spans``."""
+    return sum(max(0, min(a[1], b[1]) - max(a[0], b[0])) for b in spans)
+
+
+def analyse(tr) -> dict:
+    """Phase medians per consumer warpgroup and the cross-warpgroup overlaps of a [consumer, step,
+    event] int64 array (zero rows: not recorded)."""
+    out: dict = {}
+    live = [c for c in range(tr.shape[0]) if tr[c, 0, 0] != 0]
+    n = min(int((tr[c, :, 7] != 0).sum()) for c in live) if live else 0
+    if n < 6:
+        raise SystemExit(f"only {n} tile steps recorded: use a longer sequence (--seq)")
+    steady = range(4, n - 1)
+    for c in live:
+        t = tr[c].astype("int64")
+        row = {p: statistics.median(int(t[i, k + 1] - t[i, k]) for i in steady) for k, p in enumerate(PHASES)}
+        row["period"] = statistics.median(int(t[i + 1, 0] - t[i, 0]) for i in steady)
+        out[f"consumer {c}"] = row
+    if len(live) >= 2:
+        a, b = tr[live[0]], tr[live[1]]
+        soft_b = [(int(b[i, 4]), int(b[i, 5])) for i in range(n)]
+        gemm_b = [(int(b[i, 3]), int(b[i, 6])) for i in range(n)]  # issued .. P.V done
+        soft = [int(a[i, 5] - a[i, 4]) for i in steady]
+        out["softmax of 0 while 1 is in its softmax, fraction"] = round(
+            sum(overlap((int(a[i, 4]), int(a[i, 5])), soft_b) for i in steady) / max(1, sum(soft)), 3)
+        out["softmax of 0 while 1's GEMMs are in flight, fraction"] = round(
+            sum(overlap((int(a[i, 4]), int(a[i, 5])), gemm_b) for i in steady) / max(1, sum(soft)), 3)
+    return out
+
+
+def check() -> int:
+    sys.path.insert(0, str(ROOT))
+    from sfattn.kernels import _build
+    for d in (64, 128):
+        _build.compile_kernel(_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", 0, (("TR", 1),)),
+                              Path("/tmp") / f"trace_fp8_{d}.cubin")
+    print("the TR=1 builds compile for sm_90a (head dims 64 and 128)")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--check", action="store_true", help="only compile the diagnostic build (no GPU)")
+    a = ap.parse_args()
+    if a.check:
+        return check()
+    import cupy as cp
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from sfattn.kernels.flash_fp8 import Fp8Launch
+    from sfattn.quant import quantize_kv, quantize_q
+
+    S, H, D = a.seq, a.heads, a.head_dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn((1, S, H, D), generator=g, device="cuda").to(torch.bfloat16) for _ in range(3))
+    out = torch.empty_like(q)
+    launch = Fp8Launch([quantize_q(q)], [quantize_kv(k, v)], None, 1 / math.sqrt(D), out=[out],
+                       impl="sm90fp8:TR=1", init=True, finalize=True)
+    ptr = cp.cuda.driver.moduleGetGlobal(launch.kernel.module, "f8_trace")
+    nbytes = 4 * STEPS * EVENTS * 8
+    tr = cp.ndarray((4, STEPS, EVENTS), cp.int64, cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, nbytes, None), 0))
+    for _ in range(3):  # warm-up, then the recorded call
+        tr.fill(0)
+        launch(init=True, finalize=True)
+        torch.cuda.synchronize()
+    res = analyse(tr.get())
+    print(f"FP8 kernel, {S} x {H} x {D}, block (0, 0, 0), SM clocks (medians over steady-state steps):")
+    for key, row in res.items():
+        if isinstance(row, dict):
+            print(f"  {key}: " + ", ".join(f"{p} {v:.0f}" for p, v in row.items()))
+        else:
+            print(f"  {key}: {row}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(0), "shape": [1, S, H, D],
+            "command": "python perf/trace_fp8.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trace": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
