@@ -47,7 +47,9 @@ FP8_BN = (128, 192)
 # head dim -> default keys per tile (192 at 128: +5 % e4m3 P.V, +8 % 16-bit P.V at 16k on an H200,
 # docs/fp8.md; at 64 the three consumers' registers spill with 192)
 FP8_BN_DEFAULT = {64: 128, 128: 192}
-FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR")  # PV=16: P.V in 16-bit (fp8-accurate)
+# PV=16: P.V in 16-bit (fp8-accurate); LS: P's row sums from the P.V GEMM; TR=1: the timeline build
+# of perf/trace_fp8.py (a diagnostic)
+FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
