@@ -106,6 +106,26 @@ def test_emulation_without_quantisation_error_is_exact_attention():
     assert np.allclose(out, v.double().mean(dim=1, keepdim=True).expand(B, S, H, D).numpy(), atol=1e-12)
 
 
+def test_emulation_sums_p_as_rounded_by_default():
+    """Two keys, p = (1, 0.3): P is scaled by 448 and 448 * 0.3 = 134.4 rounds to 128 in e4m3. The
+    default (the kernel sums P in its P.V GEMM) normalises by the rounded sum, 1 + 128/448;
+    rounded_sum=False by the exact one, 1.3. Q one-hot and K's channel 0 quantise exactly (smoothing
+    makes the two keys +-0.602, one int8 step each), V = 4 and -2 are exact e4m3 after its scale."""
+    D = 64
+    q = torch.zeros(1, 1, 1, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 2, 1, D)
+    k[0, 1, 0, 0] = math.log(0.3)
+    v = torch.zeros(1, 2, 1, D)
+    v[0, 0, 0, :] = 4.0
+    v[0, 1, 0, :] = -2.0
+    qs, kvs = [quantize_q(q)], [quantize_kv(k, v)]
+    r1 = 128 / 448                                           # e4m3(448 * 0.3) / 448
+    rounded = attention_fp8_emulated(qs, kvs, 1.0)
+    assert np.allclose(rounded, (4 - 2 * r1) / (1 + r1), rtol=1e-5)
+    assert np.allclose(attention_fp8_emulated(qs, kvs, 1.0, rounded_sum=False), (4 - 2 * r1) / 1.3, rtol=1e-5)
+
+
 def test_fp8_tile_follows_the_kernel():
     """The FP8 kernel's keys per tile for given K/V blocks (the emulation's ``tile``): 192 at head dim
     128 unless that pads the keys by more than 5 % over 128, 128 at 64 and at head dims the kernel
