@@ -66,13 +66,13 @@ def main() -> int:
 
     import torch
     sys.path.insert(0, str(ROOT))
+    from bench_fp8 import _fa3, inputs
     from sfattn import kernels as K
     from sfattn.kernels.flash_fp8 import Fp8Launch
     from sfattn.quant import quantize_kv, quantize_q
 
     def kernels(B: int, S: int, H: int, D: int) -> dict:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn((B, S, H, D), generator=g, device="cuda").to(torch.bfloat16) for _ in range(3))
+        q, k, v = inputs("gauss", B, S, H, D, seed=0)
         scale, out = 1 / math.sqrt(D), torch.empty((B, S, H, D), device="cuda", dtype=torch.bfloat16)
         fp8 = Fp8Launch([quantize_q(q)], [quantize_kv(k, v)], None, scale, out=[out], init=True, finalize=True)
         bf16 = K.AttnLaunch([q], [k], [v], None, scale, out=[out], init=True, finalize=True)
@@ -83,10 +83,8 @@ def main() -> int:
             fns["FA3 bf16"] = lambda: fa3(q, k, v, softmax_scale=scale)
         return fns
 
-    try:
-        from fa3_fwd_interface import flash_attn_func as fa3
-    except ImportError:
-        fa3 = None
+    fa3 = _fa3()
+    if fa3 is None:
         print("FA3 (fa3_fwd) not importable: our kernels only")
     rows: list = []
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",

@@ -24,6 +24,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,9 +67,10 @@ def analyse(tr) -> dict:
 def check() -> int:
     sys.path.insert(0, str(ROOT))
     from sfattn.kernels import _build
-    for d in (64, 128):
-        _build.compile_kernel(_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", 0, (("TR", 1),)),
-                              Path("/tmp") / f"trace_fp8_{d}.cubin")
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in (64, 128):
+            _build.compile_kernel(_build.KernelConfig("sm90fp8", d, "bf16", "sm_90a", 0, (("TR", 1),)),
+                                  Path(tmp) / f"trace_fp8_{d}.cubin")
     print("the TR=1 builds compile for sm_90a (head dims 64 and 128)")
     return 0
 
@@ -86,12 +88,12 @@ def main() -> int:
     import cupy as cp
     import torch
     sys.path.insert(0, str(ROOT))
+    from bench_fp8 import inputs
     from sfattn.kernels.flash_fp8 import Fp8Launch
     from sfattn.quant import quantize_kv, quantize_q
 
     S, H, D = a.seq, a.heads, a.head_dim
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn((1, S, H, D), generator=g, device="cuda").to(torch.bfloat16) for _ in range(3))
+    q, k, v = inputs("gauss", 1, S, H, D, seed=0)
     out = torch.empty_like(q)
     launch = Fp8Launch([quantize_q(q)], [quantize_kv(k, v)], None, 1 / math.sqrt(D), out=[out],
                        impl="sm90fp8:TR=1", init=True, finalize=True)

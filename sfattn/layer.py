@@ -648,7 +648,7 @@ class SPAttention:
     def _compute_own(self, run: Any, C: Any) -> None:
         """A call's compute with my own head group in place: what :meth:`_exchange_compute` issues
         for T = R = 1 on the p2p exchange (the same barriers and tags), with this call's kernel."""
-        tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
+        tag = self._call_tag()
         self.rt.barrier_all(C, tag=tag)  # every member's pieces of its rows in my receive buffer
         run(C)
         self.rt.barrier_all(C, tag=tag + 1, dependent=self._dependent)  # every result complete
@@ -665,9 +665,15 @@ class SPAttention:
             out.copy_(o)
         return out
 
+    def _call_tag(self, io: bool = False) -> int:
+        """This call's first barrier tag (the next is + 1), the same on every rank: the exchange's
+        (also the own-in-place compute's, so ranks on either path pair up) or, with ``io``, the io
+        buffers' call's, never an exchange call's."""
+        return ((~self._tag0 if io else self._tag0) + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
+
     def _compute_io(self, C: Any) -> None:
         rt = self.rt
-        tag = (~self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF  # never an exchange call's tags
+        tag = self._call_tag(io=True)
         rt.barrier_all(C, tag=tag)  # every member's inputs written, its last call's output read
         self._io_run(C)
         # every member's output complete, nobody reads my inputs; NaN output if a wait failed
@@ -677,7 +683,7 @@ class SPAttention:
         """Everything between pack and unpack, issued on the caller's stream ``C``."""
         rt, plan = self.rt, self.plan
         T, U, R = plan.T, plan.U, plan.R
-        tag = (self._tag0 + 0x9E3779B1 * self._calls) & 0xFFFFFFFF
+        tag = self._call_tag()
         # Compute on the caller's stream C; Torus traffic on stream A, Ring traffic on stream B
         # (GPU). On the host backend every call completes in program order, which this order
         # keeps valid: pulls and signals are issued before the waits and computes needing them.

@@ -181,8 +181,8 @@ def attn_blocks_fp8_emulated(qs: Sequence[Fp8Q], kvs: Sequence[Fp8KV], state: At
     ``448 vscale / max(vscale over this launch's blocks)``, the row sum of P as rounded (the kernel
     sums P in the P.V GEMM, its default; ``rounded_sum=False``: of unrounded P, knob ``LS=0``), P.V
     with the dequantised V (blocks with a 16-bit ``v``: P rounded to V's dtype, P.V with V as it is,
-    the sum of unrounded P; a launch holds one kind). ``init``/``finalize``/``state``/``out`` as for :func:`sfattn.reference.attn_blocks`
-    (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
+    the sum of unrounded P; a launch holds one kind). ``init``/``finalize``/``state``/``out`` as for
+    :func:`sfattn.reference.attn_blocks` (operands may be torch tensors or numpy arrays; ``out`` arrays get ``acc / l``, 0 for rows that saw
     no key); returns the normalised float64 output ``[B, S_q, H, D]`` when ``finalize``."""
     q = np.concatenate([_f64(x.data) * _rows(x.scale, x.data.shape[1]) for x in qs], axis=1)
     B, S, H, D = q.shape

@@ -212,9 +212,8 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     for (int g = 0; g < NG; ++g) {  // the group's max, then in logit units (c[g] >= 0: monotone)
       float mx0 = fmaxf(__uint_as_float(s[8 * g][2 * i]), __uint_as_float(s[8 * g][2 * i + 1]));
       float mx1 = fmaxf(__uint_as_float(s[8 * g + 1][2 * i]), __uint_as_float(s[8 * g + 1][2 * i + 1]));
-      constexpr int j0 = 2;
 #pragma unroll
-      for (int j = 8 * g + j0; j < 8 * g + 8; j += 2) {
+      for (int j = 8 * g + 2; j < 8 * g + 8; j += 2) {  // seeded by the first pair: no -inf to fold
         mx0 = fmaxf(mx0, fmaxf(__uint_as_float(s[j][2 * i]), __uint_as_float(s[j][2 * i + 1])));
         mx1 = fmaxf(mx1, fmaxf(__uint_as_float(s[j + 1][2 * i]), __uint_as_float(s[j + 1][2 * i + 1])));
       }
