@@ -1,6 +1,7 @@
 """Where a tile step of the FP8 kernel goes: a clock64 timeline of its consumer warpgroups (one Hopper GPU).
 
-    python perf/trace_fp8.py [--seq 16384 --heads 24 --head-dim 128] [--json docs/perf/trace_fp8.json]
+    python perf/trace_fp8.py [--seq 16384 --heads 24 --head-dim 128] [--knobs "" OV=0 BN=128]
+                             [--json docs/perf/trace_fp8.json]
     python perf/trace_fp8.py --check        # CPU: compile the diagnostic build only
 
 Runs the kernel's diagnostic build (``sm90fp8:TR=1``: the first thread of each consumer warpgroup
@@ -80,6 +81,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--knobs", nargs="*", default=[""],
+                    help="one traced run per entry: knobs added to TR=1 ('' = the defaults)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--check", action="store_true", help="only compile the diagnostic build (no GPU)")
     a = ap.parse_args()
@@ -94,28 +97,38 @@ def main() -> int:
 
     S, H, D = a.seq, a.heads, a.head_dim
     q, k, v = inputs("gauss", 1, S, H, D, seed=0)
+    qq, kv = quantize_q(q), quantize_kv(k, v)
     out = torch.empty_like(q)
-    launch = Fp8Launch([quantize_q(q)], [quantize_kv(k, v)], None, 1 / math.sqrt(D), out=[out],
-                       impl="sm90fp8:TR=1", init=True, finalize=True)
-    ptr = cp.cuda.driver.moduleGetGlobal(launch.kernel.module, "f8_trace")
     nbytes = 4 * STEPS * EVENTS * 8
-    tr = cp.ndarray((4, STEPS, EVENTS), cp.int64, cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, nbytes, None), 0))
-    for _ in range(3):  # warm-up, then the recorded call
-        tr.fill(0)
-        launch(init=True, finalize=True)
-        torch.cuda.synchronize()
-    res = analyse(tr.get())
-    print(f"FP8 kernel, {S} x {H} x {D}, block (0, 0, 0), SM clocks (medians over steady-state steps):")
-    for key, row in res.items():
-        if isinstance(row, dict):
-            print(f"  {key}: " + ", ".join(f"{p} {v:.0f}" for p, v in row.items()))
-        else:
-            print(f"  {key}: {row}")
+    results = {}
+    for knobs in a.knobs:
+        impl = "sm90fp8:TR=1" + (f",{knobs}" if knobs else "")
+        launch = Fp8Launch([qq], [kv], None, 1 / math.sqrt(D), out=[out], impl=impl, init=True, finalize=True)
+        ptr = cp.cuda.driver.moduleGetGlobal(launch.kernel.module, "f8_trace")
+        tr = cp.ndarray((4, STEPS, EVENTS), cp.int64,
+                        cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, nbytes, None), 0))
+        for _ in range(3):  # warm-up, then the recorded call
+            tr.fill(0)
+            launch(init=True, finalize=True)
+            torch.cuda.synchronize()
+        t = tr.get()
+        res = results[impl] = analyse(t)
+        t0 = int(t[t[:, 0, 0] != 0][:, 0, 0].min())  # raw events of steps 4-11, from the first start
+        res["raw clocks, steps 4-11 [consumer][step][event]"] = [
+            (t[c, 4:12] - t0).tolist() for c in range(t.shape[0]) if t[c, 0, 0] != 0]
+        print(f"{impl}, {S} x {H} x {D}, block (0, 0, 0), SM clocks (medians over steady-state steps):")
+        for key, row in res.items():
+            if key.startswith("raw"):
+                continue
+            if isinstance(row, dict):
+                print(f"  {key}: " + ", ".join(f"{p} {v:.0f}" for p, v in row.items()))
+            else:
+                print(f"  {key}: {row}")
     if a.json:
         Path(a.json).write_text(json.dumps({
             "device": torch.cuda.get_device_name(0), "shape": [1, S, H, D],
             "command": "python perf/trace_fp8.py " + " ".join(sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trace": res}, indent=1))
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trace": results}, indent=1))
     return 0
 
 
