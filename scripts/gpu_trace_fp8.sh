@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a 1-GPU Hopper host (repo root, wheels in .whl): the FP8 kernel's clock64 timeline
 # (perf/trace_fp8.py) for the variants in TRACE_KNOBS at head dim 128, the defaults at 64, then
-# the 16k benchmark (FP8_BENCH as in gpu_fp8.sh). Logs and JSON go to $OUT.
+# gpu_fp8.sh (FP8_BENCH as there; FP8_TESTS=1 runs the GPU tests too, default 0). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -26,4 +26,4 @@ print(f"compiled {len(cfgs)} TR builds")
 PY
 timeout 200 python3 perf/trace_fp8.py --knobs "${KN[@]}" --json "$OUT/trace_fp8_d128.json" 2>&1 | tee "$OUT/trace128.log"
 timeout 100 python3 perf/trace_fp8.py --head-dim 64 --json "$OUT/trace_fp8_d64.json" 2>&1 | tee "$OUT/trace64.log"
-FP8_TESTS=0 bash scripts/gpu_fp8.sh
+FP8_TESTS=${FP8_TESTS:-0} bash scripts/gpu_fp8.sh

@@ -52,6 +52,12 @@
 #ifndef WS_NC
 #define WS_NC 2
 #endif
+#ifndef F8_RP
+#define F8_RP 0  // the softmax pipelined over the thread's two rows (row 1's max under row 0's exp2s)
+#endif
+#ifndef F8_MI
+#define F8_MI 0  // the S accumulator starts at F8_MAGIC (the wgmma adds onto it): no add per logit
+#endif
 #if WS_BN != 128 && WS_BN != 192
 #error "the FP8 kernel's K/V tiles are 128 or 192 keys (64-key groups)"
 #endif
@@ -192,12 +198,15 @@ __device__ __forceinline__ float f8_exp2_fma(float x) {
 template <int NS>
 __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int t, const float (&c)[NS / 8],
                                            const float (&bq)[2], float log2_pscale, float inv_pscale,
-                                           float (&mr)[2], float (&lr)[2], float (&alpha)[2]) {
+                                           float (&mr)[2], float (&lr)[2], float (&alpha)[2],
+                                           long long flags) {
   constexpr int NG = NS / 8;
+#if !F8_MI  // (with F8_MI the S GEMM accumulated onto F8_MAGIC)
 #pragma unroll
   for (int j = 0; j < NS; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[j][e] += F8_MAGIC;  // the float 1.5 * 2^23 + x, exactly
+#endif
   if (nvalid < WS_BN) {  // the last tile of a block: keys past its end
 #pragma unroll
     for (int j = 0; j < NS; ++j)
@@ -205,8 +214,8 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
       for (int e = 0; e < 4; ++e)
         if (8 * j + 2 * t + (e & 1) >= nvalid) s[j][e] = __float_as_uint(-INFINITY);
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  float add[2][NG];
+  auto prep = [&](int i) {  // row i's max, alpha and the per-group terms of its exp2 arguments
     float bias[NG], m_tile = -INFINITY;
 #pragma unroll
     for (int g = 0; g < NG; ++g) {  // the group's max, then in logit units (c[g] >= 0: monotone)
@@ -227,16 +236,17 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
     const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
     alpha[i] = (m_new == mr[i]) ? 1.f : sf_exp2(mr[i] - m_use);
     mr[i] = m_new;
-    float add[NG];
 #pragma unroll
-    for (int g = 0; g < NG; ++g) add[g] = bias[g] - m_use + log2_pscale;
+    for (int g = 0; g < NG; ++g) add[i][g] = bias[g] - m_use + log2_pscale;
+  };
+  auto exps = [&](int i) {  // row i's P * pscale into s (and without LS its sum into lr)
 #if !F8_LS
     float sum0 = 0.f, sum1 = 0.f;
 #endif
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
-      const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c[j / 8], add[j / 8]);
-      const float a1 = fmaf(__uint_as_float(s[j][2 * i + 1]), c[j / 8], add[j / 8]);
+      const float a0 = fmaf(__uint_as_float(s[j][2 * i]), c[j / 8], add[i][j / 8]);
+      const float a1 = fmaf(__uint_as_float(s[j][2 * i + 1]), c[j / 8], add[i][j / 8]);
       const bool fma_pipe = j % 8 >= 8 - WS_PX * 8 / NS;  // spread over the tile
       const float p0 = fma_pipe ? f8_exp2_fma(a0) : sf_exp2(a0);
       const float p1 = fma_pipe ? f8_exp2_fma(a1) : sf_exp2(a1);
@@ -252,7 +262,21 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
 #else
     lr[i] = lr[i] * alpha[i] + (sum0 + sum1) * inv_pscale;
 #endif
-  }
+  };
+#if F8_RP  // block boundaries: row 1's max can only fill row 0's exp2 stream, not run ahead of it
+  prep(0);
+  sf_sched_fence(flags);
+  prep(1);
+  exps(0);
+  sf_sched_fence(flags);
+  exps(1);
+#else
+  (void)flags;
+  prep(0);
+  exps(0);
+  prep(1);
+  exps(1);
+#endif
 }
 
 // P (C layout, floats in s) of keys 32kk..32kk+31 as the e4m3 A fragment of a k32 wgmma: the
@@ -457,10 +481,18 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 
       auto wait_k = [&]() { mbar_wait(kfull(k_slot), k_ph); };
       auto wait_v_prev = [&]() { mbar_wait(vfull(vp_slot), vp_ph); };
+      auto seed_s = [&]() {  // F8_MI: S accumulates onto F8_MAGIC (before the turn's wait)
+#if F8_MI
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] = F8_MAGIC;
+#endif
+      };
       auto issue_s = [&]() {
         const uint64_t kd = k_desc + (uint64_t)(k_slot * (KTILE >> 4));
 #pragma unroll
-        for (int kk = 0; kk < D / 32; ++kk) WGMMA_S(s, q_desc + 2 * kk, kd + 2 * kk, kk > 0);
+        for (int kk = 0; kk < D / 32; ++kk) WGMMA_S(s, q_desc + 2 * kk, kd + 2 * kk, F8_MI || kk > 0);
         wg_commit();
       };
       auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P V of the previous tile
@@ -486,7 +518,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         float ck[F8_NG];  // loaded a tile ahead: no global load in front of exp2
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ck[g] = cq * ks_next[g];
-        f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha);
+        f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha, p.flags);
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
       auto rescale_o = [&]() {
@@ -548,6 +580,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       // 4 S ready, 5 softmax done, 6 P.V done, 7 step end
       auto step = [&](const uint32_t (&pin)[BN / F8_PK][4], uint32_t (&pout)[BN / F8_PK][4]) {
         F8_MARK(0);
+        seed_s();
         wait_k();
         F8_MARK(1);
         named_sync(my_bar);
@@ -585,6 +618,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         for (int e = 0; e < 4; ++e) ol[0][e] = 0.f;
 #endif
         enter_block();
+        seed_s();
         mbar_wait(qfull, it & 1);
         if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
         wait_k();
