@@ -5,7 +5,7 @@
     python perf/trace_fp8.py --check        # CPU: compile the diagnostic build only
 
 Runs the kernel's diagnostic build (``sm90fp8:TR=1``: the first thread of each consumer warpgroup
-of block (0, 0, 0) stores ``clock64()`` at eight points of each of its first 64 tile steps into the
+of block (0, 0, 0) stores ``clock64()`` at eight points (ten with RP=1) of each of its first 64 tile steps into the
 module's ``f8_trace``; the default build has none of it) and prints, per consumer warpgroup, the
 median SM clocks of each phase of a step over the steady-state steps (the first four and the last
 left out):
@@ -14,7 +14,8 @@ left out):
   GEMMs), issue (S and P.V GEMMs, O's rescale in between), S wait, softmax (and with DB the pack),
   P.V wait, tail (row sums, pack, next tile's constants), and the step's period;
 
-and how much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the
+(with RP=1, whose softmax has two block boundaries, also its three parts: row 0's max, row 0's
+exponentials beside row 1's max, row 1's exponentials) and how much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the
 ping-pong intends zero) and the other's GEMMs in flight. The timeline slows the kernel a little (a
 few stores per step in one block): its totals are for proportions, not for speed.
 """
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVENTS = 64, 8  # F8_TR_STEPS, F8_TR_EVENTS of attn_sm90fp8.cu
+STEPS, EVENTS = 64, 10  # F8_TR_STEPS, F8_TR_EVENTS of attn_sm90fp8.cu
 PHASES = ["wait K", "turn", "issue", "S wait", "softmax", "P.V wait", "tail"]
 
 
@@ -52,6 +53,10 @@ def analyse(tr) -> dict:
         t = tr[c].astype("int64")
         row = {p: statistics.median(int(t[i, k + 1] - t[i, k]) for i in steady) for k, p in enumerate(PHASES)}
         row["period"] = statistics.median(int(t[i + 1, 0] - t[i, 0]) for i in steady)
+        if all(t[i, 8] and t[i, 9] for i in steady):  # RP=1 builds: the softmax's two block boundaries
+            row["softmax: row-0 max"] = statistics.median(int(t[i, 8] - t[i, 4]) for i in steady)
+            row["softmax: row-0 exp2, row-1 max"] = statistics.median(int(t[i, 9] - t[i, 8]) for i in steady)
+            row["softmax: row-1 exp2"] = statistics.median(int(t[i, 5] - t[i, 9]) for i in steady)
         out[f"consumer {c}"] = row
     if len(live) >= 2:
         a, b = tr[live[0]], tr[live[1]]

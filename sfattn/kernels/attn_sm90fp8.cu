@@ -124,7 +124,7 @@ struct F8Params {
                  // steps into f8_trace (perf/trace_fp8.py reads and prints it); a diagnostic build
 #endif
 #define F8_TR_STEPS 64
-#define F8_TR_EVENTS 8
+#define F8_TR_EVENTS 10
 #if F8_TR
 __device__ long long f8_trace[4 * F8_TR_STEPS * F8_TR_EVENTS];  // [consumer][step][event]
 #endif
@@ -195,11 +195,11 @@ __device__ __forceinline__ float f8_exp2_fma(float x) {
 // x * c[g] + bq[i] for the accumulator value x of a key in 64-key group g (c[g] >= 0: the group's
 // K scale times Q's); returns in s the e4m3-ready P * pscale (as float bits), updates the running
 // max / sum (in P units) and alpha.
-template <int NS>
+template <int NS, class Mark>
 __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int t, const float (&c)[NS / 8],
                                            const float (&bq)[2], float log2_pscale, float inv_pscale,
                                            float (&mr)[2], float (&lr)[2], float (&alpha)[2],
-                                           long long flags) {
+                                           long long flags, Mark mark) {
   constexpr int NG = NS / 8;
 #if !F8_MI  // (with F8_MI the S GEMM accumulated onto F8_MAGIC)
 #pragma unroll
@@ -266,12 +266,15 @@ __device__ __forceinline__ void f8_softmax(uint32_t (&s)[NS][4], int nvalid, int
 #if F8_RP  // block boundaries: row 1's max can only fill row 0's exp2 stream, not run ahead of it
   prep(0);
   sf_sched_fence(flags);
+  mark(8);  // (the timeline build: row 0's max done)
   prep(1);
   exps(0);
   sf_sched_fence(flags);
+  mark(9);  // row 0's exp2s and row 1's max done
   exps(1);
 #else
   (void)flags;
+  (void)mark;
   prep(0);
   exps(0);
   prep(1);
@@ -518,7 +521,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         float ck[F8_NG];  // loaded a tile ahead: no global load in front of exp2
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ck[g] = cq * ks_next[g];
-        f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha, p.flags);
+        f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha, p.flags, [&](int e) { F8_MARK(e); });
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
       auto rescale_o = [&]() {
