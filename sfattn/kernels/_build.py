@@ -49,7 +49,7 @@ FP8_BN = (128, 192)
 FP8_BN_DEFAULT = {64: 128, 128: 192}
 # PV=16: P.V in 16-bit (fp8-accurate); LS: P's row sums from the P.V GEMM; TR=1: the timeline build
 # of perf/trace_fp8.py (a diagnostic)
-FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR", "MI", "RP")
+FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR", "MI", "RP", "SX")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -264,7 +264,7 @@ class KernelConfig:
             return [*common, f"-DWS_NC={nc}", f"-DWS_CONSUMER_REGS={o.get('CR', WS_CONSUMER_REGS[nc])}",
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
                     f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}", f"-DF8_TR={o.get('TR', 0)}",
-                    f"-DF8_MI={o.get('MI', 0)}", f"-DF8_RP={o.get('RP', 0)}",
+                    f"-DF8_MI={o.get('MI', 0)}", f"-DF8_RP={o.get('RP', 0)}", f"-DF8_SX={o.get('SX', 0)}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

@@ -55,6 +55,9 @@
 #ifndef F8_RP
 #define F8_RP 0  // the softmax pipelined over the thread's two rows (row 1's max under row 0's exp2s)
 #endif
+#ifndef F8_SX
+#define F8_SX 0  // the consumers' softmaxes take turns (named barriers 1 + NC + c), as their GEMMs do
+#endif
 #ifndef F8_MI
 #define F8_MI 0  // the S accumulator starts at F8_MAGIC (the wgmma adds onto it): no add per logit
 #endif
@@ -137,6 +140,8 @@ __device__ __forceinline__ void named_sync(int id) {
 __device__ __forceinline__ void named_arrive(int id) {
   if (WS_PP) asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
 }
+__device__ __forceinline__ void sx_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void sx_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 // four floats -> four e4m3 bytes (a in the lowest), round to nearest even, saturating
 __device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d) {
   uint32_t r;
@@ -399,6 +404,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
     const float sl2 = (float)p.scale_log2;
     const uint32_t qdesc_base = sQ + c * 64 * F8_QROW;
     const int my_bar = 1 + c, next_bar = 1 + (c + 1) % WS_NC;
+    const int sx_my = 1 + WS_NC + c, sx_next = 1 + WS_NC + (c + 1) % WS_NC;  // F8_SX
     const bool arrives = lane == 0;
     uint32_t pa0[BN / F8_PK][4], pa1[BN / F8_PK][4];
     uint32_t s[NS][4];
@@ -521,7 +527,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         float ck[F8_NG];  // loaded a tile ahead: no global load in front of exp2
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ck[g] = cq * ks_next[g];
+        if (F8_SX) sx_sync(sx_my);  // my turn on the exp2 units
         f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha, p.flags, [&](int e) { F8_MARK(e); });
+        if (F8_SX) sx_arrive(sx_next);
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
       auto rescale_o = [&]() {
@@ -624,6 +632,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         seed_s();
         mbar_wait(qfull, it & 1);
         if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
+        if (F8_SX && c == WS_NC - 1) sx_arrive(1 + WS_NC);  // and takes the first softmax turn
         wait_k();
         named_sync(my_bar);
         wg_fence();
@@ -664,6 +673,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         fold_sums();
         reg_fence<NJ>(o);
         if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
+        if (F8_SX && c == 0) sx_sync(sx_my);  // (and its last softmax's)
       }
 #pragma unroll
       for (int j = 0; j < NJ; ++j)
