@@ -14,7 +14,7 @@ left out):
   GEMMs), issue (S and P.V GEMMs, O's rescale in between), S wait, softmax (and with DB the pack),
   P.V wait, tail (row sums, pack, next tile's constants), and the step's period;
 
-(with RP=1, whose softmax has two block boundaries, also its three parts: row 0's max, row 0's
+(with SX=1 also the wait for the softmax's turn; with RP=1, whose softmax has two block boundaries, its three parts: row 0's max, row 0's
 exponentials beside row 1's max, row 1's exponentials) and how much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the
 ping-pong intends zero) and the other's GEMMs in flight. The timeline slows the kernel a little (a
 few stores per step in one block): its totals are for proportions, not for speed.
@@ -53,6 +53,9 @@ def analyse(tr) -> dict:
         t = tr[c].astype("int64")
         row = {p: statistics.median(int(t[i, k + 1] - t[i, k]) for i in steady) for k, p in enumerate(PHASES)}
         row["period"] = statistics.median(int(t[i + 1, 0] - t[i, 0]) for i in steady)
+        if all(t[i, 8] and not t[i, 9] for i in steady):  # SX=1 builds: the softmax's turn taken
+            row["softmax: its turn"] = statistics.median(int(t[i, 8] - t[i, 4]) for i in steady)
+            row["softmax: itself"] = statistics.median(int(t[i, 5] - t[i, 8]) for i in steady)
         if all(t[i, 8] and t[i, 9] for i in steady):  # RP=1 builds: the softmax's two block boundaries
             row["softmax: row-0 max"] = statistics.median(int(t[i, 8] - t[i, 4]) for i in steady)
             row["softmax: row-0 exp2, row-1 max"] = statistics.median(int(t[i, 9] - t[i, 8]) for i in steady)

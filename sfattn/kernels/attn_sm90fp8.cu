@@ -528,6 +528,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ck[g] = cq * ks_next[g];
         if (F8_SX) sx_sync(sx_my);  // my turn on the exp2 units
+        if (F8_SX && !F8_RP) F8_MARK(8);
         f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha, p.flags, [&](int e) { F8_MARK(e); });
         if (F8_SX) sx_arrive(sx_next);
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
