@@ -340,7 +340,7 @@ def _key(cfg: KernelConfig, nvcc: str, fmt: str) -> str:
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((KERNEL_DIR / name).read_bytes())
-    h.update(repr((cfg, fmt, _nvcc_version(nvcc))).encode())
+    h.update(repr((cfg, cfg.defines(), fmt, _nvcc_version(nvcc))).encode())  # defaults may change
     return h.hexdigest()[:24]
 
 
