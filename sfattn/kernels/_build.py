@@ -48,7 +48,8 @@ FP8_BN = (128, 192)
 # docs/fp8.md; at 64 the three consumers' registers spill with 192)
 FP8_BN_DEFAULT = {64: 128, 128: 192}
 # PV=16: P.V in 16-bit (fp8-accurate); LS: P's row sums from the P.V GEMM; TR=1: the timeline build
-# of perf/trace_fp8.py (a diagnostic)
+# of perf/trace_fp8.py (a diagnostic); MI: S seeded with the float-magic constant (default);
+# RP, SX: the softmax split over the rows / the consumers' softmaxes taking turns (off: no gain)
 FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR", "MI", "RP", "SX")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]

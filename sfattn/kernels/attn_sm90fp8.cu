@@ -11,7 +11,8 @@
 //      permuted inside every 32-key group so that the e4m3 P fragment, built straight from the S
 //      accumulator registers, meets its keys (fp8_ops.V_PERM); one scale per (batch, head, block).
 // S = Q.K^T is an s8 wgmma into int32 (m64nBNk32); its values (|x| < 2^22 for D <= 128) become
-// floats by one integer add (x + 0x4B400000 is the float 1.5 * 2^23 + x), and the scale, the
+// floats by the integer 0x4B400000 (x + 0x4B400000 is the float 1.5 * 2^23 + x): with F8_MI (the
+// default) the accumulator starts there and the wgmma adds onto it, else one add each; the scale, the
 // q . mu term and the running max fold into the one FMA in front of exp2. P in [0, 1] times
 // 448 * vscale_block / vscale_max goes to e4m3 in registers; O += P.V is an e4m3 wgmma with fp32
 // accumulation, N = D + 8: eight rows of ones (e4m3 1.0) under each V^T panel make the last eight
