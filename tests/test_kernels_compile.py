@@ -123,6 +123,11 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
         assert f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32.bf16.bf16" in t16 and "e4m3" not in t16
         assert c16.smem_bytes == c16.block_m * d + (c16.fp8_slots()[0] + 2 * c16.fp8_slots()[1]) * bn * d + 1024
         assert c16.smem_bytes <= _build.SMEM_MAX and c16.fp8_slots()[1] == (2 if d == 128 else 4)
+    # S seeded with the float-magic constant (MI, the default): no integer add of it per logit
+    magic_adds = lambda t: sum("add.s32" in ln and "1262485504" in ln for ln in t.splitlines())  # noqa: E731
+    tm0 = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("MI", 0),)),
+                                tmp_path / "mi0.ptx", fmt="ptx").read_text()
+    assert magic_adds(text) == 0 and magic_adds(tm0) > 0 and "-DF8_MI=1" in cfg.defines()
     with pytest.raises(ValueError, match="NC"):
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("NC", 4),)).threads
     # the timeline build of perf/trace_fp8.py: clock64 stores into the module's f8_trace, and only there
@@ -174,6 +179,10 @@ def test_cache_reuses_the_cubin(tmp_path, monkeypatch):
     mtime = a.stat().st_mtime_ns
     b = _build.compile_kernel(cfg)
     assert a == b and b.stat().st_mtime_ns == mtime
+    # a changed default (a define the configuration's fields do not show) is a different cubin
+    real = _build.KernelConfig.defines
+    monkeypatch.setattr(_build.KernelConfig, "defines", lambda self: [*real(self), "-DSOME_NEW_DEFAULT=1"])
+    assert _build.compile_kernel(cfg) != a
 
 
 class _FakeKernel:
