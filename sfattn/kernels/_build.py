@@ -236,8 +236,9 @@ class KernelConfig:
     def fp8_db(self) -> int:
         """sm90fp8: 1 when P fragments alternate between two register sets (knob DB); not by default
         where a 16-bit P would spill (three head-dim-64 consumers, or tiles of more than 128 keys) nor
-        with OV=1 on 192-key tiles (two P sets beside the overlapped softmax spill)."""
-        spills = self.fp8_bn > 128 and (self.fp8_pv_bytes == 2 or self.fp8_ov) or \
+        with OV=1 or MI=1 on 192-key tiles (two P sets beside the overlapped softmax, or beside the
+        seeded S accumulator, spill)."""
+        spills = self.fp8_bn > 128 and (self.fp8_pv_bytes == 2 or self.fp8_ov or self.fp8_mi) or \
             (self.fp8_pv_bytes == 2 and self.head_dim == 64)
         return int(dict(self.opts).get("DB", int(not spills)))
 
