@@ -2,6 +2,7 @@
 
     python perf/trace_fp8.py [--seq 16384 --heads 24 --head-dim 128] [--knobs "" OV=0 BN=128]
                              [--json docs/perf/trace_fp8.json]
+    python perf/trace_fp8.py --knobs "" DG=1 DG=2 "SX=1,DG=2"   # the softmax without GEMMs in flight
     python perf/trace_fp8.py --check        # CPU: compile the diagnostic build only
 
 Runs the kernel's diagnostic build (``sm90fp8:TR=1``: the first thread of each consumer warpgroup

@@ -134,6 +134,11 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
     tr = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("TR", 1),)),
                                tmp_path / "tr.ptx", fmt="ptx").read_text()
     assert "f8_trace" in tr and "%clock64" in tr and "f8_trace" not in text
+    with pytest.raises(ValueError, match="DG"):  # GEMMs left out: only in the timeline build
+        _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("DG", 1),)).defines()
+    dg = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("TR", 1), ("DG", 2))),
+                               tmp_path / "dg.ptx", fmt="ptx").read_text()
+    assert "wgmma.mma_async" not in dg and "f8_trace" in dg
     with pytest.raises(ValueError, match="LS"):  # the row sums need the e4m3 P.V
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("LS", 1), ("PV", 16))).defines()
     with pytest.raises(ValueError, match="PV"):

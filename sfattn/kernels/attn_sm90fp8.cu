@@ -59,6 +59,9 @@
 #ifndef F8_SX
 #define F8_SX 0  // the consumers' softmaxes take turns (named barriers 1 + NC + c), as their GEMMs do
 #endif
+#ifndef F8_DG
+#define F8_DG 0  // diagnostic (timeline builds only, wrong output): 1 no P.V wgmma, 2 no S wgmma either
+#endif
 #ifndef F8_MI
 #define F8_MI 0  // the S accumulator starts at F8_MAGIC (the wgmma adds onto it): no add per logit
 #endif
@@ -502,13 +505,13 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       auto issue_s = [&]() {
         const uint64_t kd = k_desc + (uint64_t)(k_slot * (KTILE >> 4));
 #pragma unroll
-        for (int kk = 0; kk < D / 32; ++kk) WGMMA_S(s, q_desc + 2 * kk, kd + 2 * kk, F8_MI || kk > 0);
+        for (int kk = 0; kk < D / 32 * (F8_DG < 2); ++kk) WGMMA_S(s, q_desc + 2 * kk, kd + 2 * kk, F8_MI || kk > 0);
         wg_commit();
       };
       auto issue_pv = [&](const uint32_t (&pa)[BN / F8_PK][4]) {  // O += P V of the previous tile
         const uint64_t vd = v_desc + (uint64_t)(vp_slot * (VTILE >> 4));
 #pragma unroll
-        for (int kk = 0; kk < BN / F8_PK; ++kk)
+        for (int kk = 0; kk < BN / F8_PK * (F8_DG < 1); ++kk)
 #if F8_PV16
           WGMMA_O(o, pa[kk], vd + kk * 16 * 128 / 16, 1);
 #else
