@@ -6,18 +6,19 @@
     python perf/trace_fp8.py --check        # CPU: compile the diagnostic build only
 
 Runs the kernel's diagnostic build (``sm90fp8:TR=1``: the first thread of each consumer warpgroup
-of block (0, 0, 0) stores ``clock64()`` at eight points (ten with RP=1) of each of its first 64 tile steps into the
-module's ``f8_trace``; the default build has none of it) and prints, per consumer warpgroup, the
-median SM clocks of each phase of a step over the steady-state steps (the first four and the last
-left out):
+of block (0, 0, 0) stores ``clock64()`` at eight points (nine with SX=1, ten with RP=1) of each of its
+first 64 tile steps into the module's ``f8_trace``; the default build has none of it) and prints, per
+consumer warpgroup, the median SM clocks of each phase of a step over the steady-state steps (the
+first four and the last left out):
 
   wait K (the producer's K tile), turn (the ping-pong barrier: the other warpgroup issued its
   GEMMs), issue (S and P.V GEMMs, O's rescale in between), S wait, softmax (and with DB the pack),
   P.V wait, tail (row sums, pack, next tile's constants), and the step's period;
 
-(with SX=1 also the wait for the softmax's turn; with RP=1, whose softmax has two block boundaries, its three parts: row 0's max, row 0's
-exponentials beside row 1's max, row 1's exponentials) and how much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the
-ping-pong intends zero) and the other's GEMMs in flight. The timeline slows the kernel a little (a
+(with SX=1 also the wait for the softmax's turn; with RP=1, whose softmax has two block boundaries,
+its three parts: row 0's max, row 0's exponentials beside row 1's max, row 1's exponentials) and how
+much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the ping-pong
+intends zero) and the other's GEMMs in flight. The timeline slows the kernel a little (a
 few stores per step in one block): its totals are for proportions, not for speed.
 """
 from __future__ import annotations

@@ -218,7 +218,8 @@ class KernelConfig:
         bitwise the same output (docs/fp8.md)."""
         return int(dict(self.opts).get("MI", 1))
 
-    def _fp8_dg(self) -> int:
+    @property
+    def fp8_dg(self) -> int:
         """sm90fp8 knob DG, a diagnostic of the timeline build only (its output is wrong): 1 leaves
         out the P.V wgmmas, 2 the S wgmmas too, so perf/trace_fp8.py times the softmax without
         tensor work in flight."""
@@ -286,7 +287,7 @@ class KernelConfig:
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
                     f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}", f"-DF8_TR={o.get('TR', 0)}",
                     f"-DF8_MI={self.fp8_mi}", f"-DF8_RP={o.get('RP', 0)}", f"-DF8_SX={o.get('SX', 0)}",
-                    f"-DF8_DG={self._fp8_dg()}",
+                    f"-DF8_DG={self.fp8_dg}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

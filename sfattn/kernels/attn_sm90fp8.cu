@@ -138,14 +138,16 @@ __device__ long long f8_trace[4 * F8_TR_STEPS * F8_TR_EVENTS];  // [consumer][st
 #ifndef WS_PP
 #define WS_PP 1  // consumer ping-pong through named barriers (0: consumers issue independently)
 #endif
+// named barrier id between two consumer warpgroups (256 threads): wait for it, or only arrive
+__device__ __forceinline__ void pair_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void pair_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+// the GEMM ping-pong's turns (none with WS_PP=0)
 __device__ __forceinline__ void named_sync(int id) {
-  if (WS_PP) asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+  if (WS_PP) pair_sync(id);
 }
 __device__ __forceinline__ void named_arrive(int id) {
-  if (WS_PP) asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+  if (WS_PP) pair_arrive(id);
 }
-__device__ __forceinline__ void sx_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void sx_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 // four floats -> four e4m3 bytes (a in the lowest), round to nearest even, saturating
 __device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d) {
   uint32_t r;
@@ -531,10 +533,10 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         float ck[F8_NG];  // loaded a tile ahead: no global load in front of exp2
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ck[g] = cq * ks_next[g];
-        if (F8_SX) sx_sync(sx_my);  // my turn on the exp2 units
+        if (F8_SX) pair_sync(sx_my);  // my turn on the exp2 units
         if (F8_SX && !F8_RP) F8_MARK(8);
         f8_softmax<NS>(s, nvalid, t, ck, bq, log2_ps, inv_ps, mr, lr, alpha, p.flags, [&](int e) { F8_MARK(e); });
-        if (F8_SX) sx_arrive(sx_next);
+        if (F8_SX) pair_arrive(sx_next);
         reg_fence_u<NS>(s);  // P complete here, before the wait for P_{t-1} V_{t-1}: they overlap
       };
       auto rescale_o = [&]() {
@@ -637,7 +639,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         seed_s();
         mbar_wait(qfull, it & 1);
         if (c == WS_NC - 1) named_arrive(1);  // consumer 0 issues first
-        if (F8_SX && c == WS_NC - 1) sx_arrive(1 + WS_NC);  // and takes the first softmax turn
+        if (F8_SX && c == WS_NC - 1) pair_arrive(1 + WS_NC);  // and takes the first softmax turn
         wait_k();
         named_sync(my_bar);
         wg_fence();
@@ -678,7 +680,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         fold_sums();
         reg_fence<NJ>(o);
         if (c == 0) named_sync(my_bar);  // consume the last consumer's final arrive
-        if (F8_SX && c == 0) sx_sync(sx_my);  // (and its last softmax's)
+        if (F8_SX && c == 0) pair_sync(sx_my);  // (and its last softmax's)
       }
 #pragma unroll
       for (int j = 0; j < NJ; ++j)
