@@ -10,8 +10,9 @@ takes the smallest loop of its SASS (a conditional backward branch's span) that 
 counts. Code on branches inside that span (a block's last-tile mask, a K/V block switch) is
 counted too; ``--hot`` leaves out the instructions of any forward branch's skipped range that
 holds a global load or an ``I2F``/``SEL`` run, i.e. counts what every tile executes (a heuristic:
-check the listing). Needs ``cuobjdump`` on PATH (the CUDA toolkit, or the nvidia-cuda-cuobjdump
-wheel).
+check the listing). ``--waits`` also prints the span between the loop's two ``wgmma.wait_group``s
+(the softmax) with the sum of its instructions' static stall counts. Needs ``cuobjdump`` on PATH
+(the CUDA toolkit, or the nvidia-cuda-cuobjdump wheel).
 """
 from __future__ import annotations
 
@@ -33,18 +34,42 @@ _BRA = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
 _MMA = ("HGMMA", "IGMMA", "QGMMA")
 
 
-def sass(spec: str, tmp: Path) -> list[tuple[int, str]]:
-    """(address, instruction) of the kernel ``impl@head_dim``, or of every function of a ``.cubin`` file."""
-    if spec.endswith(".cubin"):
-        text = subprocess.run(["cuobjdump", "-sass", spec], check=True, capture_output=True, text=True).stdout
-        return [(int(m.group(1), 16), m.group(2)) for m in map(_INS.match, text.splitlines()) if m]
-    impl, d = spec.rsplit("@", 1)
-    base, bn, opts = _parse_impl(impl)
-    cfg = _build.KernelConfig(base, int(d), "bf16", "sm_90a", bn, opts)
-    out = tmp / (re.sub(r"\W", "_", spec) + ".cubin")
-    subprocess.run([_build.find_nvcc(), *cfg.nvcc_args(out)], check=True, capture_output=True)
-    text = subprocess.run(["cuobjdump", "-sass", str(out)], check=True, capture_output=True, text=True).stdout
+def sass_text(spec: str, tmp: Path) -> str:
+    """``cuobjdump -sass`` of the kernel ``impl@head_dim`` (compiled here), or of a ``.cubin`` file."""
+    if not spec.endswith(".cubin"):
+        impl, d = spec.rsplit("@", 1)
+        base, bn, opts = _parse_impl(impl)
+        cfg = _build.KernelConfig(base, int(d), "bf16", "sm_90a", bn, opts)
+        out = tmp / (re.sub(r"\W", "_", spec) + ".cubin")
+        subprocess.run([_build.find_nvcc(), *cfg.nvcc_args(out)], check=True, capture_output=True)
+        spec = str(out)
+    return subprocess.run(["cuobjdump", "-sass", spec], check=True, capture_output=True, text=True).stdout
+
+
+def sass(text: str) -> list[tuple[int, str]]:
+    """(address, instruction) of every instruction in ``cuobjdump -sass`` output."""
     return [(int(m.group(1), 16), m.group(2)) for m in map(_INS.match, text.splitlines()) if m]
+
+
+def stall_cycles(text: str) -> dict[int, int]:
+    """Address -> the stall count ptxas wrote into the instruction's control bits (bits 41-44 of the
+    second 64-bit word: cycles before the warp may issue its next instruction)."""
+    lines = text.splitlines()
+    out = {}
+    for i, ln in enumerate(lines[:-1]):
+        m = _INS.match(ln)
+        hi = re.search(r"/\*\s*(0x[0-9a-f]+)\s*\*/", lines[i + 1])
+        if m and hi:
+            out[int(m.group(1), 16)] = (int(hi.group(1), 16) >> 41) & 0xF
+    return out
+
+
+def between_waits(body: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The instructions from the loop's ``wgmma.wait_group 1`` to the next ``wait_group 0``: the
+    softmax that overlaps the previous P.V."""
+    i1 = next(i for i, (_, t) in enumerate(body) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in t)
+    i0 = next(i for i in range(i1, len(body)) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in body[i][1])
+    return body[i1:i0 + 1]
 
 
 def tile_loop(ins: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -93,15 +118,23 @@ def main() -> int:
     ap.add_argument("specs", nargs="+", help="impl@head_dim, e.g. sm90fp8@128 sm90ws@64, or a .cubin file")
     ap.add_argument("--hot", action="store_true", help="leave out per-block and last-tile branches")
     ap.add_argument("--top", type=int, default=24)
+    ap.add_argument("--waits", action="store_true",
+                    help="also the span between the two wgmma waits: instructions and the sum of their "
+                         "static stall counts (a warp's issue time alone, no scoreboard waits)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for spec in a.specs:
-            body = tile_loop(sass(spec, Path(tmp)))
+            text = sass_text(spec, Path(tmp))
+            body = tile_loop(sass(text))
             if a.hot:
                 body = hot(body)
             cnt = mix(body)
             print(f"{spec}: {len(body)} instructions per thread and K/V tile{' (hot path)' if a.hot else ''}")
             print("  " + ", ".join(f"{k} {v}" for k, v in cnt.most_common(a.top)))
+            if a.waits:
+                span, st = between_waits(body), stall_cycles(text)
+                print(f"  between the waits: {len(span)} instructions, {sum(st[x] for x, _ in span)} stall "
+                      f"cycles, {sum('MUFU.EX2' in t for _, t in span)} MUFU.EX2")
     return 0
 
 
