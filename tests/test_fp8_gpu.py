@@ -87,11 +87,12 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
     assert _relerr(lse, torch.logsumexp(s, dim=-1)) < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["sm90fp8:MI=0", "sm90fp8:RP=1", "sm90fp8:SX=1", "sm90fp8:SX=1,MI=0"])
+@pytest.mark.parametrize("impl", ["sm90fp8:MI=0", "sm90fp8:RP=1", "sm90fp8:SX=1", "sm90fp8:SX=1,MI=0", "sm90fp8:MX=1",
+                                  "sm90fp8:MX=1,MI=0"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_fp8_scheduling_knobs_are_bitwise_equal(impl, D):
-    """MI=0 (S converted by an add after the GEMM, not seeded with the magic constant), RP (the rows' softmax pipelined) and SX (the
-    consumers' softmaxes taking turns) change only where instructions go: the same output and
+    """MI=0 (S converted by an add after the GEMM, not seeded with the magic constant), RP (the rows' softmax pipelined), SX (the
+    consumers' softmaxes taking turns) and MX (S's maxima as integer maxima) change only where instructions go: the same output and
     log-sum-exp bits as the default build, odd lengths and several blocks included."""
     g = _g(11 * D)
     B, H, qlens, kvlens = 2, 3, [77, 300], [1000, 33, 259]

@@ -139,6 +139,14 @@ def test_sm90fp8_kernel_uses_8bit_wgmma_and_byte_maps(tmp_path):
     dg = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("TR", 1), ("DG", 2))),
                                tmp_path / "dg.ptx", fmt="ptx").read_text()
     assert "wgmma.mma_async" not in dg and "f8_trace" in dg
+    # a GEMM left out still takes P (a sink deciding a store), or ptxas drops the exponentials
+    dg1 = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("TR", 1), ("DG", 1))),
+                                tmp_path / "dg1.ptx", fmt="ptx").read_text()
+    assert "e4m3.e4m3" not in dg1 and "2134646107" in dg1 and "2134646107" not in tr  # the sink's 0x7F3C1D5B
+    # MX: the group maxima of S as integer maxima of its bits (3-input, VIMNMX3 on sm_90)
+    tmx = _build.compile_kernel(_build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("MX", 1),)),
+                                tmp_path / "mx.ptx", fmt="ptx").read_text()
+    assert tmx.count("max.s32") >= 90 and tmx.count("max.f32") < text.count("max.f32") - 80
     with pytest.raises(ValueError, match="LS"):  # the row sums need the e4m3 P.V
         _build.KernelConfig("sm90fp8", 128, "bf16", "sm_90a", opts=(("LS", 1), ("PV", 16))).defines()
     with pytest.raises(ValueError, match="PV"):
