@@ -3,6 +3,7 @@
     python perf/trace_fp8.py [--seq 16384 --heads 24 --head-dim 128] [--knobs "" OV=0 BN=128]
                              [--json docs/perf/trace_fp8.json]
     python perf/trace_fp8.py --knobs "" DG=1 DG=2 "SX=1,DG=2"   # the softmax without GEMMs in flight
+    python perf/trace_fp8.py --blocks 4 --knobs "" QV=0   # K/V in 4 blocks: the block switches' steps
     python perf/trace_fp8.py --check        # CPU: compile the diagnostic build only
 
 Runs the kernel's diagnostic build (``sm90fp8:TR=1``: the first thread of each consumer warpgroup
@@ -15,7 +16,9 @@ first four and the last left out):
   GEMMs), issue (S and P.V GEMMs, O's rescale in between), S wait, softmax (and with DB the pack),
   P.V wait, tail (row sums, pack, next tile's constants), and the step's period;
 
-(with SX=1 also the wait for the softmax's turn; with RP=1, whose softmax has two block boundaries,
+With ``--blocks N`` the K/V sequence is N blocks (as a Ring or Torus step chain gives the kernel), and
+each consumer's steps that take over 1.3x the median period are listed (step, period, tail): the
+block switches. (With SX=1 also the wait for the softmax's turn; with RP=1, whose softmax has two block boundaries,
 its three parts: row 0's max, row 0's exponentials beside row 1's max, row 1's exponentials) and how
 much of one warpgroup's softmax overlaps the other's (both on the MUFU units at once: the ping-pong
 intends zero) and the other's GEMMs in flight. The timeline slows the kernel a little (a
@@ -62,6 +65,9 @@ def analyse(tr) -> dict:
             row["softmax: row-0 max"] = statistics.median(int(t[i, 8] - t[i, 4]) for i in steady)
             row["softmax: row-0 exp2, row-1 max"] = statistics.median(int(t[i, 9] - t[i, 8]) for i in steady)
             row["softmax: row-1 exp2"] = statistics.median(int(t[i, 5] - t[i, 9]) for i in steady)
+        periods = {i: int(t[i + 1, 0] - t[i, 0]) for i in range(n - 1)}
+        row["steps over 1.3x the period (step, period, tail)"] = [
+            (i, p, int(t[i, 7] - t[i, 6])) for i, p in periods.items() if i >= 4 and p > 1.3 * row["period"]]
         out[f"consumer {c}"] = row
     if len(live) >= 2:
         a, b = tr[live[0]], tr[live[1]]
@@ -93,6 +99,7 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--knobs", nargs="*", default=[""],
                     help="one traced run per entry: knobs added to TR=1 ('' = the defaults)")
+    ap.add_argument("--blocks", type=int, default=1, help="K/V blocks (equal lengths) the keys come in")
     ap.add_argument("--json", default=None)
     ap.add_argument("--check", action="store_true", help="only compile the diagnostic build (no GPU)")
     a = ap.parse_args()
@@ -107,13 +114,16 @@ def main() -> int:
 
     S, H, D = a.seq, a.heads, a.head_dim
     q, k, v = inputs("gauss", 1, S, H, D, seed=0)
-    qq, kv = quantize_q(q), quantize_kv(k, v)
+    if a.blocks < 1 or S % a.blocks:
+        raise SystemExit(f"--blocks must divide --seq ({S}), got {a.blocks}")
+    qq = quantize_q(q)
+    kv = [quantize_kv(kb, vb) for kb, vb in zip(k.split(S // a.blocks, dim=1), v.split(S // a.blocks, dim=1))]
     out = torch.empty_like(q)
     nbytes = 4 * STEPS * EVENTS * 8
     results = {}
     for knobs in a.knobs:
         impl = "sm90fp8:TR=1" + (f",{knobs}" if knobs else "")
-        launch = Fp8Launch([qq], [kv], None, 1 / math.sqrt(D), out=[out], impl=impl, init=True, finalize=True)
+        launch = Fp8Launch([qq], kv, None, 1 / math.sqrt(D), out=[out], impl=impl, init=True, finalize=True)
         ptr = cp.cuda.driver.moduleGetGlobal(launch.kernel.module, "f8_trace")
         tr = cp.ndarray((4, STEPS, EVENTS), cp.int64,
                         cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(ptr, nbytes, None), 0))
@@ -126,17 +136,18 @@ def main() -> int:
         t0 = int(t[t[:, 0, 0] != 0][:, 0, 0].min())  # raw events of steps 4-11, from the first start
         res["raw clocks, steps 4-11 [consumer][step][event]"] = [
             (t[c, 4:12] - t0).tolist() for c in range(t.shape[0]) if t[c, 0, 0] != 0]
-        print(f"{impl}, {S} x {H} x {D}, block (0, 0, 0), SM clocks (medians over steady-state steps):")
+        print(f"{impl}, {S} x {H} x {D} in {a.blocks} K/V block(s), block (0, 0, 0), SM clocks (medians over steady-state steps):")
         for key, row in res.items():
             if key.startswith("raw"):
                 continue
             if isinstance(row, dict):
-                print(f"  {key}: " + ", ".join(f"{p} {v:.0f}" for p, v in row.items()))
+                print(f"  {key}: " + ", ".join(f"{p} {v:.0f}" if isinstance(v, (int, float)) else f"{p} {v}"
+                                               for p, v in row.items()))
             else:
                 print(f"  {key}: {row}")
     if a.json:
         Path(a.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(0), "shape": [1, S, H, D],
+            "device": torch.cuda.get_device_name(0), "shape": [1, S, H, D], "kv_blocks": a.blocks,
             "command": "python perf/trace_fp8.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trace": results}, indent=1))
     return 0

@@ -62,6 +62,9 @@
 #ifndef F8_MX
 #define F8_MX 0  // a group's max of S with the 3-input integer max (VIMNMX3) on the magic floats' bits
 #endif
+#ifndef F8_QV
+#define F8_QV 1  // q.mu at a K/V block switch: Q's bytes converted to float by their bits, not by I2F
+#endif
 #ifndef F8_DG
 #define F8_DG 0  // diagnostic (timeline builds only, wrong output): 1 no P.V wgmma, 2 no S wgmma either
 #endif
@@ -181,8 +184,19 @@ __device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int 
         const int4 w = *reinterpret_cast<const int4*>(q + c);
         const int ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-        for (int e = 0; e < 16; ++e)
-          acc = fmaf((float)(int8_t)(ws[e >> 2] >> (8 * (e & 3))), __ldg(mu + c + e), acc);
+        for (int e4 = 0; e4 < 4; ++e4) {
+#if F8_QV  // a byte to float by its bits (2^23 + x + 128, less 2^23 + 128), not I2F (16 per clock per SM)
+          const uint32_t u = (uint32_t)ws[e4] ^ 0x80808080u;
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc = fmaf(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540u + e)) - 8388736.f,
+                       __ldg(mu + c + 4 * e4 + e), acc);
+#else
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc = fmaf((float)(int8_t)(ws[e4] >> (8 * e)), __ldg(mu + c + 4 * e4 + e), acc);
+#endif
+        }
       }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
