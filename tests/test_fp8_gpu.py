@@ -88,12 +88,13 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
 
 
 @pytest.mark.parametrize("impl", ["sm90fp8:MI=0", "sm90fp8:RP=1", "sm90fp8:SX=1", "sm90fp8:SX=1,MI=0", "sm90fp8:MX=1",
-                                  "sm90fp8:MX=1,MI=0", "sm90fp8:QV=0"])
+                                  "sm90fp8:MX=1,MI=0", "sm90fp8:QV=0", "sm90fp8:QL=0"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_fp8_scheduling_knobs_are_bitwise_equal(impl, D):
     """MI=0 (S converted by an add after the GEMM, not seeded with the magic constant), RP (the rows' softmax pipelined), SX (the
-    consumers' softmaxes taking turns), MX (S's maxima as integer maxima) and QV=0 (q.mu with I2F) change only where instructions go: the same output and
-    log-sum-exp bits as the default build, odd lengths and several blocks included."""
+    consumers' softmaxes taking turns), MX (S's maxima as integer maxima), QV=0 (q.mu with I2F) and QL=0 (a block's constants
+    loaded where each is used) change only where instructions go: the same output and log-sum-exp bits as the default build,
+    odd lengths and several blocks included."""
     g = _g(11 * D)
     B, H, qlens, kvlens = 2, 3, [77, 300], [1000, 33, 259]
     S, N = sum(qlens), sum(kvlens)

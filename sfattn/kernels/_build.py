@@ -51,9 +51,10 @@ FP8_BN_DEFAULT = {64: 128, 128: 192}
 # of perf/trace_fp8.py (a diagnostic); MI: S seeded with the float-magic constant (default);
 # RP, SX: the softmax split over the rows / the consumers' softmaxes taking turns (off: no gain);
 # DG: GEMMs left out of a TR=1 build (diagnostic); MX: the group maxima of S as 3-input integer maxima;
-# QV=0: q.mu at a block switch with I2F conversions (the former code; 1: by the bytes' bits)
+# QV=0: q.mu at a block switch with I2F conversions (the former code; 1: by the bytes' bits);
+# QL=0: a block's constants loaded where each is used (three L2 round trips; 1: loaded together)
 FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR", "MI", "RP", "SX", "DG",
-             "MX", "QV")
+             "MX", "QV", "QL")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -289,7 +290,7 @@ class KernelConfig:
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
                     f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}", f"-DF8_TR={o.get('TR', 0)}",
                     f"-DF8_MI={self.fp8_mi}", f"-DF8_RP={o.get('RP', 0)}", f"-DF8_SX={o.get('SX', 0)}",
-                    f"-DF8_DG={self.fp8_dg}", f"-DF8_MX={o.get('MX', 0)}", f"-DF8_QV={o.get('QV', 1)}",
+                    f"-DF8_DG={self.fp8_dg}", f"-DF8_MX={o.get('MX', 0)}", f"-DF8_QV={o.get('QV', 1)}", f"-DF8_QL={o.get('QL', 1)}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

@@ -65,6 +65,10 @@
 #ifndef F8_QV
 #define F8_QV 1  // q.mu at a K/V block switch: Q's bytes converted to float by their bits, not by I2F
 #endif
+#ifndef F8_QL
+#define F8_QL 1  // a K/V block's constants (V scale, K scales, Q rows, mu) loaded together, then used:
+                 // one L2 round trip per block switch and Q tile (0: three, the former code)
+#endif
 #ifndef F8_DG
 #define F8_DG 0  // diagnostic (timeline builds only, wrong output): 1 no P.V wgmma, 2 no S wgmma either
 #endif
@@ -197,6 +201,67 @@ __device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int 
             acc = fmaf((float)(int8_t)(ws[e4] >> (8 * e)), __ldg(mu + c + 4 * e4 + e), acc);
 #endif
         }
+      }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    bq[i] = acc * c_q;
+  }
+}
+
+// F8_QL: what entering K/V block kb reads from global memory, loaded with no use in between (the
+// loads of f8_qmu's rows, the V scale and the K scales then share one round trip to L2)
+struct F8BlockLoads {
+  float vsb;                // V scale of the block
+  float ks[F8_NG];          // K scale of each 64-key group of the block's first tile
+  int4 q[2][SF_D / 64];     // the quad thread's D / 4 bytes of rows r, r + 8 (0 past Q's end)
+  float mu[SF_D / 4];       // and the same channels of the block's mu
+};
+__device__ __forceinline__ void f8_block_load(const F8Params& p, const SfQBlk& qb, int kb, int b, int h,
+                                              int lr0, int nrow_ok, int t, F8BlockLoads& L) {
+  constexpr int CH = SF_D / 4;
+  L.vsb = reinterpret_cast<const float*>(p.vs[kb].ptr)[b * p.vs[kb].sb + h * p.vs[kb].sh];
+  const float* ks = reinterpret_cast<const float*>(p.ks[kb].ptr) + b * p.ks[kb].sb + h * p.ks[kb].sh;
+  const int last = (int)p.base.kv[kb].len - 1;
+#pragma unroll
+  for (int g = 0; g < F8_NG; ++g) L.ks[g] = ks[min(64 * g, last) / F8_KBLK];
+  const float* mu = reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb + h * p.mu[kb].sh + t * CH;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) L.mu[c] = __ldg(mu + c);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb +
+                      (long long)(lr0 + 8 * i) * qb.qss + h * qb.qsh + t * CH;
+#pragma unroll
+    for (int c = 0; c < CH / 16; ++c) {
+      L.q[i][c] = make_int4(0, 0, 0, 0);
+      if (i < nrow_ok) L.q[i][c] = *reinterpret_cast<const int4*>(q + 16 * c);
+    }
+  }
+}
+// q . mu from F8BlockLoads, the same products in the same order as f8_qmu (bitwise its result)
+__device__ __forceinline__ void f8_qmu_loaded(const F8BlockLoads& L, float c_q, float (&bq)[2]) {
+  constexpr int CH = SF_D / 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float acc = 0.f;
+#pragma unroll
+    for (int c = 0; c < CH; c += 16) {
+      const int4 w = L.q[i][c / 16];
+      const int ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e4 = 0; e4 < 4; ++e4) {
+#if F8_QV
+        const uint32_t u = (uint32_t)ws[e4] ^ 0x80808080u;
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc = fmaf(__uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540u + e)) - 8388736.f,
+                     L.mu[c + 4 * e4 + e], acc);
+#else
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc = fmaf((float)(int8_t)(ws[e4] >> (8 * e)), L.mu[c + 4 * e4 + e], acc);
+#endif
       }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -487,6 +552,14 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       const int lr0 = qrow0 + c * 64 + warp * 16 + (lane >> 2);
       const long long srow = qb.row0 + lr0;
       const int nrow_ok = min(2, max(0, ((int)qb.len - lr0 + 7) / 8));
+      const int qr = qrow0 + c * 64;  // a 64-row group lies inside one 128-row scale block
+      auto load_qscale = [&]() {
+        return qr < (int)qb.len ? reinterpret_cast<const float*>(pp.qs[qi].ptr)[
+            b * pp.qs[qi].sb + h * pp.qs[qi].sh + qr / F8_QBLK] : 0.f;
+      };
+#if F8_QL
+      const float qscale = load_qscale();  // with the V scales
+#endif
 #if F8_PV16
       const float o_unit = 1.f;  // P unscaled, V in true units
 #else
@@ -504,9 +577,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #pragma unroll
           for (int e = 0; e < 4; ++e) o[j][e] *= 1.f / o_unit;
       }
-      const int qr = qrow0 + c * 64;  // a 64-row group lies inside one 128-row scale block
-      const float qscale = qr < (int)qb.len ? reinterpret_cast<const float*>(pp.qs[qi].ptr)[
-          b * pp.qs[qi].sb + h * pp.qs[qi].sh + qr / F8_QBLK] : 0.f;
+#if !F8_QL
+      const float qscale = load_qscale();
+#endif
       const float cq = qscale * sl2;
       int ckb = 0, cn0 = 0;
       float log2_ps = 0.f, inv_ps = 1.f, ks_next[F8_NG];
@@ -516,6 +589,21 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ks_next[g] = kscale[min(cn0 + 64 * g, last) / F8_KBLK];
       };
+#if F8_QL
+      auto enter_block = [&]() {  // per-block constants of K/V block ckb
+        F8BlockLoads L;
+        f8_block_load(pp, qb, ckb, b, h, lr0, nrow_ok, t, L);
+#if !F8_PV16
+        const float ps = L.vsb > 0.f ? 448.f * L.vsb / vmax : 448.f;  // scales are > 0 (quant.py)
+        log2_ps = __log2f(ps);
+        inv_ps = 1.f / ps;
+#endif
+        kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
+#pragma unroll
+        for (int g = 0; g < F8_NG; ++g) ks_next[g] = L.ks[g];
+        f8_qmu_loaded(L, cq, bq);
+      };
+#else
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
 #if !F8_PV16
         const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
@@ -527,6 +615,7 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
         load_kscales();
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
       };
+#endif
 
       auto wait_k = [&]() { mbar_wait(kfull(k_slot), k_ph); };
       auto wait_v_prev = [&]() { mbar_wait(vfull(vp_slot), vp_ph); };
