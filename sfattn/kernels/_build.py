@@ -52,7 +52,7 @@ FP8_BN_DEFAULT = {64: 128, 128: 192}
 # RP, SX: the softmax split over the rows / the consumers' softmaxes taking turns (off: no gain);
 # DG: GEMMs left out of a TR=1 build (diagnostic); MX: the group maxima of S as 3-input integer maxima;
 # QV=0: q.mu at a block switch with I2F conversions (the former code; 1: by the bytes' bits);
-# QL=0: a block's constants loaded where each is used (three L2 round trips; 1: loaded together)
+# QL: a block's constants loaded together (one L2 round trip; 0: each where used, three)
 FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR", "MI", "RP", "SX", "DG",
              "MX", "QV", "QL")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
@@ -258,6 +258,12 @@ class KernelConfig:
         return int(dict(self.opts).get("DB", int(not spills)))
 
     @property
+    def fp8_ql(self) -> int:
+        """sm90fp8: 1 when a K/V block's constants load together at a block switch (knob QL); by
+        default at head dim 128 only (three head-dim-64 consumers of 128 registers spill)."""
+        return int(dict(self.opts).get("QL", int(self.head_dim == 128)))
+
+    @property
     def smem_bytes(self) -> int:
         d = self.head_dim
         if self.impl == "fa2":
@@ -290,7 +296,7 @@ class KernelConfig:
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
                     f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}", f"-DF8_TR={o.get('TR', 0)}",
                     f"-DF8_MI={self.fp8_mi}", f"-DF8_RP={o.get('RP', 0)}", f"-DF8_SX={o.get('SX', 0)}",
-                    f"-DF8_DG={self.fp8_dg}", f"-DF8_MX={o.get('MX', 0)}", f"-DF8_QV={o.get('QV', 1)}", f"-DF8_QL={o.get('QL', 1)}",
+                    f"-DF8_DG={self.fp8_dg}", f"-DF8_MX={o.get('MX', 0)}", f"-DF8_QV={o.get('QV', 1)}", f"-DF8_QL={self.fp8_ql}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers
