@@ -95,8 +95,9 @@ def test_fp8_scheduling_knobs_are_bitwise_equal(impl, D):
     consumers' softmaxes taking turns), MX (S's maxima as integer maxima), QV=0 (q.mu with I2F) and QL=0 (a block's constants
     loaded where each is used) change only where instructions go: the same output and log-sum-exp bits as the default build,
     odd lengths and several blocks included."""
-    if impl == "sm90fp8:QL=0" and D == 64:  # QL is off by default at head dim 64: test it on
-        impl = "sm90fp8:QL=1"
+    flip = {"sm90fp8:QL=0": "sm90fp8:QL=1", "sm90fp8:MX=1": "sm90fp8:MX=0", "sm90fp8:MX=1,MI=0": "sm90fp8:MX=0,MI=0"}
+    if D == 64:  # QL is off and MX on by default at head dim 64: test the other setting there
+        impl = flip.get(impl, impl)
     g = _g(11 * D)
     B, H, qlens, kvlens = 2, 3, [77, 300], [1000, 33, 259]
     S, N = sum(qlens), sum(kvlens)
