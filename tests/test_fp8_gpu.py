@@ -88,15 +88,15 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
 
 
 @pytest.mark.parametrize("impl", ["sm90fp8:MI=0", "sm90fp8:RP=1", "sm90fp8:SX=1", "sm90fp8:SX=1,MI=0", "sm90fp8:MX=1",
-                                  "sm90fp8:MX=1,MI=0", "sm90fp8:QV=0", "sm90fp8:QL=0"])
+                                  "sm90fp8:MX=1,MI=0", "sm90fp8:QV=0", "sm90fp8:QL=1"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_fp8_scheduling_knobs_are_bitwise_equal(impl, D):
     """MI=0 (S converted by an add after the GEMM, not seeded with the magic constant), RP (the rows' softmax pipelined), SX (the
-    consumers' softmaxes taking turns), MX (S's maxima as integer maxima), QV=0 (q.mu with I2F) and QL=0 (a block's constants
-    loaded where each is used) change only where instructions go: the same output and log-sum-exp bits as the default build,
+    consumers' softmaxes taking turns), MX (S's maxima as integer maxima), QV=0 (q.mu with I2F) and QL=1 (a block's constants
+    loaded together) change only where instructions go: the same output and log-sum-exp bits as the default build,
     odd lengths and several blocks included."""
-    flip = {"sm90fp8:QL=0": "sm90fp8:QL=1", "sm90fp8:MX=1": "sm90fp8:MX=0", "sm90fp8:MX=1,MI=0": "sm90fp8:MX=0,MI=0"}
-    if D == 64:  # QL is off and MX on by default at head dim 64: test the other setting there
+    flip = {"sm90fp8:MX=1": "sm90fp8:MX=0", "sm90fp8:MX=1,MI=0": "sm90fp8:MX=0,MI=0"}
+    if D == 64:  # MX is on by default at head dim 64: test the other setting there
         impl = flip.get(impl, impl)
     g = _g(11 * D)
     B, H, qlens, kvlens = 2, 3, [77, 300], [1000, 33, 259]

@@ -66,8 +66,8 @@
 #define F8_QV 1  // q.mu at a K/V block switch: Q's bytes converted to float by their bits, not by I2F
 #endif
 #ifndef F8_QL
-#define F8_QL 1  // a K/V block's constants (V scale, K scales, Q rows, mu) loaded together, then used:
-                 // one L2 round trip per block switch and Q tile (0: three, the former code)
+#define F8_QL 0  // 1: a K/V block's constants (V scale, K scales, Q rows, mu) loaded together, then used:
+                 // one L2 round trip per block switch and Q tile (0: three; 1 schedules the hot loop worse)
 #endif
 #ifndef F8_DG
 #define F8_DG 0  // diagnostic (timeline builds only, wrong output): 1 no P.V wgmma, 2 no S wgmma either
