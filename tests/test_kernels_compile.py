@@ -419,6 +419,14 @@ def test_fp8_overlap_and_p_register_sets_defaults():
     for d in (64, 128):  # the bf16 kernel keeps its own defaults (ping-pong on, OV off)
         ws = _build.KernelConfig("sm90ws", d, "bf16", "sm_90a").defines()
         assert "-DWS_PP=1" in ws and "-DWS_OV=0" in ws, ws
+    # a block switch's q.mu: from Q and mu (default), loaded together (QL) or from a table (QP),
+    # whose shared memory the launch reserves: 16 K/V blocks x the tile's rows of floats
+    assert (cfg(128).fp8_ql, cfg(128).fp8_qp) == (0, 0)
+    assert cfg(128, QP=1).smem_bytes - cfg(128).smem_bytes == 16 * 128 * 4
+    assert cfg(64, QP=1).smem_bytes - cfg(64).smem_bytes == 16 * 192 * 4
+    assert "-DF8_QP=1" in cfg(128, QP=1).defines() and "-DF8_QP=0" in cfg(128).defines()
+    with pytest.raises(ValueError, match="QP and QL"):
+        cfg(128, QP=1, QL=1).defines()
 
 
 def test_heads_copy_refuses_unaligned_pieces_before_any_launch():

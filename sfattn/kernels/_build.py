@@ -53,9 +53,10 @@ FP8_BN_DEFAULT = {64: 128, 128: 192}
 # DG: GEMMs left out of a TR=1 build (diagnostic); MX: the group maxima of S as 3-input integer maxima
 # (default at head dim 64);
 # QV=0: q.mu at a block switch with I2F conversions (the former code; 1: by the bytes' bits);
-# QL: a block's constants loaded together (one L2 round trip; 0: each where used, three)
+# QL: a block's constants loaded together (one L2 round trip; 0: each where used, three);
+# QP: q.mu of every K/V block computed at a Q tile's start into shared memory (a switch reads two floats)
 FP8_KNOBS = ("BN", "NC", "KST", "VST", "CR", "PERSIST", "DB", "PX", "PV", "OV", "PP", "LS", "TR", "MI", "RP", "SX", "DG",
-             "MX", "QV", "QL")
+             "MX", "QV", "QL", "QP")
 # int64 slots of the FP8 kernel's side arrays after SfParams: (ptr, batch, head stride) of
 # qs[MAXQ], ks[MAXKV], mu[MAXKV], vs[MAXKV]
 # int64 slot layout of SfParams (attn_common.cuh): header, per-Q-block and per-K/V-block fields,
@@ -202,7 +203,9 @@ class KernelConfig:
 
     def _fp8_smem(self, kst: int, vst: int) -> int:
         vrows = self.head_dim + 8 * self.fp8_ls  # V^T rows per slot (LS: eight rows of ones)
-        return self.block_m * self.head_dim + (kst * self.head_dim + vst * self.fp8_pv_bytes * vrows) * self.fp8_bn + 1024
+        qmu_table = self.fp8_qp * self.block_m * MAXKV * 4  # QP: q.mu per row and K/V block
+        return (self.block_m * self.head_dim + (kst * self.head_dim + vst * self.fp8_pv_bytes * vrows) * self.fp8_bn
+                + qmu_table + 1024)
 
     @property
     def fp8_ls(self) -> int:
@@ -272,6 +275,15 @@ class KernelConfig:
         return int(dict(self.opts).get("QL", 0))
 
     @property
+    def fp8_qp(self) -> int:
+        """sm90fp8: 1 when q.mu of every K/V block is computed at a Q tile's start into a table in
+        shared memory (knob QP), so that a block switch reads two floats instead of Q's row and mu."""
+        qp = int(dict(self.opts).get("QP", 0))
+        if qp and self.fp8_ql:
+            raise ValueError("sm90fp8 QP and QL are two ways to load a block switch's q.mu: take one")
+        return qp
+
+    @property
     def smem_bytes(self) -> int:
         d = self.head_dim
         if self.impl == "fa2":
@@ -304,7 +316,7 @@ class KernelConfig:
                     f"-DWS_BN={self.fp8_bn}", f"-DWS_KST={kst}", f"-DWS_VST={vst}", f"-DWS_PX={o.get('PX', 0)}",
                     f"-DWS_DB={self.fp8_db}", f"-DWS_OV={self.fp8_ov}", f"-DWS_PP={self.fp8_pp}", f"-DF8_LS={self.fp8_ls}", f"-DF8_TR={o.get('TR', 0)}",
                     f"-DF8_MI={self.fp8_mi}", f"-DF8_RP={o.get('RP', 0)}", f"-DF8_SX={o.get('SX', 0)}",
-                    f"-DF8_DG={self.fp8_dg}", f"-DF8_MX={self.fp8_mx}", f"-DF8_QV={o.get('QV', 1)}", f"-DF8_QL={self.fp8_ql}",
+                    f"-DF8_DG={self.fp8_dg}", f"-DF8_MX={self.fp8_mx}", f"-DF8_QV={o.get('QV', 1)}", f"-DF8_QL={self.fp8_ql}", f"-DF8_QP={self.fp8_qp}",
                     f"-DF8_PV16={int(self.fp8_pv_bytes == 2)}"]
         bn, kst, vst = self.ws_tiles()
         nc = self.consumers

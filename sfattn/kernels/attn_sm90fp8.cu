@@ -69,6 +69,13 @@
 #define F8_QL 0  // 1: a K/V block's constants (V scale, K scales, Q rows, mu) loaded together, then used:
                  // one L2 round trip per block switch and Q tile (0: three; 1 schedules the hot loop worse)
 #endif
+#ifndef F8_QP
+#define F8_QP 0  // 1: q.mu of every K/V block computed at a Q tile's start into a table in shared memory
+                 // (Q's bytes loaded once, each block's mu a tile ahead): a block switch reads two floats
+#endif
+#if F8_QP && F8_QL
+#error "F8_QP and F8_QL are two ways to load a block switch's q.mu: take one"
+#endif
 #ifndef F8_DG
 #define F8_DG 0  // diagnostic (timeline builds only, wrong output): 1 no P.V wgmma, 2 no S wgmma either
 #endif
@@ -270,6 +277,49 @@ __device__ __forceinline__ void f8_qmu_loaded(const F8BlockLoads& L, float c_q, 
   }
 }
 
+// F8_QP: q.mu of rows (r, r + 8) for each of the nkv K/V blocks into tab[kb * WS_BM + row] (row: the
+// tile's row of r), bitwise f8_qmu's values (f8_qmu_loaded: the same products in the same order).
+// Q's bytes load once, and the next block's mu loads while this block's products run.
+__device__ __forceinline__ void f8_qmu_table(const F8Params& p, const SfQBlk& qb, int nkv, int b, int h,
+                                             int lr0, int nrow_ok, int t, float c_q, float* tab, int row) {
+  constexpr int CH = SF_D / 4;
+  F8BlockLoads L;
+  __syncwarp();  // the previous Q tile's reads of the table are done
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb +
+                      (long long)(lr0 + 8 * i) * qb.qss + h * qb.qsh + t * CH;
+#pragma unroll
+    for (int c = 0; c < CH / 16; ++c) {
+      L.q[i][c] = make_int4(0, 0, 0, 0);
+      if (i < nrow_ok) L.q[i][c] = *reinterpret_cast<const int4*>(q + 16 * c);
+    }
+  }
+  auto mu_of = [&](int kb) {
+    return reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb + h * p.mu[kb].sh + t * CH;
+  };
+  float nxt[CH];
+  const float* mu0 = mu_of(0);
+#pragma unroll
+  for (int c = 0; c < CH; ++c) nxt[c] = __ldg(mu0 + c);
+  for (int kb = 0; kb < nkv; ++kb) {
+#pragma unroll
+    for (int c = 0; c < CH; ++c) L.mu[c] = nxt[c];
+    if (kb + 1 < nkv) {
+      const float* mu1 = mu_of(kb + 1);
+#pragma unroll
+      for (int c = 0; c < CH; ++c) nxt[c] = __ldg(mu1 + c);
+    }
+    float bq[2];
+    f8_qmu_loaded(L, c_q, bq);
+    if (t == 0) {
+      tab[kb * WS_BM + row] = bq[0];
+      tab[kb * WS_BM + row + 8] = bq[1];
+    }
+  }
+  __syncwarp();  // the quad's other threads read what its first wrote
+}
+
 #ifndef WS_PX
 #define WS_PX 0  // n8 column chunks (of NS per tile) whose exp2 runs on the FMA pipes, not MUFU
 #endif
@@ -427,6 +477,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
   const uint32_t sQ = s0;
   const uint32_t sK = sQ + BM * F8_QROW;
   const uint32_t sV = sK + KST * KTILE;
+#if F8_QP  // q.mu table: SF_MAXKV blocks x BM rows of floats, after the V slots
+  float* const qmu_tab = reinterpret_cast<float*>(smem_raw + (sV + VST * VTILE - sf_smem_u32(smem_raw)));
+#endif
   const uint32_t bar0 = sf_smem_u32(bars);
   auto kfull = [&](int i) { return bar0 + 8 * i; };
   auto kempty = [&](int i) { return bar0 + 8 * (KST + i); };
@@ -589,7 +642,21 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #pragma unroll
         for (int g = 0; g < F8_NG; ++g) ks_next[g] = kscale[min(cn0 + 64 * g, last) / F8_KBLK];
       };
-#if F8_QL
+#if F8_QP
+      const int tab_row = c * 64 + warp * 16 + (lane >> 2);  // r's row in the Q tile
+      auto enter_block = [&]() {  // per-block constants of K/V block ckb (q.mu from the table)
+#if !F8_PV16
+        const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
+        const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;  // scales are > 0 (quant.py)
+        log2_ps = __log2f(ps);
+        inv_ps = 1.f / ps;
+#endif
+        kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
+        load_kscales();
+        bq[0] = qmu_tab[ckb * BM + tab_row];
+        bq[1] = qmu_tab[ckb * BM + tab_row + 8];
+      };
+#elif F8_QL
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
         F8BlockLoads L;
         f8_block_load(pp, qb, ckb, b, h, lr0, nrow_ok, t, L);
@@ -767,6 +834,9 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #if F8_LS
 #pragma unroll
         for (int e = 0; e < 4; ++e) ol[0][e] = 0.f;
+#endif
+#if F8_QP
+        f8_qmu_table(pp, qb, nkv, b, h, lr0, nrow_ok, t, cq, qmu_tab, tab_row);
 #endif
         enter_block();
         seed_s();
