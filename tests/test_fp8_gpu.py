@@ -93,8 +93,8 @@ def test_fp8_matches_its_emulation(impl, D, qlens, kvlens):
 def test_fp8_scheduling_knobs_are_bitwise_equal(impl, D):
     """MI=0 (S converted by an add after the GEMM, not seeded with the magic constant), RP (the rows' softmax pipelined), SX (the
     consumers' softmaxes taking turns), MX (S's maxima as integer maxima), QV=0 (q.mu with I2F), QL=1 (a block's constants
-    loaded together) and QP=1 (q.mu of every block into a table at a Q tile's start) change only where instructions go: the same output and log-sum-exp bits as the default build,
-    odd lengths and several blocks included."""
+    loaded together) and QP=1 (q.mu of every block into a table at a Q tile's start) change only where instructions go:
+    the same output and log-sum-exp bits as the default build, odd lengths and several blocks included."""
     flip = {"sm90fp8:MX=1": "sm90fp8:MX=0", "sm90fp8:MX=1,MI=0": "sm90fp8:MX=0,MI=0"}
     if D == 64:  # MX is on by default at head dim 64: test the other setting there
         impl = flip.get(impl, impl)

@@ -176,14 +176,18 @@ __device__ __forceinline__ uint32_t f8_pack4(float a, float b, float c, float d)
 #define F8_MAGIC 0x4B400000u      // bits of 1.5 * 2^23
 #define F8_MAGIC_F 12582912.0f    // 1.5 * 2^23
 
+// the quad thread's D / 4 channels of K/V block kb's mu
+__device__ __forceinline__ const float* f8_mu_ptr(const F8Params& p, int kb, int b, int h, int t) {
+  return reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb + h * p.mu[kb].sh + t * (SF_D / 4);
+}
+
 // q . mu of the thread's rows (r, r + 8) for K/V block kb, in log2 units of the logits: the quad's
 // four threads each take D / 4 channels of the int8 Q row (from global memory: the tile was just
 // loaded, so these hit L2) and mu, then add across the quad.
 __device__ __forceinline__ void f8_qmu(const F8Params& p, const SfQBlk& qb, int kb, int b, int h,
                                        int lr0, int nrow_ok, int t, float c_q, float (&bq)[2]) {
   constexpr int CH = SF_D / 4;
-  const float* mu = reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb +
-                    h * p.mu[kb].sh + t * CH;
+  const float* mu = f8_mu_ptr(p, kb, b, h, t);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float acc = 0.f;
@@ -224,6 +228,21 @@ struct F8BlockLoads {
   int4 q[2][SF_D / 64];     // the quad thread's D / 4 bytes of rows r, r + 8 (0 past Q's end)
   float mu[SF_D / 4];       // and the same channels of the block's mu
 };
+// the quad thread's D / 4 bytes of Q rows r = lr0 and r + 8 (0 for the rows past Q's end)
+__device__ __forceinline__ void f8_load_qrows(const SfQBlk& qb, int b, int h, int lr0, int nrow_ok, int t,
+                                              int4 (&q4)[2][SF_D / 64]) {
+  constexpr int CH = SF_D / 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb +
+                      (long long)(lr0 + 8 * i) * qb.qss + h * qb.qsh + t * CH;
+#pragma unroll
+    for (int c = 0; c < CH / 16; ++c) {
+      q4[i][c] = make_int4(0, 0, 0, 0);
+      if (i < nrow_ok) q4[i][c] = *reinterpret_cast<const int4*>(q + 16 * c);
+    }
+  }
+}
 __device__ __forceinline__ void f8_block_load(const F8Params& p, const SfQBlk& qb, int kb, int b, int h,
                                               int lr0, int nrow_ok, int t, F8BlockLoads& L) {
   constexpr int CH = SF_D / 4;
@@ -232,19 +251,10 @@ __device__ __forceinline__ void f8_block_load(const F8Params& p, const SfQBlk& q
   const int last = (int)p.base.kv[kb].len - 1;
 #pragma unroll
   for (int g = 0; g < F8_NG; ++g) L.ks[g] = ks[min(64 * g, last) / F8_KBLK];
-  const float* mu = reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb + h * p.mu[kb].sh + t * CH;
+  const float* mu = f8_mu_ptr(p, kb, b, h, t);
 #pragma unroll
   for (int c = 0; c < CH; ++c) L.mu[c] = __ldg(mu + c);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb +
-                      (long long)(lr0 + 8 * i) * qb.qss + h * qb.qsh + t * CH;
-#pragma unroll
-    for (int c = 0; c < CH / 16; ++c) {
-      L.q[i][c] = make_int4(0, 0, 0, 0);
-      if (i < nrow_ok) L.q[i][c] = *reinterpret_cast<const int4*>(q + 16 * c);
-    }
-  }
+  f8_load_qrows(qb, b, h, lr0, nrow_ok, t, L.q);
 }
 // q . mu from F8BlockLoads, the same products in the same order as f8_qmu (bitwise its result)
 __device__ __forceinline__ void f8_qmu_loaded(const F8BlockLoads& L, float c_q, float (&bq)[2]) {
@@ -285,28 +295,16 @@ __device__ __forceinline__ void f8_qmu_table(const F8Params& p, const SfQBlk& qb
   constexpr int CH = SF_D / 4;
   F8BlockLoads L;
   __syncwarp();  // the previous Q tile's reads of the table are done
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(qb.q) + b * qb.qsb +
-                      (long long)(lr0 + 8 * i) * qb.qss + h * qb.qsh + t * CH;
-#pragma unroll
-    for (int c = 0; c < CH / 16; ++c) {
-      L.q[i][c] = make_int4(0, 0, 0, 0);
-      if (i < nrow_ok) L.q[i][c] = *reinterpret_cast<const int4*>(q + 16 * c);
-    }
-  }
-  auto mu_of = [&](int kb) {
-    return reinterpret_cast<const float*>(p.mu[kb].ptr) + b * p.mu[kb].sb + h * p.mu[kb].sh + t * CH;
-  };
+  f8_load_qrows(qb, b, h, lr0, nrow_ok, t, L.q);
   float nxt[CH];
-  const float* mu0 = mu_of(0);
+  const float* mu0 = f8_mu_ptr(p, 0, b, h, t);
 #pragma unroll
   for (int c = 0; c < CH; ++c) nxt[c] = __ldg(mu0 + c);
   for (int kb = 0; kb < nkv; ++kb) {
 #pragma unroll
     for (int c = 0; c < CH; ++c) L.mu[c] = nxt[c];
     if (kb + 1 < nkv) {
-      const float* mu1 = mu_of(kb + 1);
+      const float* mu1 = f8_mu_ptr(p, kb + 1, b, h, t);
 #pragma unroll
       for (int c = 0; c < CH; ++c) nxt[c] = __ldg(mu1 + c);
     }
@@ -644,19 +642,8 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
       };
 #if F8_QP
       const int tab_row = c * 64 + warp * 16 + (lane >> 2);  // r's row in the Q tile
-      auto enter_block = [&]() {  // per-block constants of K/V block ckb (q.mu from the table)
-#if !F8_PV16
-        const float vsb = reinterpret_cast<const float*>(pp.vs[ckb].ptr)[b * pp.vs[ckb].sb + h * pp.vs[ckb].sh];
-        const float ps = vsb > 0.f ? 448.f * vsb / vmax : 448.f;  // scales are > 0 (quant.py)
-        log2_ps = __log2f(ps);
-        inv_ps = 1.f / ps;
 #endif
-        kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
-        load_kscales();
-        bq[0] = qmu_tab[ckb * BM + tab_row];
-        bq[1] = qmu_tab[ckb * BM + tab_row + 8];
-      };
-#elif F8_QL
+#if F8_QL
       auto enter_block = [&]() {  // per-block constants of K/V block ckb
         F8BlockLoads L;
         f8_block_load(pp, qb, ckb, b, h, lr0, nrow_ok, t, L);
@@ -680,7 +667,12 @@ extern "C" __global__ void __launch_bounds__(WS_NT, 1) sf_attn_sm90fp8(const __g
 #endif
         kscale = reinterpret_cast<const float*>(pp.ks[ckb].ptr) + b * pp.ks[ckb].sb + h * pp.ks[ckb].sh;
         load_kscales();
+#if F8_QP
+        bq[0] = qmu_tab[ckb * BM + tab_row];
+        bq[1] = qmu_tab[ckb * BM + tab_row + 8];
+#else
         f8_qmu(pp, qb, ckb, b, h, lr0, nrow_ok, t, cq, bq);
+#endif
       };
 #endif
 
